@@ -68,9 +68,7 @@ def _tree_flatten(q: QArray):
     return (q.codes, q.scale, q.zero), (q.bits, q.group_size)
 
 
-jax.tree_util.register_pytree_node(
-    QArray, _tree_flatten, lambda aux, ch: QArray(*ch, *aux)
-)
+jax.tree_util.register_pytree_node(QArray, _tree_flatten, lambda aux, ch: QArray(*ch, *aux))
 
 
 def _grid_from_range(xmin, xmax, bits: int, sym: bool):

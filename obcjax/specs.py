@@ -16,7 +16,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Union
+from typing import Literal
 
 __all__ = ["Unstructured", "NM", "Block", "Int", "PruneSpec", "check_fits", "spec_name"]
 
@@ -123,7 +123,7 @@ class Int:
         return 2**self.bits - 1
 
 
-PruneSpec = Union[Unstructured, NM, Block]
+PruneSpec = Unstructured | NM | Block
 
 
 def check_fits(spec, cols: int, layer: str = "<matrix>") -> None:
