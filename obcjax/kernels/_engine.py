@@ -38,6 +38,8 @@ from obcjax.quant import quantize
 
 _HP = jax.lax.Precision.HIGHEST
 _BIG = jnp.iinfo(jnp.int32).max
+# below this width the per-row inverse fits in cache and the naive downdate is as fast (measured)
+AUTO_FAST_COLS = 384
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,9 +131,15 @@ class QuantRule:
 
 def _phase_bounds(nsteps: int, cols: int, nphases: int):
     """Static step ranges; more phases early, where the free set is large."""
-    nph = max(1, min(nphases, nsteps))
+    # each phase is compiled separately: few phases for short runs, at most `nphases`
+    nph = max(1, min(nphases, nsteps // 48))
     bounds = sorted({round(nsteps * i / nph) for i in range(nph + 1)})
     return list(zip(bounds[:-1], bounds[1:]))
+
+
+def phase_plan(nsteps: int, cols: int, nphases: int = 8):
+    """``[(start, end, active_columns)]`` of the fast kernel's phases (for cost accounting)."""
+    return [(a, b, cols - a) for a, b in _phase_bounds(nsteps, cols, nphases)]
 
 
 def _step_update(j, target, row_j, dj, w, d, free):
@@ -245,10 +253,12 @@ def run_rows(
       ``order, targets, losses``: ``(rows, nsteps)``; ``W_final``: ``(rows, cols)``.
     """
     row = row or {}
+    if method == "auto":
+        method = "fast" if W.shape[1] >= AUTO_FAST_COLS else "naive"
     if method == "fast":
         fn = lambda w, c: greedy_row_fast(w, Hinv, c, row, rule, nsteps)
     elif method == "naive":
         fn = lambda w, c: greedy_row_naive(w, Hinv, c, row, rule, nsteps)
     else:
-        raise ValueError(f"method must be 'fast' or 'naive', got {method!r}")
+        raise ValueError(f"method must be 'auto', 'fast' or 'naive', got {method!r}")
     return jax.lax.map(lambda a: fn(*a), (W, cols_attr), batch_size=max(1, int(chunk)))

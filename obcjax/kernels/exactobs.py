@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from obcjax.kernels._engine import NMRule, PruneRule, QuantRule, run_rows
+from obcjax.kernels._engine import AUTO_FAST_COLS, NMRule, PruneRule, QuantRule, run_rows
 from obcjax.kernels.prepare import Prepared, prepare
 from obcjax.quant import QArray, expand_params, find_params, make_qarray
 from obcjax.specs import NM, Block, Int, Unstructured, check_fits
@@ -79,6 +79,7 @@ class Result(NamedTuple):
 
 
 def _engine_chunk(rows, cols, nsteps, method, item, chunk_rows, memory_bytes):
+    method = _resolve(method, cols)
     if method == "fast" and chunk_rows is None:
         memory_bytes = min(memory_bytes, CACHE_BYTES)
     return _chunk(rows, _engine_bytes(cols, nsteps, method, item), chunk_rows, memory_bytes)
@@ -90,6 +91,14 @@ def _chunk(rows: int, per_row_bytes: int, chunk_rows: int | None, memory_bytes: 
             raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
         return min(int(chunk_rows), rows)
     return int(max(1, min(rows, memory_bytes // max(per_row_bytes, 1))))
+
+
+def _resolve(method: str, cols: int) -> str:
+    if method == "auto":
+        return "fast" if cols >= AUTO_FAST_COLS else "naive"
+    if method not in ("fast", "naive"):
+        raise ValueError(f"method must be 'auto', 'fast' or 'naive', got {method!r}")
+    return method
 
 
 def _engine_bytes(cols: int, nsteps: int, method: str, itemsize: int) -> int:
@@ -243,7 +252,7 @@ def elimination_order(
     P: Prepared,
     *,
     nsteps: int | None = None,
-    method: str = "fast",
+    method: str = "auto",
     chunk_rows: int | None = None,
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
 ):
@@ -266,7 +275,7 @@ def exactobs_prune(
     sparsity: float | Sequence[float],
     *,
     rel_damp: float = 0.01,
-    method: str = "fast",
+    method: str = "auto",
     chunk_rows: int | None = None,
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
     layer: str = "<matrix>",
@@ -278,7 +287,8 @@ def exactobs_prune(
       W: ``(rows, cols)``. H: ``(cols, cols)``.
       sparsity: a fraction of zeros in ``[0, 1)`` for the whole layer, or a list of them (one
         elimination pass serves all levels; the result then has a leading level axis).
-      rel_damp: relative damping. method: ``"fast"`` (left-looking) or ``"naive"``.
+      rel_damp: relative damping. method: ``"fast"`` (left-looking), ``"naive"`` (rank-1
+        downdates) or ``"auto"`` (fast from 384 columns up); all give the same result.
       chunk_rows / memory_bytes: rows processed at once (default: from the memory budget).
 
     Returns:
@@ -324,7 +334,7 @@ def exactobs_nm(
     m: int,
     *,
     rel_damp: float = 0.01,
-    method: str = "fast",
+    method: str = "auto",
     chunk_rows: int | None = None,
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
     layer: str = "<matrix>",
@@ -366,7 +376,7 @@ def obq_quantize(
     rel_damp: float = 0.01,
     outlier_rule: bool = True,
     order: str = "greedy",
-    method: str = "fast",
+    method: str = "auto",
     chunk_rows: int | None = None,
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
     layer: str = "<matrix>",
@@ -410,7 +420,7 @@ def obq_prune_quantize(
     *,
     rel_damp: float = 0.01,
     outlier_rule: bool = True,
-    method: str = "fast",
+    method: str = "auto",
     chunk_rows: int | None = None,
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
     layer: str = "<matrix>",

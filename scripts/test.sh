@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Install into .venv and run the whole test suite (what CI runs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export MPLBACKEND=Agg
+.venv/bin/python -m pytest tests "$@"
