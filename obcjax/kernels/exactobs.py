@@ -107,9 +107,38 @@ def _engine_bytes(cols: int, nsteps: int, method: str, itemsize: int) -> int:
     return nsteps * cols * itemsize + 16 * cols * itemsize
 
 
-@functools.partial(jax.jit, static_argnames=("rule", "nsteps", "method", "chunk"))
-def _greedy(W, Hinv, cols_attr, rule, nsteps, method, chunk):
-    return run_rows(W, Hinv, cols_attr, rule, nsteps, method=method, chunk=chunk)
+@functools.partial(jax.jit, static_argnames=("rule", "nsteps", "method", "chunk", "mesh", "axis"))
+def _greedy_jit(W, Hinv, cols_attr, rule, nsteps, method, chunk, mesh, axis):
+    run = lambda W, Hinv, a: run_rows(W, Hinv, a, rule, nsteps, method=method, chunk=chunk)
+    if mesh is None:
+        return run(W, Hinv, cols_attr)
+    from jax.sharding import PartitionSpec as PS
+
+    rows_spec = PS(axis)
+    attr_spec = jax.tree.map(lambda _: rows_spec, cols_attr)
+    return jax.shard_map(
+        run,
+        mesh=mesh,
+        in_specs=(rows_spec, PS(), attr_spec),
+        out_specs=rows_spec,
+        check_vma=False,
+    )(W, Hinv, cols_attr)
+
+
+def _greedy(W, Hinv, cols_attr, rule, nsteps, method, chunk, mesh=None, axis=None):
+    """Run the engine on all rows; with a ``mesh``, rows are split over its ``axis`` devices."""
+    if mesh is None:
+        return _greedy_jit(W, Hinv, cols_attr, rule, nsteps, method, chunk, None, None)
+    axis = axis or mesh.axis_names[0]
+    ndev = mesh.shape[axis]
+    rows = W.shape[0]
+    pad = (-rows) % ndev
+    if pad:
+        W = jnp.concatenate([W, jnp.zeros((pad, W.shape[1]), W.dtype)])
+        cols_attr = jax.tree.map(lambda a: jnp.concatenate([a, a[:pad]]), cols_attr)
+    chunk = max(1, min(chunk, W.shape[0] // ndev))
+    out = _greedy_jit(W, Hinv, cols_attr, rule, nsteps, method, chunk, mesh, axis)
+    return jax.tree.map(lambda a: a[:rows], out)
 
 
 def _sparsity_list(sparsity) -> tuple[list[float], bool]:
@@ -255,6 +284,7 @@ def elimination_order(
     method: str = "auto",
     chunk_rows: int | None = None,
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
+    mesh=None,
 ):
     """Greedy ExactOBS pruning order and step losses of every row.
 
@@ -265,8 +295,51 @@ def elimination_order(
     nsteps = cols if nsteps is None else int(nsteps)
     item = jnp.dtype(P.W.dtype).itemsize
     ch = _engine_chunk(rows, cols, nsteps, method, item, chunk_rows, memory_bytes)
-    order, _, losses, _ = _greedy(P.W, P.Hinv, {}, PruneRule(), nsteps, method, ch)
+    order, _, losses, _ = _greedy(
+        P.W, P.Hinv, {}, PruneRule(), nsteps, _resolve(method, cols), ch, mesh
+    )
     return order, losses
+
+
+def _complete_perm(order: np.ndarray, cols: int) -> np.ndarray:
+    """Extend partial elimination orders ``(rows, n)`` to full permutations (unused tail)."""
+    rows, n = order.shape
+    if n == cols:
+        return order
+    seen = np.zeros((rows, cols), bool)
+    np.put_along_axis(seen, order, True, axis=1)
+    rest = np.argsort(seen, axis=1, kind="stable")[:, : cols - n]
+    return np.concatenate([order, rest], axis=1)
+
+
+def _partial_allocation(P: Prepared, ks, smax: float, **kw):
+    """Elimination orders and per-row counts for totals ``ks``, stopping rows early when possible.
+
+    Rows first run to ``n1 ≈ cols·(smax + (1 - smax)/4)`` steps; steps not run count as +inf in
+    the allocation. Because the allocation ranks running maxima, an unrun step can only matter for a
+    row whose every run step was selected; exactly those rows are run again to the end. The counts
+    are therefore identical to a full pass.
+    """
+    rows, cols = P.W.shape
+    n1 = cols if smax >= 0.75 else min(cols, int(math.ceil(cols * (smax + 0.25 * (1 - smax)))))
+    order, losses = elimination_order(P, nsteps=n1, **kw)
+    order, losses = np.asarray(order), np.asarray(losses)
+    if n1 == cols:
+        return order, allocate_counts(losses, ks)
+    full = np.full((rows, cols), np.inf)
+    full[:, :n1] = losses
+    counts = allocate_counts(full, ks)
+    sat = np.nonzero((counts >= n1).any(axis=0))[0]
+    order = _complete_perm(order, cols)
+    if sat.size:
+        # pad the subset to a power of two so repeated calls reuse the compiled kernel
+        npad = min(rows, 1 << int(math.ceil(math.log2(sat.size))))
+        take = np.concatenate([sat, np.full(npad - sat.size, sat[0])])
+        o2, l2 = elimination_order(P._replace(W=P.W[take]), nsteps=cols, **kw)
+        order[sat] = np.asarray(o2)[: sat.size]
+        full[sat] = np.asarray(l2)[: sat.size]
+        counts = allocate_counts(full, ks)
+    return order, counts
 
 
 def exactobs_prune(
@@ -280,6 +353,7 @@ def exactobs_prune(
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
     layer: str = "<matrix>",
     prepared: Prepared | None = None,
+    mesh=None,
 ) -> Result:
     """Unstructured ExactOBS pruning with OBC's layer-wise allocation.
 
@@ -290,6 +364,8 @@ def exactobs_prune(
       rel_damp: relative damping. method: ``"fast"`` (left-looking), ``"naive"`` (rank-1
         downdates) or ``"auto"`` (fast from 384 columns up); all give the same result.
       chunk_rows / memory_bytes: rows processed at once (default: from the memory budget).
+      mesh: optional ``jax.sharding.Mesh``; rows are split over its first axis with
+        ``shard_map`` (multi-host meshes work the same after ``jax.distributed.initialize``).
 
     Returns:
       A :class:`Result`; the number of zeros is ``floor(s·rows·cols + 0.5)`` for each level.
@@ -303,11 +379,8 @@ def exactobs_prune(
     P = _prep(W, H, rel_damp, layer, prepared)
     rows, cols = P.W.shape
     ks = [_count(s, rows * cols) for s in levels]
-    nsteps = cols
-    order, losses = elimination_order(
-        P, nsteps=nsteps, method=method, chunk_rows=chunk_rows, memory_bytes=memory_bytes
-    )
-    counts = allocate_counts(np.asarray(losses), ks)
+    kw = dict(method=method, chunk_rows=chunk_rows, memory_bytes=memory_bytes, mesh=mesh)
+    order, counts = _partial_allocation(P, ks, max(levels), **kw)
     weights, row_loss = rebuild_levels(
         P.W, P.Hinv, order, counts, chunk_rows=chunk_rows, memory_bytes=memory_bytes
     )
@@ -339,6 +412,7 @@ def exactobs_nm(
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
     layer: str = "<matrix>",
     prepared: Prepared | None = None,
+    mesh=None,
 ) -> Result:
     """N:M ExactOBS: ``n`` zeros in every ``m`` consecutive columns, greedy per row.
 
@@ -354,7 +428,9 @@ def exactobs_nm(
     nsteps = cols * n // m
     item = jnp.dtype(P.W.dtype).itemsize
     ch = _engine_chunk(rows, cols, nsteps, method, item, chunk_rows, memory_bytes)
-    order, _, losses, Wf = _greedy(P.W, P.Hinv, {}, NMRule(n, m), nsteps, method, ch)
+    order, _, losses, Wf = _greedy(
+        P.W, P.Hinv, {}, NMRule(n, m), nsteps, _resolve(method, cols), ch, mesh
+    )
     mask = jnp.ones((rows, cols), bool).at[jnp.arange(rows)[:, None], order].set(False)
     Wf = jnp.where(mask, Wf, 0.0)
     row_loss = jnp.sum(losses, axis=1)
@@ -381,6 +457,7 @@ def obq_quantize(
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
     layer: str = "<matrix>",
     prepared: Prepared | None = None,
+    mesh=None,
 ) -> Result:
     """Optimal Brain Quantizer: greedy per-weight quantization with OBS compensation.
 
@@ -406,7 +483,7 @@ def obq_quantize(
     rule = QuantRule(spec.bits, bool(outlier_rule) and order == "greedy", order)
     item = jnp.dtype(P.W.dtype).itemsize
     ch = _engine_chunk(rows, cols, cols, method, item, chunk_rows, memory_bytes)
-    _, _, losses, Wq = _greedy(P.W, P.Hinv, attrs, rule, cols, method, ch)
+    _, _, losses, Wq = _greedy(P.W, P.Hinv, attrs, rule, cols, _resolve(method, cols), ch, mesh)
     qa = make_qarray(Wq, scale, zero, spec)
     row_loss = jnp.sum(losses, axis=1)
     return Result(Wq, None, qa, jnp.sum(row_loss), row_loss)
@@ -425,6 +502,7 @@ def obq_prune_quantize(
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
     layer: str = "<matrix>",
     prepared: Prepared | None = None,
+    mesh=None,
 ) -> Result:
     """Joint pruning + quantization: ExactOBS pruning, then OBQ of the survivors.
 
@@ -438,7 +516,12 @@ def obq_prune_quantize(
     """
     P = _prep(W, H, rel_damp, layer, prepared)
     kw = dict(
-        method=method, chunk_rows=chunk_rows, memory_bytes=memory_bytes, layer=layer, prepared=P
+        method=method,
+        chunk_rows=chunk_rows,
+        memory_bytes=memory_bytes,
+        layer=layer,
+        prepared=P,
+        mesh=mesh,
     )
     if isinstance(prune, Unstructured):
         rp = exactobs_prune(W, H, prune.sparsity, **kw)
@@ -455,7 +538,9 @@ def obq_prune_quantize(
     rule = QuantRule(quant.bits, bool(outlier_rule), "greedy", has_pre=True)
     item = jnp.dtype(P.W.dtype).itemsize
     ch = _engine_chunk(rows, cols, cols, method, item, chunk_rows, memory_bytes)
-    _, _, losses, Wq = _greedy(rp.weights, P.Hinv, attrs, rule, cols, method, ch)
+    _, _, losses, Wq = _greedy(
+        rp.weights, P.Hinv, attrs, rule, cols, _resolve(method, cols), ch, mesh
+    )
     Wq = jnp.where(rp.mask, Wq, 0.0)
     qa = make_qarray(Wq, scale, zero, quant)
     row_loss = rp.row_loss + jnp.sum(losses, axis=1)
