@@ -43,6 +43,7 @@ __all__ = [
     "matrices_to_kernel",
     "as_layer_spec",
     "summarize",
+    "prune_levels",
 ]
 
 SOLVERS = ("obc", "magnitude", "gptq")
@@ -333,4 +334,56 @@ def summarize(params, new_params, specs: Mapping[str, LayerSpec], losses=None) -
     out["total/size_bits"] = comp_bits + 32 * other
     out["total/compression"] = out["total/dense_bits"] / max(out["total/size_bits"], 1)
     out["total/loss"] = float(sum(losses.values()))
+    return out
+
+
+def prune_levels(
+    params,
+    stats: Mapping[str, Any],
+    sparsities: Sequence[float],
+    *,
+    rules: Sequence[tuple[str, Any]] = ((".*", True),),
+    solver: str = "obc",
+    rel_damp: float = 0.01,
+    method: str = "auto",
+) -> list[Any]:
+    """Params pruned to each of several unstructured sparsities, one elimination pass per layer.
+
+    OBC's database idea: ExactOBS eliminates every row once and any number of levels is rebuilt
+    from the recorded orders, so a whole sweep costs little more than one level.
+
+    Args:
+      rules: which layers to prune (a value of None leaves a layer dense).
+      solver: ``"obc"`` (ExactOBS) or ``"magnitude"``.
+
+    Returns:
+      One params pytree per sparsity.
+    """
+    from obcjax.rules import match_rules
+
+    layers = find_layers(params)
+    chosen = {p: v for p, v in match_rules(list(layers), list(rules), what="layer").items()
+              if v is not None}
+    out = [params for _ in sparsities]
+    for path in chosen:
+        kernel = jnp.asarray(layers[path])
+        H = _hessians(stats[path], path)
+        G = H.shape[0]
+        mats = kernel_to_matrices(kernel, G)
+        per_level = [[] for _ in sparsities]
+        for g in range(G):
+            W = mats[g].astype(jnp.float32)
+            if solver == "obc":
+                r = K.exactobs_prune(W, H[g], list(sparsities), rel_damp=rel_damp, method=method,
+                                     layer=path)
+                ws = list(r.weights)
+            elif solver == "magnitude":
+                ws = [K.magnitude_prune(W, s, layer=path).weights for s in sparsities]
+            else:
+                raise ValueError(f"prune_levels: solver must be 'obc' or 'magnitude', got {solver!r}")
+            for l, w in enumerate(ws):
+                per_level[l].append(w)
+        for l in range(len(sparsities)):
+            k = matrices_to_kernel(per_level[l], kernel.shape, kernel.dtype)
+            out[l] = _set_path(out[l], path, "kernel", k)
     return out

@@ -321,6 +321,8 @@ def _partial_allocation(P: Prepared, ks, smax: float, **kw):
     are therefore identical to a full pass.
     """
     rows, cols = P.W.shape
+    if _resolve(kw.get("method", "auto"), cols) == "naive":
+        smax = 1.0  # small layers: one compiled pass is cheaper than two
     n1 = cols if smax >= 0.75 else min(cols, int(math.ceil(cols * (smax + 0.25 * (1 - smax)))))
     order, losses = elimination_order(P, nsteps=n1, **kw)
     order, losses = np.asarray(order), np.asarray(losses)

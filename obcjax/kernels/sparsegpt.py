@@ -1,0 +1,152 @@
+"""SparseGPT: one-shot pruning (optionally with joint quantization) in GPTQ's fixed-order sweep.
+
+Frantar, Alistarh, *SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot*,
+ICML 2023 (arXiv 2301.00774).
+
+The sweep is GPTQ's (:mod:`obcjax.kernels.gptq`): columns left to right, each fixed to its
+target with the OBS update through the upper Cholesky factor ``U`` of the prepared ``H⁻¹``, lazy
+block updates. The target of a pruned entry is 0, of a kept one its own value (or its grid point
+with ``quant``). The mask is *adaptive*: it is chosen as the sweep goes, on the weights as updated
+so far, with the OBS saliency ``w² / U_ii²``:
+
+* unstructured: at the start of every block of ``blocksize`` columns, the block's entries with
+  the smallest saliency are pruned, jointly over all rows of the block (so rows get different
+  sparsities). The counts per block are ``K(end) - K(start)`` with
+  ``K(c) = floor(s · rows · c + 0.5)``, so every block prunes its share and the layer has exactly
+  ``floor(s · rows · cols + 0.5)`` zeros (the reference prunes ``int(s · rows · B) + 1`` per
+  block through a ``<=`` threshold);
+* N:M: when the sweep reaches the first column of a group of ``m``, every row prunes its ``n``
+  entries of smallest saliency in the group (ties: the lower column).
+
+Pruned weights are exactly 0. Joint quantization finds the grid on the dense prepared ``W``
+before pruning (as the reference) and puts every kept weight on it; 0 is on every grid, so
+pruned weights get the zero-point code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+from obcjax.kernels.exactobs import Result
+from obcjax.kernels.gptq import (
+    Sweep,
+    check_blocksize,
+    factor,
+    pad_problem,
+    plan_sizes,
+    round_up,
+    sweep,
+)
+from obcjax.kernels.prepare import Prepared, prepare
+from obcjax.quant import find_params, make_qarray
+from obcjax.specs import NM, Int, Unstructured, check_fits
+
+__all__ = ["sparsegpt_prune", "block_counts"]
+
+
+def block_counts(sparsity: float, rows: int, cols: int, block: int) -> np.ndarray:
+    """Entries to prune in each block of ``block`` columns: ``K(end) - K(start)``.
+
+    ``K(c) = floor(sparsity · rows · c + 0.5)``, so the counts add up to the layer's
+    ``floor(sparsity · rows · cols + 0.5)`` and each block prunes its proportional share.
+    """
+    ends = np.minimum(np.arange(1, -(-cols // block) + 1) * block, cols)
+    K = np.array([math.floor(sparsity * rows * int(e) + 0.5) for e in ends], np.int64)
+    return np.diff(np.concatenate([[0], K])).astype(np.int32)
+
+
+def sparsegpt_prune(
+    W,
+    H,
+    prune: Unstructured | NM,
+    *,
+    quant: Int | None = None,
+    blocksize: int = 128,
+    rel_damp: float = 0.01,
+    layer: str = "<matrix>",
+    prepared: Prepared | None = None,
+) -> Result:
+    """SparseGPT pruning of one layer, optionally quantizing the kept weights in the same pass.
+
+    Args:
+      W: ``(rows, cols)`` weights (out × in), float32 or float64.
+      H: ``(cols, cols)`` Hessian ``2/N Σ x xᵀ``.
+      prune: :class:`obcjax.specs.Unstructured` (layer-wide fraction of zeros, adaptive mask per
+        block) or :class:`obcjax.specs.NM` (``n`` zeros in every ``m`` consecutive columns).
+      quant: optional :class:`obcjax.specs.Int` grid for joint quantization, found on the dense
+        prepared weights (any granularity; group grids are static).
+      blocksize: for unstructured pruning the mask-selection window and lazy-update block (it
+        changes the result); for N:M only a speed knob (rounded up to a multiple of ``m``).
+      rel_damp: relative damping of ``H``.
+      layer: name used in error messages.
+      prepared: a :class:`Prepared` to reuse.
+
+    Returns:
+      A :class:`Result`: ``weights`` ``(rows, cols)`` with pruned entries exactly 0, ``mask``
+      (True = kept), ``qarray`` when ``quant`` is given, ``loss`` = sum of the step losses
+      ``(w - t)² / (2 U_ii²)`` (= ``layer_loss(prep.W, weights, prep.H)``) and ``row_loss``.
+
+    Example:
+      >>> r = sparsegpt_prune(W, H, NM(2, 4))
+      >>> bool(jnp.all(r.mask.reshape(W.shape[0], -1, 4).sum(-1) == 2))
+      True
+    """
+    if not isinstance(prune, Unstructured | NM):
+        raise TypeError(
+            f"layer {layer!r}: prune must be obcjax.specs.Unstructured or NM, got {prune!r}"
+        )
+    if quant is not None and not isinstance(quant, Int):
+        raise TypeError(f"layer {layer!r}: quant must be obcjax.specs.Int or None, got {quant!r}")
+    blocksize = check_blocksize(blocksize, layer)
+    W = jnp.asarray(W)
+    if W.ndim == 2:
+        check_fits(prune, W.shape[1], layer)
+        if quant is not None:
+            check_fits(quant, W.shape[1], layer)
+    P = prepare(W, H, rel_damp=rel_damp, layer=layer) if prepared is None else prepared
+    rows, cols = P.W.shape
+    dtype = P.W.dtype
+
+    if isinstance(prune, NM):
+        block, sub = plan_sizes(blocksize, prune.m, keep_block=False)
+        unit, mode = prune.m, "nm"
+    else:
+        block, sub = plan_sizes(blocksize, 1, keep_block=True)
+        unit, mode = 1, "unstructured"
+    n = round_up(cols, block)
+    if mode == "unstructured":
+        kblock = block_counts(prune.sparsity, rows, cols, block)
+    else:
+        kblock = np.zeros((n // block,), np.int32)
+
+    U = factor(P, np.arange(cols), layer)
+    Wp, Up = pad_problem(P.W, U, n)
+    if quant is not None:
+        scale, zero = find_params(P.W, quant)
+        G = scale.shape[1]
+        stab = jnp.concatenate([scale, jnp.ones((rows, 1), dtype)], axis=1)
+        ztab = jnp.concatenate([zero, jnp.zeros((rows, 1), dtype)], axis=1)
+        gidx = np.concatenate([np.arange(cols) // (cols // G), np.full(n - cols, G)])
+    else:
+        stab = jnp.ones((rows, 1), dtype)
+        ztab = jnp.zeros((rows, 1), dtype)
+        gidx = np.zeros((n,), np.int64)
+
+    plan = Sweep(
+        cols=cols,
+        block=block,
+        sub=sub,
+        unit=unit,
+        bits=None if quant is None else quant.bits,
+        prune=mode,
+        nm_n=prune.n if mode == "nm" else 0,
+    )
+    Wf, keep, row_loss, _, _ = sweep(
+        Wp, Up, stab, ztab, jnp.asarray(gidx, jnp.int32), jnp.asarray(kblock), plan=plan
+    )
+    Wf, keep = Wf[:, :cols], keep[:, :cols]
+    qa = None if quant is None else make_qarray(Wf, scale, zero, quant)
+    return Result(Wf, keep, qa, jnp.sum(row_loss), row_loss)
