@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -49,6 +50,7 @@ def _kb(bits: float) -> str:
 
 def cmd_compress(args) -> int:
     from obcjax.calibration import calibrate
+    from obcjax.pipeline import compress_sequential, reestimate_batchnorm
     from obcjax.transforms import LayerSpec, compress, prune_levels
     from obcjax.zoo import data as zdata
     from obcjax.zoo import models as zmodels
@@ -65,35 +67,52 @@ def cmd_compress(args) -> int:
     if args.nsamples:
         calib = zdata.Split(calib.x[: args.nsamples], calib.y[: args.nsamples])
 
-    def evaluate(params):
-        v = {**variables, "params": params}
+    def evaluate(v):
         return ztrain.evaluate(args.model, v, test)["accuracy"]
 
     print(f"model {args.model} on {args.data}: {info.get('source', '?')} "
           f"(test accuracy {100 * info['test_accuracy']:.2f}%), calibrating on {len(calib.y)} "
           f"examples", flush=True)
-    stats = calibrate(model, variables, (x for x, _ in zdata.batches(calib, 128)),
-                      apply_kwargs={"train": False}, progress=args.progress)
+    calib_batches = [x for x, _ in zdata.batches(calib, 128)]
+    stats = calibrate(model, variables, calib_batches, apply_kwargs={"train": False},
+                      progress=args.progress)
     prune = _parse_prune(args.prune)
     bits = _parse_bits(args.wbits)
     quant = Int(bits, sym=not args.asym) if bits else None
     if prune is None and quant is None:
         print("nothing to do: give --prune and/or --wbits", file=sys.stderr)
         return 2
-    keep = [(r, None) for r in args.keep] if args.keep else []
+    keep_list = list(args.keep)
+    if args.keep_first:
+        keep_list.insert(0, re.escape(next(iter(stats))))  # the first layer in forward order
+    keep = [(r, None) for r in keep_list]
+    has_bn = bool(variables.get("batch_stats")) and not args.no_bn
 
     def run(solver, p=prune, q=quant):
         rules = keep + [(".*", LayerSpec(prune=p, quant=q, solver=solver))]
-        return compress(variables["params"], stats, rules, rel_damp=args.rel_damp,
-                        progress=args.progress)
+        if args.mode == "sequential":
+            out = compress_sequential(model, variables, calib_batches, rules,
+                                      apply_kwargs={"train": False}, rel_damp=args.rel_damp,
+                                      progress=args.progress)
+        else:
+            out = compress(variables["params"], stats, rules, rel_damp=args.rel_damp,
+                           progress=args.progress)
+        return out, finish(out.params)
 
-    dense_acc = evaluate(variables["params"])
+    def finish(params):
+        # batch-norm re-estimation on the calibration data (OBC's BN tuning)
+        v = {**variables, "params": params}
+        if has_bn:
+            v = reestimate_batchnorm(model, v, calib_batches, apply_kwargs={"train": True})
+        return v
+
+    dense_acc = evaluate(variables)
     results = {}
     for solver in args.solvers.split(","):
         t = time.perf_counter()
-        res = run(solver)
+        res, v = run(solver)
         secs = time.perf_counter() - t
-        results[solver] = (res, evaluate(res.params), secs)
+        results[solver] = (res, evaluate(v), secs)
 
     first = next(iter(results.values()))[0]
     dense_bits = first.summary["total/dense_bits"]
@@ -110,7 +129,8 @@ def cmd_compress(args) -> int:
         ])
     spec_name = LayerSpec(prune=prune, quant=quant).name
     print(f"\ntarget {spec_name} on every layer"
-          + (f" except {', '.join(args.keep)}" if args.keep else ""))
+          + (f" except {', '.join(keep_list)}" if keep_list else "")
+          + f" ({args.mode}" + (", batch-norm re-estimated)" if has_bn else ")"))
     print(_table(rows, ["method", "acc %", "delta", "size KB", "ratio", "sparsity", "w-bits",
                         "time"]))
     layer_rows = []
@@ -121,7 +141,7 @@ def cmd_compress(args) -> int:
         s = first.summary
         row = [p, s[f"{p}/spec"], str(s[f"{p}/params"]), f"{100 * s[f'{p}/sparsity']:.1f}%",
                str(s[f"{p}/bits"])]
-        for solver, (res, _, _) in results.items():
+        for res, _, _ in results.values():
             row.append(f"{res.losses[p]:.4g}" if p in res.losses else "-")
         layer_rows.append(row)
     print()
@@ -129,7 +149,8 @@ def cmd_compress(args) -> int:
                  + [f"loss {s}" for s in results]))
 
     summary = {
-        "model": args.model, "data": args.data, "target": spec_name,
+        "model": args.model, "data": args.data, "target": spec_name, "mode": args.mode,
+        "kept_dense": keep_list, "batchnorm_reestimated": has_bn,
         "dense_accuracy": dense_acc,
         "methods": {k: {"accuracy": a, "seconds": secs, "summary": r.summary,
                         "losses": r.losses} for k, (r, a, secs) in results.items()},
@@ -141,7 +162,7 @@ def cmd_compress(args) -> int:
         for solver in [s for s in args.solvers.split(",") if s in ("obc", "magnitude")]:
             plist = prune_levels(variables["params"], stats, levels, rules=keep_rules,
                                  solver=solver, rel_damp=args.rel_damp)
-            accs = [evaluate(p) for p in plist]
+            accs = [evaluate(finish(p)) for p in plist]
             sweep[solver] = accs
             print(f"sweep {solver}: " + "  ".join(f"{100 * s:.0f}%:{100 * a:.1f}"
                                                   for s, a in zip(levels, accs)), flush=True)
@@ -193,6 +214,13 @@ def main(argv=None) -> int:
                    help="comma list of obc, magnitude, gptq (GPTQ/SparseGPT)")
     c.add_argument("--keep", action="append", default=[],
                    help="regex of layers to leave dense (repeatable)")
+    c.add_argument("--keep-first", action=argparse.BooleanOptionalAction, default=True,
+                   help="leave the first layer dense (default; the usual practice, as in OBC)")
+    c.add_argument("--mode", choices=("one-pass", "sequential"), default="one-pass",
+                   help="one-pass: every layer from the dense model's statistics (OBC); "
+                        "sequential: recalibrate on the compressed prefix (GPTQ/SparseGPT)")
+    c.add_argument("--no-bn", action="store_true",
+                   help="skip batch-norm re-estimation of models with batch norm")
     c.add_argument("--rel-damp", type=float, default=0.01)
     c.add_argument("--nsamples", type=int, default=0, help="calibration examples (0 = all)")
     c.add_argument("--sweep", default="0.5,0.6,0.7,0.8,0.9",

@@ -1,0 +1,32 @@
+"""The command line's main job, end to end on a small zoo model."""
+
+import json
+
+import pytest
+
+from obcjax.cli import main
+
+
+def test_compress_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["compress", "--model", "mlp", "--prune", "0.5", "--wbits", "4",
+               "--sweep", "0.5,0.8", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "method" in text and "obc" in text and "magnitude" in text
+    summary = json.loads((out / "summary.json").read_text())
+    assert (out / "accuracy_vs_sparsity.png").stat().st_size > 10_000
+    obc, mag = summary["methods"]["obc"], summary["methods"]["magnitude"]
+    assert summary["kept_dense"]  # the first layer stays dense by default
+    assert obc["summary"]["total/compression"] > 2
+    assert obc["accuracy"] >= mag["accuracy"]
+    assert obc["accuracy"] > summary["dense_accuracy"] - 0.05
+    assert summary["sweep"]["sparsity"] == [0.5, 0.8]
+    assert len(summary["sweep"]["accuracy"]["obc"]) == 2
+
+
+def test_compress_rejects_nothing_to_do(tmp_path, capsys):
+    assert main(["compress", "--model", "mlp", "--prune", "none", "--wbits", "none",
+                 "--out", str(tmp_path)]) == 2
+    with pytest.raises(SystemExit):
+        main(["compress", "--mode", "bogus"])
