@@ -49,6 +49,9 @@ def _kb(bits: float) -> str:
 
 
 def cmd_compress(args) -> int:
+    import jax
+    import numpy as np
+
     from obcjax.calibration import calibrate
     from obcjax.pipeline import compress_sequential, reestimate_batchnorm
     from obcjax.transforms import LayerSpec, compress, prune_levels
@@ -112,12 +115,12 @@ def cmd_compress(args) -> int:
         t = time.perf_counter()
         res, v = run(solver)
         secs = time.perf_counter() - t
-        results[solver] = (res, evaluate(v), secs)
+        results[solver] = (res, evaluate(v), secs, v)
 
     first = next(iter(results.values()))[0]
     dense_bits = first.summary["total/dense_bits"]
     rows = [["dense", f"{100 * dense_acc:.2f}", "+0.00", _kb(dense_bits), "1.0x", "0.0%", "32", "-"]]
-    for solver, (res, a, secs) in results.items():
+    for solver, (res, a, secs, _) in results.items():
         s = res.summary
         layers = [k[: -len("/params")] for k in s if k.endswith("/params") and k != "total/params"]
         nparams = sum(s[f"{p}/params"] for p in layers)
@@ -141,7 +144,7 @@ def cmd_compress(args) -> int:
         s = first.summary
         row = [p, s[f"{p}/spec"], str(s[f"{p}/params"]), f"{100 * s[f'{p}/sparsity']:.1f}%",
                str(s[f"{p}/bits"])]
-        for res, _, _ in results.values():
+        for res, *_ in results.values():
             row.append(f"{res.losses[p]:.4g}" if p in res.losses else "-")
         layer_rows.append(row)
     print()
@@ -153,8 +156,28 @@ def cmd_compress(args) -> int:
         "kept_dense": keep_list, "batchnorm_reestimated": has_bn,
         "dense_accuracy": dense_acc,
         "methods": {k: {"accuracy": a, "seconds": secs, "summary": r.summary,
-                        "losses": r.losses} for k, (r, a, secs) in results.items()},
+                        "losses": r.losses} for k, (r, a, secs, _) in results.items()},
     }
+    if args.save:
+        from obcjax import export
+
+        solver = args.solvers.split(",")[0]
+        res, acc, _, v = results[solver]
+        save_path = Path(args.save)
+        packed = {f"params/{k}": layer for k, layer in export.pack_compressed(res).items()}
+        export.save_params(save_path, dict(v), packed, metadata={
+            "model": args.model, "data": args.data, "target": spec_name, "solver": solver,
+            "test_accuracy": acc})
+        on_disk = save_path.stat().st_size
+        theory_bits = sum(export.theoretical_bits(x) for x in packed.values())
+        n_packed = sum(int(np.prod(x.shape)) for x in packed.values())
+        n_all = sum(int(np.size(a)) for a in jax.tree.leaves(dict(v)))
+        theory = theory_bits / 8 + 4 * (n_all - n_packed)
+        print(f"\nsaved {solver} model to {save_path}: {on_disk / 1024:.1f} KB on disk, "
+              f"theoretical {theory / 1024:.1f} KB, dense float32 {4 * n_all / 1024:.1f} KB "
+              f"({4 * n_all / on_disk:.1f}x smaller)")
+        summary["saved"] = {"path": str(save_path), "bytes_on_disk": on_disk,
+                            "bytes_theoretical": theory, "bytes_dense_float32": 4 * n_all}
     if args.sweep:
         levels = [float(v) for v in args.sweep.split(",")]
         sweep = {}
@@ -189,6 +212,28 @@ def cmd_compress(args) -> int:
         print(f"plot: {png}")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     print(f"summary: {out_dir / 'summary.json'}  ({time.perf_counter() - t0:.1f}s total)")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from obcjax import export
+    from obcjax.zoo import data as zdata
+    from obcjax.zoo import train as ztrain
+
+    path = Path(args.load)
+    variables = export.load_params(path)
+    _, meta = export.load(path)
+    meta = meta or {}
+    model = args.model or meta.get("model")
+    data = args.data or meta.get("data")
+    if not model or not data:
+        print("evaluate: the file names no model/data; give --model and --data", file=sys.stderr)
+        return 2
+    ds = zdata.load_dataset(data)
+    acc = ztrain.evaluate(model, variables, ds["test"])["accuracy"]
+    print(_table([[str(path), model, data, meta.get("target", "?"), f"{100 * acc:.2f}",
+                   f"{path.stat().st_size / 1024:.1f}"]],
+                  ["file", "model", "data", "target", "acc %", "KB on disk"]))
     return 0
 
 
@@ -228,6 +273,12 @@ def main(argv=None) -> int:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", default="runs/compress")
     c.add_argument("--progress", action="store_true")
+    c.add_argument("--save", default=None,
+                   help="write the first solver's compressed model, packed, to this file")
+    e = sub.add_parser("evaluate", help="evaluate a packed model written by compress --save")
+    e.add_argument("--load", required=True)
+    e.add_argument("--model", default=None, help="zoo model (default: from the file)")
+    e.add_argument("--data", default=None, help="data set (default: from the file)")
     t = sub.add_parser("train", help="train (or load from cache) a zoo model")
     t.add_argument("--model", default="lenet5")
     t.add_argument("--data", default="digits")
@@ -237,6 +288,8 @@ def main(argv=None) -> int:
         args = ap.parse_args(["compress", *(argv or sys.argv[1:])])
     if args.cmd == "compress":
         return cmd_compress(args)
+    if args.cmd == "evaluate":
+        return cmd_evaluate(args)
     return cmd_train(args)
 
 

@@ -10,7 +10,7 @@ from obcjax.cli import main
 def test_compress_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["compress", "--model", "mlp", "--prune", "0.5", "--wbits", "4",
-               "--sweep", "0.5,0.8", "--out", str(out)])
+               "--sweep", "0.5,0.8", "--out", str(out), "--save", str(tmp_path / "m.safetensors")])
     assert rc == 0
     text = capsys.readouterr().out
     assert "method" in text and "obc" in text and "magnitude" in text
@@ -23,6 +23,13 @@ def test_compress_end_to_end(tmp_path, capsys):
     assert obc["accuracy"] > summary["dense_accuracy"] - 0.05
     assert summary["sweep"]["sparsity"] == [0.5, 0.8]
     assert len(summary["sweep"]["accuracy"]["obc"]) == 2
+    saved = summary["saved"]
+    assert saved["bytes_on_disk"] < saved["bytes_dense_float32"] / 2
+    assert abs(saved["bytes_on_disk"] / saved["bytes_theoretical"] - 1) < 0.1
+    # the packed file evaluates to the same accuracy as the compressed model in memory
+    capsys.readouterr()
+    assert main(["evaluate", "--load", str(tmp_path / "m.safetensors")]) == 0
+    assert f"{100 * obc['accuracy']:.2f}" in capsys.readouterr().out
 
 
 def test_compress_rejects_nothing_to_do(tmp_path, capsys):
