@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export MPLBACKEND=Agg
-.venv/bin/python -m pytest tests "$@"
+.venv/bin/python -m pytest tests --nbmake notebooks "$@"
