@@ -1,0 +1,1121 @@
+"""OBC's database of compression levels and the global solver over it.
+
+Optimal Brain Compression (Frantar, Singh, Alistarh, NeurIPS 2022, §5) compresses a whole model to
+a budget in two steps:
+
+1. **Database.** Every layer is compressed, on its own, to every level of a list (unstructured
+   sparsities, N:M, bit-widths and their combinations). For each (layer, level) the layer-wise OBS
+   loss ``0.5·tr((W-Ŵ) H (W-Ŵ)ᵀ)`` and the cost (size in bits, BOPs or FLOPs) are stored, and
+   optionally the compressed weights. ExactOBS rebuilds all unstructured sparsities of a layer
+   from one elimination pass, so a sweep of 40 sparsities costs about one level.
+2. **Global solver.** A dynamic program over layers picks one level per layer minimising the summed
+   loss subject to the summed cost staying within the budget (layer losses are assumed additive,
+   as in the paper).
+
+Cost model (per layer; ``numel`` weights, ``nnz`` kept weights, ``b`` weight bits, 32 when not
+quantized; ``positions`` output positions, 1 by default for Dense):
+
+* ``size`` (bits): ``nnz·b`` plus, with ``overhead=True`` (default), what
+  :func:`obcjax.export.theoretical_bits` counts for the packed layer: a 1-bit-per-weight mask for
+  unstructured pruning, ``ceil(log2 m)`` bits per kept weight for N:M indices, 1 bit per block for
+  block pruning, and a float32 scale plus a uint8 zero point per quantization group (per row for
+  per-channel grids). With ``overhead=False`` it is ``nnz·b``, the ``size_bits`` of
+  :func:`obcjax.transforms.summarize`.
+* ``flops``: MACs of the kept weights, ``positions·nnz``.
+* ``bops``: ``positions·nnz·b·abits`` (``abits`` 32 by default, or a function of the level).
+
+Example:
+    >>> from obcjax.specs import NM, Int, Unstructured
+    >>> levels = [None, *[Unstructured(s) for s in (0.5, 0.75, 0.9)], NM(2, 4), Int(4),
+    ...           (Unstructured(0.5), Int(4))]
+    >>> db = build_database(params, stats, levels, path="db/")      # resumable
+    >>> choice = solve(db, db.dense_cost("size") / 8)                # 8x smaller
+    >>> new_params = materialize(params, db, choice)
+    >>> out = compress(params, stats, to_rules(choice))              # or recompute from rules
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+import urllib.parse
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from obcjax import kernels as K
+from obcjax.specs import NM, Block, Unstructured, check_fits
+from obcjax.stats import HessianState
+from obcjax.transforms import (
+    LayerSpec,
+    _hessians,
+    _set_path,
+    _solve,
+    as_layer_spec,
+    compress,
+    find_layers,
+    kernel_to_matrices,
+    matrices_to_kernel,
+)
+
+__all__ = [
+    "METRICS",
+    "LayerRecord",
+    "Database",
+    "build_database",
+    "sparsity_levels",
+    "solve",
+    "uniform",
+    "to_rules",
+    "materialize",
+]
+
+METRICS = ("size", "bops", "flops")
+FORMAT_VERSION = 1
+_DENSE = LayerSpec()
+_SCALE_BITS = 32  # float32 scale per grid group (obcjax.export stores scales as float32)
+_ZERO_BITS = 8  # integer zero point stored as uint8 (obcjax.export)
+
+
+# ----------------------------------------------------------------------------------------------
+# levels
+# ----------------------------------------------------------------------------------------------
+
+
+def sparsity_levels(
+    min_sparsity: float = 0.0, max_sparsity: float = 0.99, density_factor: float = 0.9
+) -> list[Unstructured]:
+    """OBC's unstructured levels: density shrinks by ``density_factor`` per level.
+
+    The defaults give the reference's 45 levels ``0, 0.1, 0.19, 0.271, …, 0.9892, 0.99``.
+
+    Example:
+        >>> len(sparsity_levels())
+        45
+    """
+    if not (0.0 <= min_sparsity <= max_sparsity < 1.0):
+        raise ValueError(
+            f"sparsity_levels: need 0 <= min_sparsity <= max_sparsity < 1, got "
+            f"{min_sparsity}, {max_sparsity}"
+        )
+    if not (0.0 < density_factor < 1.0):
+        raise ValueError(
+            f"sparsity_levels: density_factor must lie in (0, 1), got {density_factor}"
+        )
+    out, density = [], 1.0 - min_sparsity
+    while 1.0 - density < max_sparsity:
+        out.append(round(1.0 - density, 10))
+        density *= density_factor
+    out.append(max_sparsity)
+    return [Unstructured(s) for s in out]
+
+
+def _as_level(value) -> LayerSpec:
+    spec = as_layer_spec(value)
+    return _DENSE if spec is None else spec
+
+
+def _levels_tuple(levels, what: str) -> tuple[LayerSpec, ...]:
+    if isinstance(levels, (str, bytes)) or not isinstance(levels, Sequence):
+        raise TypeError(f"{what}: levels must be a list of level specs, got {levels!r}")
+    out = tuple(_as_level(v) for v in levels)
+    if not out:
+        raise ValueError(f"{what}: the list of levels is empty")
+    seen = set()
+    for lv in out:
+        if lv in seen:
+            raise ValueError(f"{what}: level {lv!r} appears twice in the list of levels")
+        seen.add(lv)
+    return out
+
+
+def _wbits(level: LayerSpec) -> int:
+    return level.quant.bits if level.quant is not None else 32
+
+
+def _fits(level: LayerSpec, cols: int) -> bool:
+    try:
+        for s in (level.prune, level.quant):
+            if s is not None:
+                check_fits(s, cols)
+    except ValueError:
+        return False
+    return True
+
+
+def _overhead_bits(level: LayerSpec, rows: int, cols: int, kept: int) -> int:
+    """Index/mask and grid bits of one ``(rows, cols)`` matrix, as obcjax.export packs it."""
+    bits = 0
+    p, q = level.prune, level.quant
+    if isinstance(p, Unstructured):
+        bits += rows * cols
+    elif isinstance(p, NM):
+        bits += kept * max(1, (p.m - 1).bit_length())
+    elif isinstance(p, Block):
+        bits += rows * cols // p.size
+    if q is not None:
+        groups = {"channel": rows, "tensor": 1}.get(q.granularity)
+        if groups is None:
+            groups = rows * (cols // q.group_size)
+        bits += groups * (_SCALE_BITS + _ZERO_BITS)
+    return bits
+
+
+# ----------------------------------------------------------------------------------------------
+# the database
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRecord:
+    """Everything the database knows about one layer.
+
+    Attributes:
+      path: '/'-joined layer path.
+      shape: kernel shape. groups: number of weight matrices (feature groups) of the kernel.
+      levels: the layer's levels, in order.
+      loss: ``(S,)`` float64 OBS loss per level; ``inf`` where the level does not fit the layer
+        (N:M or block size not dividing the width), so the solver never picks it.
+      nnz: ``(S,)`` kept weights per level (the mask's count; ``numel`` when not pruned).
+      overhead: ``(S,)`` index/mask and grid bits per level (see the module docstring).
+      energy: ``0.5·tr(W H Wᵀ)`` of the prepared weights (the loss of an all-zero layer), the
+        normaliser of ``error="relative"``.
+      fingerprint: hashes of the kernel, the Hessian, the levels and the damping.
+      weights: ``(S, *shape)`` compressed kernels, or None when not kept in memory.
+      weights_file: the ``.npz`` file that holds them on disk, or None.
+      file_index: position of each level in ``weights_file`` (None: the same as in ``levels``).
+    """
+
+    path: str
+    shape: tuple[int, ...]
+    groups: int
+    levels: tuple[LayerSpec, ...]
+    loss: np.ndarray
+    nnz: np.ndarray
+    overhead: np.ndarray
+    energy: float
+    fingerprint: Mapping[str, str]
+    weights: np.ndarray | None = None
+    weights_file: str | None = None
+    file_index: tuple[int, ...] | None = None
+
+    def slot(self, i: int) -> int:
+        """Position of level ``i`` in ``weights_file``."""
+        return i if self.file_index is None else self.file_index[i]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def available(self) -> np.ndarray:
+        return np.isfinite(self.loss)
+
+
+class Database:
+    """Per-layer tables of (level → loss, cost), the input of :func:`solve` and :func:`uniform`.
+
+    Built by :func:`build_database`, or from plain tables with :meth:`from_table`.
+
+    Attributes:
+      paths: layer paths in order. error: ``"obs"`` (absolute loss) or ``"relative"`` (loss
+        divided by the layer's ``energy``). computed / loaded: layers computed by this call / read
+        back from ``path``. path: the directory the database lives in, or None.
+
+    Example:
+        >>> db.levels("dense_1")[2], db.losses()["dense_1"][2], db.costs("size")["dense_1"][2]
+    """
+
+    def __init__(
+        self,
+        records: Iterable[LayerRecord],
+        *,
+        error: str = "obs",
+        positions: Mapping[str, int] | None = None,
+        abits: int | Callable[[LayerSpec], int] = 32,
+        overhead: bool = True,
+        path: str | None = None,
+        rel_damp: float | None = None,
+        computed: Sequence[str] = (),
+        loaded: Sequence[str] = (),
+        tables: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+    ):
+        if error not in ("obs", "relative"):
+            raise ValueError(f"Database: error must be 'obs' or 'relative', got {error!r}")
+        self.records = {r.path: r for r in records}
+        self.paths = tuple(self.records)
+        self.error = error
+        self.positions = dict(positions or {})
+        self.abits = abits
+        self.overhead = bool(overhead)
+        self.path = path
+        self.rel_damp = rel_damp
+        self.computed = list(computed)
+        self.loaded = list(loaded)
+        self._tables = {
+            m: {p: np.asarray(v, np.float64) for p, v in t.items()}
+            for m, t in (tables or {}).items()
+        }
+
+    # -- construction from plain tables ----------------------------------------------------
+    @classmethod
+    def from_table(
+        cls,
+        loss: Mapping[str, Mapping[Any, float]],
+        cost: Mapping[str, Mapping[Any, float]] | Mapping[str, Mapping[str, Mapping[Any, float]]],
+        *,
+        metric: str = "size",
+    ) -> Database:
+        """A database from ``{path: {level: loss}}`` and ``{path: {level: cost}}`` tables.
+
+        Args:
+          loss: per layer, level → loss (``inf`` = level unavailable).
+          cost: per layer, level → cost in ``metric``; or ``{metric: {path: {level: cost}}}`` for
+            several metrics.
+          metric: the metric of a single cost table.
+
+        Example:
+            >>> db = Database.from_table({"a": {None: 0.0, Int(4): 1.0}},
+            ...                          {"a": {None: 32.0, Int(4): 4.0}})
+        """
+        if cost and set(cost) <= set(METRICS) and not (set(cost) & set(loss)):
+            tables_in = cost
+        else:
+            tables_in = {metric: cost}
+        records, tables = [], {m: {} for m in tables_in}
+        for path, row in loss.items():
+            levels = _levels_tuple(list(row), f"Database.from_table: layer {path!r}")
+            lvals = np.asarray([float(v) for v in row.values()], np.float64)
+            if np.isnan(lvals).any():
+                raise ValueError(f"Database.from_table: layer {path!r} has a NaN loss")
+            for m, t in tables_in.items():
+                if path not in t:
+                    raise ValueError(f"Database.from_table: no {m} cost for layer {path!r}")
+                crow = {_as_level(k): float(v) for k, v in t[path].items()}
+                missing = [lv.name for lv in levels if lv not in crow]
+                if missing:
+                    raise ValueError(
+                        f"Database.from_table: layer {path!r} has no {m} cost for level(s) {missing}"
+                    )
+                tables[m][path] = np.asarray([crow[lv] for lv in levels], np.float64)
+            zeros = np.zeros(len(levels), np.int64)
+            records.append(LayerRecord(str(path), (), 1, levels, lvals, zeros, zeros, 1.0, {}))
+        return cls(records, tables=tables)
+
+    # -- tables ------------------------------------------------------------------------------
+    def levels(self, path: str) -> tuple[LayerSpec, ...]:
+        """The levels of layer ``path``."""
+        return self._record(path).levels
+
+    def losses(self) -> dict[str, np.ndarray]:
+        """``{path: (S,) loss}`` in the database's ``error`` mode (``inf`` = unavailable)."""
+        out = {}
+        for p, r in self.records.items():
+            l = r.loss
+            if self.error == "relative":
+                l = l / r.energy if r.energy > 0 else np.where(l > 0, np.inf, 0.0)
+            out[p] = np.asarray(l, np.float64)
+        return out
+
+    def costs(self, metric: str = "size") -> dict[str, np.ndarray]:
+        """``{path: (S,) cost}`` in ``metric`` (``"size"`` bits, ``"bops"`` or ``"flops"``)."""
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        if self._tables:
+            if metric not in self._tables:
+                raise ValueError(
+                    f"this database has costs in {sorted(self._tables)} only, not {metric!r}"
+                )
+            return dict(self._tables[metric])
+        if metric != "size":
+            convs = [
+                p for p, r in self.records.items() if len(r.shape) > 2 and p not in self.positions
+            ]
+            if convs:
+                raise ValueError(
+                    f"metric {metric!r} counts MACs, which for a convolution depend on its number "
+                    f"of output positions; pass positions={{path: H_out*W_out}} to build_database "
+                    f"for conv layer(s) {convs}"
+                )
+        out = {}
+        for p, r in self.records.items():
+            nnz = r.nnz.astype(np.float64)
+            wb = np.asarray([_wbits(lv) for lv in r.levels], np.float64)
+            if metric == "size":
+                out[p] = nnz * wb + (r.overhead if self.overhead else 0.0)
+                continue
+            macs = nnz * float(self.positions.get(p, 1))
+            if metric == "flops":
+                out[p] = macs
+            else:
+                ab = [self.abits(lv) if callable(self.abits) else self.abits for lv in r.levels]
+                out[p] = macs * wb * np.asarray(ab, np.float64)
+        return out
+
+    def dense_cost(self, metric: str = "size") -> float:
+        """Total cost of the uncompressed layers (32-bit weights, 32-bit activations for BOPs)."""
+        if self._tables:
+            raise ValueError("dense_cost: a database built from tables has no dense reference")
+        self.costs(metric)  # validates metric and positions
+        tot = 0.0
+        for p, r in self.records.items():
+            n = float(r.numel)
+            if metric == "size":
+                tot += 32.0 * n
+            else:
+                macs = n * self.positions.get(p, 1)
+                ab = self.abits(_DENSE) if callable(self.abits) else self.abits
+                tot += macs if metric == "flops" else macs * 32.0 * ab
+        return tot
+
+    def min_cost(self, metric: str = "size") -> float:
+        """The smallest reachable total cost: every layer at its cheapest available level."""
+        c, l = self.costs(metric), self.losses()
+        return float(sum(np.min(c[p][np.isfinite(l[p])]) for p in self.paths))
+
+    def cost_of(self, assignment: Mapping[str, Any], metric: str = "size") -> float:
+        """Total cost of ``{path: level}``."""
+        c = self.costs(metric)
+        return float(sum(c[p][i] for p, i in self._indices(assignment).items()))
+
+    def loss_of(self, assignment: Mapping[str, Any]) -> float:
+        """Summed loss of ``{path: level}``."""
+        l = self.losses()
+        return float(sum(l[p][i] for p, i in self._indices(assignment).items()))
+
+    def weights(self, path: str, level) -> np.ndarray | None:
+        """The stored compressed kernel of ``path`` at ``level``, or None when not stored."""
+        r = self._record(path)
+        i = self._level_index(path, level)
+        if r.weights is not None:
+            return r.weights[i]
+        if r.weights_file is not None:
+            with np.load(r.weights_file, allow_pickle=False) as z:
+                if "weights" in z.files:
+                    return np.asarray(z["weights"][r.slot(i)])
+        return None
+
+    def summary(self) -> list[dict[str, Any]]:
+        """One row per (layer, level): loss and the costs available, for printing or JSON."""
+        l = self.losses()
+        metrics = [m for m in METRICS if self._has_metric(m)]
+        cs = {m: self.costs(m) for m in metrics}
+        rows = []
+        for p in self.paths:
+            for i, lv in enumerate(self.levels(p)):
+                row = {"layer": p, "level": lv.name, "loss": float(l[p][i])}
+                row.update({m: float(cs[m][p][i]) for m in metrics})
+                rows.append(row)
+        return rows
+
+    def subset(self, levels: Sequence[Any]) -> Database:
+        """The same database restricted to ``levels`` (each layer keeps those it has).
+
+        Example:
+            >>> sparse_only = db.subset([None, *sparsity_levels()])
+        """
+        want = _levels_tuple(levels, "Database.subset")
+        records, tables = [], {m: {} for m in self._tables}
+        for p, r in self.records.items():
+            idx = [i for i, lv in enumerate(r.levels) if lv in want]
+            if not idx:
+                raise ValueError(
+                    f"Database.subset: layer {p!r} has none of the levels "
+                    f"{[lv.name for lv in want]}; its levels are {[lv.name for lv in r.levels]}"
+                )
+            w = None if r.weights is None else r.weights[idx]
+            records.append(
+                dataclasses.replace(
+                    r,
+                    levels=tuple(r.levels[i] for i in idx),
+                    loss=r.loss[idx],
+                    nnz=r.nnz[idx],
+                    overhead=r.overhead[idx],
+                    weights=w,
+                    file_index=tuple(r.slot(i) for i in idx),
+                )
+            )
+            for m, t in self._tables.items():
+                tables[m][p] = t[p][idx]
+        return Database(
+            records,
+            error=self.error,
+            positions=self.positions,
+            abits=self.abits,
+            overhead=self.overhead,
+            path=self.path,
+            rel_damp=self.rel_damp,
+            tables=tables or None,
+        )
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _has_metric(self, m: str) -> bool:
+        try:
+            self.costs(m)
+        except ValueError:
+            return False
+        return True
+
+    def _record(self, path: str) -> LayerRecord:
+        if path not in self.records:
+            raise ValueError(
+                f"layer {path!r} is not in the database; its layers are {list(self.paths)}"
+            )
+        return self.records[path]
+
+    def _level_index(self, path: str, level) -> int:
+        lv = _as_level(level)
+        levels = self._record(path).levels
+        if lv not in levels:
+            raise ValueError(
+                f"layer {path!r}: level {lv.name!r} ({lv!r}) is not in the database; its levels "
+                f"are {[x.name for x in levels]}"
+            )
+        return levels.index(lv)
+
+    def _indices(self, assignment: Mapping[str, Any]) -> dict[str, int]:
+        if not isinstance(assignment, Mapping):
+            raise TypeError(f"assignment must be a {{path: level}} mapping, got {assignment!r}")
+        missing = [p for p in self.paths if p not in assignment]
+        if missing:
+            raise ValueError(f"assignment has no level for layer(s) {missing}")
+        out = {}
+        for p in self.paths:
+            i = self._level_index(p, assignment[p])
+            if not np.isfinite(self.records[p].loss[i]):
+                raise ValueError(
+                    f"layer {p!r}: level {self.records[p].levels[i].name!r} does not fit this "
+                    f"layer (shape {self.records[p].shape})"
+                )
+            out[p] = i
+        extra = [p for p in assignment if p not in self.records]
+        if extra:
+            raise ValueError(f"assignment names layer(s) {extra} that are not in the database")
+        return out
+
+    def __repr__(self) -> str:
+        n = sum(len(r.levels) for r in self.records.values())
+        return (
+            f"Database({len(self.paths)} layers, {n} (layer, level) entries, error={self.error!r})"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# building
+# ----------------------------------------------------------------------------------------------
+
+
+def _sha(*arrays) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(np.asarray(a))
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _layer_hessians(value, path: str) -> jax.Array:
+    if isinstance(value, HessianState):
+        return _hessians(value, path)
+    H = jnp.asarray(value)
+    if H.ndim == 2:
+        H = H[None]
+    if H.ndim != 3 or H.shape[-1] != H.shape[-2]:
+        raise ValueError(
+            f"layer {path!r}: statistics must be a HessianState or an array (cols, cols) / "
+            f"(groups, cols, cols), got shape {tuple(H.shape)}"
+        )
+    return H
+
+
+def _layer_matrices(kernel, H, path: str):
+    G, cols = H.shape[0], H.shape[-1]
+    if kernel.ndim < 2:
+        raise ValueError(f"layer {path!r}: kernel must be at least 2-D, got {tuple(kernel.shape)}")
+    mats = kernel_to_matrices(kernel, G) if kernel.shape[-1] % G == 0 else None
+    if mats is None or mats[0].shape[1] != cols:
+        raise ValueError(
+            f"layer {path!r}: kernel of shape {tuple(kernel.shape)} does not match its "
+            f"statistics ({G} group(s) of width {cols}); the statistics come from another model"
+        )
+    return mats
+
+
+def _solve_levels(W, H, P, levels, avail, *, rel_damp, method, mesh, name):
+    """Results ``[(weights, mask, loss)]`` per level of one matrix (None where unavailable)."""
+    out: list[Any] = [None] * len(levels)
+    batches: dict[Any, list[int]] = {}
+    for i, lv in enumerate(levels):
+        if not avail[i]:
+            continue
+        if lv.prune is None and lv.quant is None:
+            out[i] = (np.asarray(W), None, 0.0)
+        elif lv.solver == "obc" and lv.quant is None and isinstance(lv.prune, Unstructured):
+            batches.setdefault("unstr", []).append(i)
+        elif lv.solver == "obc" and lv.quant is None and isinstance(lv.prune, Block):
+            batches.setdefault(("block", lv.prune.size), []).append(i)
+        else:
+            batches.setdefault(i, []).append(i)
+    kw = dict(rel_damp=rel_damp, layer=name, prepared=P)
+    for key, idx in batches.items():
+        if key == "unstr":
+            # one elimination pass serves every sparsity of the layer
+            r = K.exactobs_prune(
+                W, H, [levels[i].prune.sparsity for i in idx], method=method, mesh=mesh, **kw
+            )
+            for j, i in enumerate(idx):
+                out[i] = (np.asarray(r.weights[j]), np.asarray(r.mask[j]), float(r.loss[j]))
+            continue
+        if isinstance(key, tuple):
+            r = K.exactobs_block(W, H, [levels[i].prune.sparsity for i in idx], key[1], **kw)
+            for j, i in enumerate(idx):
+                out[i] = (np.asarray(r.weights[j]), np.asarray(r.mask[j]), float(r.loss[j]))
+            continue
+        lv = levels[key]
+        p, q = lv.prune, lv.quant
+        if lv.solver != "obc":
+            r = _solve(W, H, lv, rel_damp=rel_damp, method=method, layer=name)
+        elif p is None:
+            r = K.obq_quantize(W, H, q, method=method, mesh=mesh, **kw)
+        elif q is not None:
+            r = K.obq_prune_quantize(W, H, p, q, method=method, mesh=mesh, **kw)
+        else:  # N:M alone
+            r = K.exactobs_nm(W, H, p.n, p.m, method=method, mesh=mesh, **kw)
+        mask = None if r.mask is None else np.asarray(r.mask)
+        out[key] = (np.asarray(r.weights), mask, float(r.loss))
+    return out
+
+
+def _compute_layer(path, kernel, Hs, levels, *, rel_damp, method, mesh, keep_weights, fp):
+    mats = _layer_matrices(kernel, Hs, path)
+    G = len(mats)
+    cols = Hs.shape[-1]
+    avail = [_fits(lv, cols) for lv in levels]
+    S = len(levels)
+    loss = np.where(avail, 0.0, np.inf)
+    nnz = np.zeros(S, np.int64)
+    overhead = np.zeros(S, np.int64)
+    per_level: list[list[np.ndarray]] = [[] for _ in range(S)]
+    energy = 0.0
+    for g in range(G):
+        name = path if G == 1 else f"{path}[group {g}]"
+        W = mats[g].astype(jnp.float32)
+        P = K.prepare(W, Hs[g], rel_damp=rel_damp, layer=name)
+        energy += float(K.layer_loss(P.W, jnp.zeros_like(P.W), P.H))
+        res = _solve_levels(
+            W, Hs[g], P, levels, avail, rel_damp=rel_damp, method=method, mesh=mesh, name=name
+        )
+        rows = W.shape[0]
+        for i, r in enumerate(res):
+            if r is None:
+                per_level[i].append(np.zeros(W.shape, np.float32))
+                continue
+            w, mask, l = r
+            if not np.isfinite(l):
+                raise ValueError(f"layer {name!r}: level {levels[i].name!r} gave a non-finite loss")
+            kept = int(mask.sum()) if mask is not None else rows * cols
+            loss[i] += l
+            nnz[i] += kept
+            overhead[i] += _overhead_bits(levels[i], rows, cols, kept)
+            per_level[i].append(w)
+    weights = None
+    if keep_weights:
+        # npz has no bfloat16; half-precision kernels are stored as float32 (materialize casts back)
+        wdtype = kernel.dtype if kernel.dtype in (jnp.float32, jnp.float64) else jnp.float32
+        weights = np.stack(
+            [
+                np.asarray(matrices_to_kernel([jnp.asarray(m) for m in ms], kernel.shape, wdtype))
+                for ms in per_level
+            ]
+        )
+    return LayerRecord(
+        path, tuple(kernel.shape), G, levels, loss, nnz, overhead, energy, fp, weights
+    )
+
+
+def _layer_file(root: str, path: str) -> str:
+    return os.path.join(root, urllib.parse.quote(path, safe="") + ".npz")
+
+
+def _atomic_savez(fname: str, arrays: Mapping[str, np.ndarray]) -> None:
+    d = os.path.dirname(fname) or "."
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, fname)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _write_record(fname: str, rec: LayerRecord) -> None:
+    meta = {
+        "version": FORMAT_VERSION,
+        "path": rec.path,
+        "shape": list(rec.shape),
+        "groups": rec.groups,
+        "energy": rec.energy,
+        "fingerprint": dict(rec.fingerprint),
+        "levels": [lv.name for lv in rec.levels],
+    }
+    arrays = {
+        "meta": np.asarray(json.dumps(meta)),
+        "loss": rec.loss,
+        "nnz": rec.nnz,
+        "overhead": rec.overhead,
+    }
+    if rec.weights is not None:
+        arrays["weights"] = rec.weights
+    _atomic_savez(fname, arrays)
+
+
+def _read_record(fname: str, levels) -> tuple[LayerRecord, bool]:
+    with np.load(fname, allow_pickle=False) as z:
+        meta = json.loads(str(z["meta"]))
+        has_w = "weights" in z.files
+        rec = LayerRecord(
+            meta["path"],
+            tuple(meta["shape"]),
+            int(meta["groups"]),
+            levels,
+            np.asarray(z["loss"]),
+            np.asarray(z["nnz"]),
+            np.asarray(z["overhead"]),
+            float(meta["energy"]),
+            meta["fingerprint"],
+            None,
+            fname if has_w else None,
+        )
+    return rec, has_w
+
+
+_FP_WHAT = {
+    "kernel": "the layer's kernel differs (params of another model or another checkpoint)",
+    "hessian": "the layer's Hessian differs (statistics captured from another model or data)",
+    "levels": "the list of levels differs",
+    "rel_damp": "rel_damp differs",
+    "version": "the database format version differs",
+}
+
+
+def build_database(
+    params,
+    stats: Mapping[str, Any],
+    levels: Sequence[Any],
+    *,
+    rules: Sequence[tuple[str, Any]] | Mapping[str, Any] = ((".*", True),),
+    path: str | os.PathLike | None = None,
+    rel_damp: float = 0.01,
+    mesh=None,
+    progress: bool = True,
+    error: str = "obs",
+    positions: Mapping[str, int] | None = None,
+    abits: int | Callable[[LayerSpec], int] = 32,
+    overhead: bool = True,
+    store_weights: bool = True,
+    method: str = "auto",
+    on_mismatch: str = "raise",
+    callback: Callable[[str, LayerRecord], None] | None = None,
+) -> Database:
+    """Compress every chosen layer to every level and record loss and cost (OBC's database).
+
+    A level is anything :func:`obcjax.transforms.as_layer_spec` accepts: a
+    :class:`~obcjax.transforms.LayerSpec`, a single spec (``Unstructured(0.5)``, ``NM(2, 4)``,
+    ``Int(4)``, ``Block(0.5, 4)``), a ``(prune, quant)`` pair, or None for the dense layer (loss 0).
+    All unstructured ExactOBS levels of a layer come from one elimination pass; N:M, OBQ and joint
+    levels reuse the layer's prepared Hessian. Dense kernels ``(in, out)`` and conv kernels
+    (HWIO, grouped and depthwise through one Hessian per feature group) are supported. A level that
+    does not fit a layer (N:M or block size not dividing its width, group size not dividing it)
+    is recorded as unavailable (``inf`` loss) rather than raising.
+
+    Args:
+      params: Flax params pytree (nested dicts).
+      stats: ``{path: HessianState}`` (or ``{path: H}`` arrays ``(cols, cols)`` /
+        ``(G, cols, cols)``) for every chosen layer.
+      levels: the levels.
+      rules: ordered ``(regex, value)`` rules choosing the layers (first match wins; a rule matching
+        no layer is an error). Value True: the layer gets ``levels``; a ``list`` of levels: its
+        own levels; None: the layer is left out of the database.
+      path: directory of a resumable database: each finished layer is written atomically to
+        ``<path>/<quoted layer path>.npz`` with a fingerprint of (kernel, Hessian, levels,
+        rel_damp); a re-run reads finished layers back and computes only the rest.
+      rel_damp: relative damping of every Hessian.
+      mesh: optional ``jax.sharding.Mesh``; each layer's rows are split over its first axis
+        (ExactOBS, N:M, OBQ and joint levels; block and non-OBC solvers run on one device).
+      progress: show a tqdm bar over layers.
+      error: ``"obs"`` sums the OBS losses ``0.5·tr(ΔW H ΔWᵀ)``; ``"relative"`` divides each by the
+        layer's ``0.5·tr(W H Wᵀ)`` (OBC's normalised "squared" score).
+      positions: ``{path: output positions}`` for MAC counts (BOPs, FLOPs); Dense defaults to 1,
+        conv layers need it for those metrics.
+      abits: activation bits for BOPs: an int, or a function of the level.
+      overhead: count mask/index and grid bits in ``size`` (see the module docstring).
+      store_weights: keep every level's compressed kernel (on disk with ``path``, else in memory),
+        so :func:`materialize` needs no recomputation.
+      method: ExactOBS/OBQ engine (``"auto"``, ``"fast"``, ``"naive"``).
+      on_mismatch: a stored layer whose fingerprint differs: ``"raise"`` (ValueError naming the
+        layer and what differs) or ``"recompute"`` (overwrite it).
+      callback: called as ``callback(path, record)`` after each newly computed layer is stored.
+
+    Returns:
+      A :class:`Database`.
+
+    Example:
+        >>> db = build_database(params, stats, [None, Unstructured(0.5), NM(2, 4), Int(4)],
+        ...                     rules=[("head", None), (".*", True)], path="/tmp/db")
+        >>> db.losses()["dense_0"]      # (4,) losses, the first (dense) is 0
+    """
+    from obcjax.rules import match_rules
+
+    if error not in ("obs", "relative"):
+        raise ValueError(f"build_database: error must be 'obs' or 'relative', got {error!r}")
+    if on_mismatch not in ("raise", "recompute"):
+        raise ValueError(
+            f"build_database: on_mismatch must be 'raise' or 'recompute', got {on_mismatch!r}"
+        )
+    base_levels = _levels_tuple(levels, "build_database")
+    layers = find_layers(params)
+    if not layers:
+        raise ValueError("build_database: no layer with a 'kernel' was found in params")
+    chosen = match_rules(list(layers), rules, what="layer")
+    plan: dict[str, tuple[LayerSpec, ...]] = {}
+    for p, v in chosen.items():
+        if v is None:
+            continue
+        if v is True:
+            plan[p] = base_levels
+        elif isinstance(v, list):
+            plan[p] = _levels_tuple(v, f"build_database: layer {p!r}")
+        else:
+            raise TypeError(
+                f"build_database: rule value for layer {p!r} must be True, None or a list of "
+                f"levels, got {v!r}"
+            )
+    if not plan:
+        raise ValueError("build_database: the rules leave every layer out of the database")
+    missing = [p for p in plan if p not in stats]
+    if missing:
+        raise ValueError(
+            f"build_database: no calibration statistics for layer(s) {missing}; the statistics "
+            f"hold {sorted(stats)} -- were they captured from this model?"
+        )
+    positions = dict(positions or {})
+    for p, n in positions.items():
+        if p not in layers:
+            raise ValueError(
+                f"build_database: positions names {p!r}, which is not a layer; layers are "
+                f"{list(layers)}"
+            )
+        if not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"build_database: positions[{p!r}] must be a positive int, got {n!r}")
+    root = None
+    if path is not None:
+        root = os.fspath(path)
+        os.makedirs(root, exist_ok=True)
+
+    items = list(plan.items())
+    if progress:
+        from tqdm.auto import tqdm
+
+        items = tqdm(items, desc="database", unit="layer")
+    records, computed, loaded = [], [], []
+    for lpath, lvls in items:
+        kernel = jnp.asarray(layers[lpath])
+        Hs = _layer_hessians(stats[lpath], lpath)
+        _layer_matrices(kernel, Hs, lpath)  # width check before any hashing or solving
+        fp = {
+            "version": str(FORMAT_VERSION),
+            "kernel": _sha(np.asarray(kernel)),
+            "hessian": _sha(np.asarray(Hs)),
+            "levels": hashlib.sha256(repr(lvls).encode()).hexdigest(),
+            "rel_damp": repr(float(rel_damp)),
+        }
+        fname = _layer_file(root, lpath) if root is not None else None
+        if fname is not None and os.path.exists(fname):
+            try:
+                rec, has_w = _read_record(fname, lvls)
+            except Exception as e:  # a foreign or damaged file: atomic writes never leave one
+                if on_mismatch == "raise":
+                    raise ValueError(
+                        f"layer {lpath!r}: cannot read the stored database file {fname!r} ({e}); "
+                        "delete it or pass on_mismatch='recompute'"
+                    ) from e
+                rec, has_w = None, False
+            if rec is not None:
+                diff = [k for k in fp if rec.fingerprint.get(k) != fp[k]]
+                if diff and on_mismatch == "raise":
+                    why = "; ".join(_FP_WHAT[k] for k in diff)
+                    raise ValueError(
+                        f"layer {lpath!r}: the database at {root!r} was built from different "
+                        f"inputs: {why}. Use another path, or on_mismatch='recompute' to overwrite"
+                    )
+                if not diff and (has_w or not store_weights):
+                    records.append(rec)
+                    loaded.append(lpath)
+                    continue
+        rec = _compute_layer(
+            lpath,
+            kernel,
+            Hs,
+            lvls,
+            rel_damp=rel_damp,
+            method=method,
+            mesh=mesh,
+            keep_weights=store_weights,
+            fp=fp,
+        )
+        if fname is not None:
+            _write_record(fname, rec)
+            if rec.weights is not None:  # on disk now: do not hold every level in memory
+                rec = dataclasses.replace(rec, weights=None, weights_file=fname)
+        records.append(rec)
+        computed.append(lpath)
+        if callback is not None:
+            callback(lpath, rec)
+    return Database(
+        records,
+        error=error,
+        positions=positions,
+        abits=abits,
+        overhead=overhead,
+        path=root,
+        rel_damp=float(rel_damp),
+        computed=computed,
+        loaded=loaded,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# solving
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_budget(budget) -> float:
+    try:
+        b = float(budget)
+    except (TypeError, ValueError):
+        raise TypeError(f"budget must be a number, got {budget!r}") from None
+    if not math.isfinite(b) or b < 0:
+        raise ValueError(f"budget must be a finite number >= 0, got {budget!r}")
+    return b
+
+
+def solve(
+    database: Database, budget: float, *, metric: str = "size", buckets: int = 10_000
+) -> dict[str, LayerSpec]:
+    """Levels minimising the summed loss with the total cost within ``budget`` (OBC's DP).
+
+    The dynamic program runs over layers on the Pareto front of (total cost, total loss) of the
+    layers so far, with exact costs: a state is dropped only if another one is at most as costly and
+    at most as lossy, or if even the cheapest completion exceeds the budget. The result is therefore
+    exactly optimal while the front stays within ``buckets`` states. Beyond that, as OBC discretises
+    costs into 10,000 buckets of ``budget / buckets``, only the best state of each bucket is kept;
+    feasibility is never approximated (costs are not rounded), only optimality, by at most what a
+    budget smaller by about ``layers · budget / buckets`` would lose.
+
+    Args:
+      database: a :class:`Database`.
+      budget: the largest allowed total cost, in the units of ``metric`` (bits for ``"size"``).
+      metric: ``"size"``, ``"bops"`` or ``"flops"``.
+      buckets: the number of cost buckets kept per layer (OBC: 10,000).
+
+    Returns:
+      ``{path: level}`` (a :class:`~obcjax.transforms.LayerSpec` per layer).
+
+    Raises:
+      ValueError: if the budget is below the smallest reachable cost (named in the message).
+
+    Example:
+        >>> choice = solve(db, 0.25 * db.dense_cost("size"))
+        >>> db.cost_of(choice) <= 0.25 * db.dense_cost("size")
+        True
+    """
+    b = _check_budget(budget)
+    if not isinstance(buckets, (int, np.integer)) or buckets < 1:
+        raise ValueError(f"solve: buckets must be a positive int, got {buckets!r}")
+    costs, losses = database.costs(metric), database.losses()
+    paths = database.paths
+    cs, ls = [], []
+    for p in paths:
+        ok = np.isfinite(losses[p])
+        if not ok.any():
+            raise ValueError(f"solve: layer {p!r} has no level that fits it")
+        cs.append(np.where(ok, costs[p], np.inf))
+        ls.append(np.where(ok, losses[p], np.inf))
+    mins = np.asarray([c.min() for c in cs])
+    smallest = float(mins.sum())
+    if smallest > b:
+        raise ValueError(
+            f"solve: budget {b:g} ({metric}) is below the smallest reachable cost {smallest:g} "
+            f"(every layer at its cheapest level)"
+        )
+    # cheapest cost of the layers after each one, to drop states that cannot complete
+    rest = np.concatenate([np.cumsum(mins[::-1])[::-1][1:], [0.0]])
+    width = b / buckets
+    sc, sl = np.zeros(1), np.zeros(1)
+    back: list[tuple[np.ndarray, np.ndarray]] = []
+    for li, (c, l) in enumerate(zip(cs, ls)):
+        lev = np.nonzero(np.isfinite(l))[0]
+        n = sc.size
+        # one run per level, each sorted by cost because the states are: timsort merges the runs
+        cc = (c[lev][:, None] + sc[None, :]).ravel()
+        ix = np.flatnonzero(cc + rest[li] <= b)
+        ix = ix[np.argsort(cc[ix], kind="stable")]
+        cc = cc[ix]
+        ll = (l[lev][:, None] + sl[None, :]).ravel()[ix]
+        front = ll < np.concatenate([[np.inf], np.minimum.accumulate(ll)[:-1]])
+        ix, cc, ll = ix[front], cc[front], ll[front]
+        # of equal-cost states on the front the last has the lowest loss
+        front = np.append(cc[1:] != cc[:-1], True)
+        ix, cc, ll = ix[front], cc[front], ll[front]
+        if cc.size > buckets:
+            # along the front the loss falls as the cost rises: keep each bucket's last state
+            bk = np.floor(cc / width)
+            last = np.append(bk[1:] != bk[:-1], True)
+            ix, cc, ll = ix[last], cc[last], ll[last]
+        back.append((ix % n, lev[ix // n]))
+        sc, sl = cc, ll
+    k = int(np.argmin(sl))
+    out: dict[str, LayerSpec] = {}
+    for li in range(len(paths) - 1, -1, -1):
+        prev, choice = back[li]
+        out[paths[li]] = database.levels(paths[li])[int(choice[k])]
+        k = int(prev[k])
+    return {p: out[p] for p in paths}
+
+
+def uniform(
+    database: Database, budget: float, metric: str = "size", *, by: str = "cost"
+) -> dict[str, LayerSpec]:
+    """Baseline: the same level for every layer.
+
+    Only levels present and available in every layer compete, and only those whose total fits the
+    budget. ``by="cost"`` takes the least compressed of them (the usual uniform baseline; ties go
+    to the lower loss); ``by="loss"`` the one with the lowest summed loss, a stronger baseline when
+    the levels mix kinds (a 4-bit grid can beat a sparser 32-bit level of higher cost).
+
+    Example:
+        >>> uniform(db, 0.25 * db.dense_cost("size"))["dense_0"].name
+        '75%'
+    """
+    b = _check_budget(budget)
+    if by not in ("cost", "loss"):
+        raise ValueError(f"uniform: by must be 'cost' or 'loss', got {by!r}")
+    costs, losses = database.costs(metric), database.losses()
+    paths = database.paths
+    common = [
+        lv
+        for lv in database.levels(paths[0])
+        if all(
+            lv in database.levels(p) and np.isfinite(losses[p][database.levels(p).index(lv)])
+            for p in paths
+        )
+    ]
+    if not common:
+        raise ValueError("uniform: no level is available in every layer of the database")
+    tot = []
+    for lv in common:
+        idx = {p: database.levels(p).index(lv) for p in paths}
+        tot.append(
+            (
+                float(sum(costs[p][i] for p, i in idx.items())),
+                float(sum(losses[p][i] for p, i in idx.items())),
+                lv,
+            )
+        )
+    fits = [t for t in tot if t[0] <= b]
+    if not fits:
+        smallest = min(tot, key=lambda t: t[0])
+        raise ValueError(
+            f"uniform: budget {b:g} ({metric}) is below the smallest uniform cost "
+            f"{smallest[0]:g} (level {smallest[2].name!r} in every layer)"
+        )
+    if by == "cost":
+        best = max(fits, key=lambda t: (t[0], -t[1]))
+    else:
+        best = min(fits, key=lambda t: (t[1], -t[0]))
+    return {p: best[2] for p in paths}
+
+
+def to_rules(assignment: Mapping[str, Any]) -> list[tuple[str, LayerSpec | None]]:
+    """Ordered ``(regex, spec)`` rules for :func:`obcjax.transforms.compress`.
+
+    Each rule is the layer's exact path (``re.escape``); dense levels become None (left alone).
+
+    Example:
+        >>> to_rules({"block/dense.0": Int(4)})
+        [('block/dense\\\\.0', LayerSpec(prune=None, quant=Int(...), solver='obc'))]
+    """
+    if not isinstance(assignment, Mapping):
+        raise TypeError(
+            f"to_rules: assignment must be a {{path: level}} mapping, got {assignment!r}"
+        )
+    out = []
+    for p, lv in assignment.items():
+        spec = _as_level(lv)
+        out.append((re.escape(str(p)), None if spec == _DENSE else spec))
+    return out
+
+
+def materialize(params, database: Database, assignment: Mapping[str, Any], *, stats=None) -> Any:
+    """New params with every layer of ``assignment`` at its chosen level.
+
+    Kernels come from the database's stored weights; where none are stored, the layers are
+    recompressed with :func:`obcjax.transforms.compress` from ``stats``. ``params`` must be those
+    the database was built from (checked by shape and content hash); inputs are not mutated.
+
+    Example:
+        >>> new = materialize(params, db, solve(db, budget))
+        >>> logits = model.apply({"params": new}, x)
+    """
+    idx = database._indices(assignment)
+    layers = find_layers(params)
+    for p in database.paths:
+        r = database.records[p]
+        if p not in layers:
+            raise ValueError(
+                f"materialize: layer {p!r} of the database is not in params; params hold "
+                f"{list(layers)} -- these params do not belong to this database"
+            )
+        k = np.asarray(layers[p])
+        if r.shape and tuple(k.shape) != r.shape:
+            raise ValueError(
+                f"materialize: layer {p!r} has a kernel of shape {tuple(k.shape)} in params but "
+                f"{r.shape} in the database"
+            )
+        if r.fingerprint.get("kernel") and _sha(k) != r.fingerprint["kernel"]:
+            raise ValueError(
+                f"materialize: the kernel of layer {p!r} differs from the one the database was "
+                "built from; pass the same params"
+            )
+    new, todo = params, {}
+    for p, i in idx.items():
+        lv = database.records[p].levels[i]
+        if lv == _DENSE:
+            continue
+        w = database.weights(p, lv)
+        if w is None:
+            todo[p] = lv
+            continue
+        new = _set_path(new, p, "kernel", jnp.asarray(w, dtype=jnp.asarray(layers[p]).dtype))
+    if todo:
+        if stats is None:
+            raise ValueError(
+                f"materialize: the database stores no weights for layer(s) {list(todo)}; build it "
+                "with store_weights=True or pass stats= to recompute them"
+            )
+        kw = {} if database.rel_damp is None else {"rel_damp": database.rel_damp}
+        out = compress(new, stats, to_rules(todo), **kw)
+        new = out.params
+    return new

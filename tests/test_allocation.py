@@ -1,0 +1,347 @@
+"""OBC database of levels and the global solver: agreement with compress(), costs, DP optimality,
+resumability, mesh equality, errors."""
+
+import itertools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from obcjax import export
+from obcjax.allocation import (
+    Database,
+    build_database,
+    materialize,
+    solve,
+    sparsity_levels,
+    to_rules,
+    uniform,
+)
+from obcjax.specs import NM, Int, Unstructured
+from obcjax.stats import HessianState
+from obcjax.transforms import LayerSpec, compress, summarize
+
+LEVELS = [
+    None,
+    Unstructured(0.25),
+    Unstructured(0.5),
+    Unstructured(0.75),
+    Unstructured(0.9),
+    NM(2, 4),
+    Int(4),
+    (Unstructured(0.75), Int(4)),
+]
+PATHS = ("dense_0", "dense_1", "dense_2")
+
+
+def _state(rng, cols, groups=1, tokens=48, scale=1.0):
+    # correlated inputs with a different spectrum per layer, so layers differ in sensitivity
+    X = rng.normal(size=(groups, tokens, cols)) @ rng.normal(size=(groups, cols, cols)) * scale
+    return HessianState(
+        jnp.asarray(np.einsum("gti,gtj->gij", X, X), jnp.float32), jnp.asarray(tokens, jnp.int32)
+    )
+
+
+def _mlp(seed=0):
+    rng = np.random.default_rng(seed)
+    params, stats = {}, {}
+    for i, p in enumerate(PATHS):
+        params[p] = {
+            "kernel": jnp.asarray(rng.normal(size=(16, 16)) * (1 + i), jnp.float32),
+            "bias": jnp.zeros((16,), jnp.float32),
+        }
+        stats[p] = _state(rng, 16, scale=0.5 + i)
+    return params, stats
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    params, stats = _mlp()
+    db = build_database(params, stats, LEVELS, progress=False, positions={"dense_1": 5})
+    return params, stats, db
+
+
+def _brute(db, budget, metric="size"):
+    losses, costs = db.losses(), db.costs(metric)
+    best = np.inf
+    for combo in itertools.product(*(range(len(db.levels(p))) for p in db.paths)):
+        c = sum(costs[p][i] for p, i in zip(db.paths, combo))
+        l = sum(losses[p][i] for p, i in zip(db.paths, combo))
+        if c <= budget and np.isfinite(l):
+            best = min(best, l)
+    return best
+
+
+def test_database_matches_compress_and_kernels(mlp):
+    params, stats, db = mlp
+    assert db.paths == PATHS and db.computed == list(PATHS) and db.loaded == []
+    for p in PATHS:
+        l = db.losses()[p]
+        assert l[0] == 0.0 and np.all(np.isfinite(l))
+        # more sparsity never costs less loss in one ExactOBS pass
+        assert np.all(np.diff(l[:5]) > 0)
+        np.testing.assert_array_equal(db.weights(p, None), params[p]["kernel"])
+    # a mixed assignment: materialize (stored weights) == compress with the derived rules
+    choice = {"dense_0": NM(2, 4), "dense_1": (Unstructured(0.75), Int(4)), "dense_2": Int(4)}
+    rules = to_rules(choice)
+    assert [r[0] for r in rules] == ["dense_0", "dense_1", "dense_2"]
+    out = compress(params, stats, rules)
+    new = materialize(params, db, choice)
+    for p in PATHS:
+        np.testing.assert_allclose(new[p]["kernel"], out.params[p]["kernel"], rtol=1e-6, atol=1e-6)
+        assert new[p]["bias"] is params[p]["bias"]
+    assert db.loss_of(choice) == pytest.approx(sum(out.losses.values()), rel=1e-5)
+    assert params["dense_0"]["kernel"] is not new["dense_0"]["kernel"]  # input not mutated
+
+
+@pytest.mark.parametrize("li", range(len(LEVELS)))
+def test_costs_agree_with_summarize_and_export(mlp, li):
+    params, stats, db = mlp
+    lv = LayerSpec() if LEVELS[li] is None else db.levels("dense_0")[li]
+    out = compress(params, stats, [("dense_0", None if lv == LayerSpec() else lv)])
+    W = np.asarray(out.params["dense_0"]["kernel"]).T
+    mask = out.masks.get("dense_0")
+    mask = None if mask is None else np.asarray(mask).T
+    qa = out.qarrays.get("dense_0", [None])[0]
+    nm = (lv.prune.n, lv.prune.m) if isinstance(lv.prune, NM) else None
+    packed = export.pack_layer(W, mask=mask, qarray=qa, nm=nm)
+    assert db.costs("size")["dense_0"][li] == export.theoretical_bits(packed)
+    # without overhead: the size of obcjax.transforms.summarize
+    db_raw = Database(db.records.values(), overhead=False)
+    specs = {} if lv == LayerSpec() else {"dense_0": lv}
+    summ = summarize(params, out.params, specs)
+    assert db_raw.costs("size")["dense_0"][li] == summ["dense_0/size_bits"]
+    # MACs of kept weights, times bits for BOPs; dense_1 has 5 output positions
+    nnz1 = db.records["dense_1"].nnz[li]
+    assert db.costs("flops")["dense_1"][li] == 5 * nnz1
+    bits = lv.quant.bits if lv.quant else 32
+    assert db.costs("bops")["dense_1"][li] == 5 * nnz1 * bits * 32
+
+
+def test_dp_equals_brute_force_on_toy_tables():
+    rng = np.random.default_rng(1)
+    levels = [None, Unstructured(0.5), Int(4), NM(2, 4), (Unstructured(0.5), Int(4))]
+    loss, cost = {}, {}
+    for p in ("a", "b", "c"):
+        loss[p] = {lv: float(x) for lv, x in zip(levels, np.r_[0, rng.exponential(size=4)])}
+        cost[p] = {lv: float(x) for lv, x in zip(levels, rng.integers(10, 200, size=5))}
+    loss["b"][Int(4)] = np.inf  # unavailable level: never chosen
+    db = Database.from_table(loss, cost)
+    two = Database.from_table(
+        loss, {"size": cost, "flops": {p: {lv: 1.0 for lv in levels} for p in cost}}
+    )
+    assert two.costs("size")["a"].tolist() == db.costs("size")["a"].tolist()
+    with pytest.raises(ValueError, match="costs in .*'flops', 'size'.*not 'bops'"):
+        two.costs("bops")
+    lo, hi = db.min_cost(), sum(max(c.values()) for c in cost.values())
+    for budget in np.linspace(lo, hi, 23):
+        choice = solve(db, budget)
+        assert db.cost_of(choice) <= budget
+        assert choice["b"] != LayerSpec(quant=Int(4))
+        assert db.loss_of(choice) == pytest.approx(_brute(db, budget), rel=1e-12, abs=0)
+        # with very few buckets the answer stays feasible, merely no better than the optimum
+        coarse = solve(db, budget, buckets=2)
+        assert db.cost_of(coarse) <= budget
+        assert db.loss_of(coarse) >= db.loss_of(choice) - 1e-12
+
+
+def test_dp_equals_brute_force_on_real_database(mlp):
+    _, _, db = mlp
+    for metric in ("size", "bops", "flops"):
+        lo, hi = db.min_cost(metric), db.dense_cost(metric)
+        for frac in (0.0, 0.05, 0.2, 0.4, 0.7):
+            budget = lo + frac * (hi - lo)
+            choice = solve(db, budget, metric=metric)
+            assert db.cost_of(choice, metric) <= budget
+            assert db.loss_of(choice) == pytest.approx(_brute(db, budget, metric), rel=1e-9)
+
+
+def test_dp_not_worse_than_uniform(mlp):
+    _, _, db = mlp
+    strict = 0
+    for lv in LEVELS[1:]:
+        budget = db.cost_of({p: lv for p in PATHS})
+        u = uniform(db, budget)
+        ub = uniform(db, budget, by="loss")
+        dp = solve(db, budget)
+        assert max(db.cost_of(u), db.cost_of(ub), db.cost_of(dp)) <= budget
+        assert db.loss_of(ub) <= db.loss_of(u)
+        assert db.loss_of(dp) <= db.loss_of(ub) * (1 + 1e-12)
+        strict += db.loss_of(dp) < 0.99 * db.loss_of(ub)
+    assert strict >= 3  # layers differ in sensitivity, so mixing levels pays off
+    # uniform: the least compressed level that fits
+    budget = db.cost_of({p: Unstructured(0.5) for p in PATHS})
+    assert uniform(db, budget - 1) != uniform(db, budget)
+    assert set(uniform(db, budget).values()) == {LayerSpec(prune=Unstructured(0.5))}
+
+
+def test_budget_below_reachable_raises(mlp):
+    _, _, db = mlp
+    lo = db.min_cost("size")
+    solve(db, lo)  # exactly reachable
+    with pytest.raises(ValueError, match=f"smallest reachable cost {lo:g}"):
+        solve(db, lo - 1)
+    with pytest.raises(ValueError, match="smallest uniform cost"):
+        uniform(db, lo - 1)
+    with pytest.raises(ValueError, match="budget"):
+        solve(db, -1.0)
+    with pytest.raises(ValueError, match="metric"):
+        solve(db, lo, metric="latency")
+
+
+def test_relative_error_mode(mlp):
+    _, _, db = mlp
+    rel = Database(db.records.values(), error="relative")
+    for p in PATHS:
+        r = db.records[p]
+        assert r.energy > 0
+        np.testing.assert_allclose(rel.losses()[p], db.losses()[p] / r.energy)
+        assert rel.losses()[p][4] < 1.0  # 90 % pruned with compensation beats the zero layer
+
+
+def test_resumable_after_interruption(mlp, tmp_path):
+    params, stats, full = mlp
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(path, record):
+        raise Stop(path)
+
+    with pytest.raises(Stop, match="dense_0"):
+        build_database(params, stats, LEVELS, path=tmp_path, progress=False, callback=interrupt)
+    assert sorted(os.listdir(tmp_path)) == ["dense_0.npz"]  # atomic: no temporary left behind
+    seen = []
+    db = build_database(
+        params, stats, LEVELS, path=tmp_path, progress=False, callback=lambda p, r: seen.append(p)
+    )
+    assert db.loaded == ["dense_0"] and db.computed == ["dense_1", "dense_2"] == seen
+    for p in PATHS:
+        a, b = db.records[p], full.records[p]
+        np.testing.assert_array_equal(a.loss, b.loss)
+        np.testing.assert_array_equal(a.nnz, b.nnz)
+        np.testing.assert_array_equal(a.overhead, b.overhead)
+        assert a.weights is None and a.weights_file is not None  # on disk, not in memory
+        for lv in db.levels(p):
+            np.testing.assert_array_equal(db.weights(p, lv), full.weights(p, lv))
+    # a third run computes nothing and gives the same answer
+    again = build_database(params, stats, LEVELS, path=tmp_path, progress=False)
+    assert again.computed == [] and again.loaded == list(PATHS)
+    budget = 0.3 * full.dense_cost()
+    assert solve(again, budget) == solve(full, budget)
+    # a subset of the levels still finds its weights in the files
+    sub = again.subset([Int(4), None])
+    assert sub.levels("dense_2") == (LayerSpec(), LayerSpec(quant=Int(4)))
+    np.testing.assert_array_equal(sub.weights("dense_2", Int(4)), full.weights("dense_2", Int(4)))
+    assert set(solve(sub, budget).values()) <= {LayerSpec(), LayerSpec(quant=Int(4))}
+    # statistics of another model: a clear error, or a recomputation when asked
+    other = dict(stats, dense_1=_state(np.random.default_rng(9), 16))
+    with pytest.raises(ValueError, match="'dense_1'.*Hessian differs"):
+        build_database(params, other, LEVELS, path=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="'dense_0'.*levels differs"):
+        build_database(params, stats, LEVELS[:-1], path=tmp_path, progress=False)
+    redo = build_database(
+        params, other, LEVELS, path=tmp_path, progress=False, on_mismatch="recompute"
+    )
+    assert redo.computed == ["dense_1"]
+    assert not np.array_equal(redo.records["dense_1"].loss, full.records["dense_1"].loss)
+
+
+def test_mesh_equals_one_device(mlp):
+    params, stats, _ = mlp
+    assert len(jax.devices()) == 4
+    mesh = jax.make_mesh((4,), ("rows",), axis_types=(jax.sharding.AxisType.Auto,))
+    levels = [None, Unstructured(0.5), Unstructured(0.9), Int(4)]
+    rules = [("dense_2", None), (".*", True)]
+    one = build_database(params, stats, levels, rules=rules, progress=False)
+    four = build_database(params, stats, levels, rules=rules, progress=False, mesh=mesh)
+    assert four.paths == ("dense_0", "dense_1")
+    for p in four.paths:
+        np.testing.assert_allclose(four.records[p].loss, one.records[p].loss, rtol=1e-6)
+        np.testing.assert_array_equal(four.records[p].nnz, one.records[p].nnz)
+        np.testing.assert_allclose(
+            four.records[p].weights, one.records[p].weights, rtol=1e-5, atol=1e-6
+        )
+
+
+def test_depthwise_conv_layer():
+    rng = np.random.default_rng(3)
+    params = {
+        "dw": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 1, 4)), jnp.float32)},
+        "fc": {"kernel": jnp.asarray(rng.normal(size=(16, 16)), jnp.float32)},
+    }
+    stats = {"dw": _state(rng, 9, groups=4), "fc": _state(rng, 16)}
+    levels = [None, Unstructured(0.5), NM(2, 4)]
+    db = build_database(params, stats, levels, progress=False)
+    r = db.records["dw"]
+    assert r.groups == 4 and r.shape == (3, 3, 1, 4)
+    assert np.isinf(r.loss[2]) and np.isfinite(db.records["fc"].loss[2])  # 9 columns: no 2:4
+    assert r.nnz[1] == 4 * (9 - 5)  # floor(0.5·9 + 0.5) = 5 zeros in each group
+    out = compress(params, stats, [("dw", Unstructured(0.5)), ("fc", None)])
+    np.testing.assert_allclose(
+        db.weights("dw", Unstructured(0.5)), out.params["dw"]["kernel"], rtol=1e-6, atol=1e-6
+    )
+    assert r.loss[1] == pytest.approx(out.losses["dw"], rel=1e-5)
+    # the DP never picks a level that does not fit; uniform only offers common levels
+    for budget in (db.min_cost(), 0.6 * db.dense_cost()):
+        assert solve(db, budget)["dw"] != LayerSpec(prune=NM(2, 4))
+    assert uniform(db, db.cost_of({"dw": Unstructured(0.5), "fc": NM(2, 4)}))["fc"] != NM(2, 4)
+    with pytest.raises(ValueError, match="does not fit"):
+        db.cost_of({"dw": NM(2, 4), "fc": None})
+    # MACs of a conv need its number of output positions
+    with pytest.raises(ValueError, match=r"positions.*\['dw'\]"):
+        solve(db, 1e9, metric="flops")
+    db2 = build_database(params, stats, levels, progress=False, positions={"dw": 36})
+    assert db2.costs("flops")["dw"][1] == 36 * 16 and db2.loaded == []
+
+
+def test_errors_name_the_layer(mlp, tmp_path):
+    params, stats, db = mlp
+    with pytest.raises(ValueError, match="'head'.*matches no layer"):
+        build_database(params, stats, LEVELS, rules=[("head", None), (".*", True)], progress=False)
+    bad = dict(stats, dense_1=_state(np.random.default_rng(0), 12))
+    with pytest.raises(ValueError, match="'dense_1'.*does not match its statistics"):
+        build_database(params, bad, LEVELS, progress=False)
+    with pytest.raises(ValueError, match=r"no calibration statistics for layer\(s\) \['dense_2'\]"):
+        build_database(params, {k: stats[k] for k in PATHS[:2]}, LEVELS, progress=False)
+    with pytest.raises(ValueError, match="appears twice"):
+        build_database(params, stats, [None, Int(4), LayerSpec(quant=Int(4))], progress=False)
+    with pytest.raises(ValueError, match="positions names 'dense_9'"):
+        build_database(params, stats, LEVELS, positions={"dense_9": 3}, progress=False)
+    choice = {p: Int(4) for p in PATHS}
+    # param trees that do not belong to the database
+    missing = {k: v for k, v in params.items() if k != "dense_2"}
+    with pytest.raises(ValueError, match="'dense_2' of the database is not in params"):
+        materialize(missing, db, choice)
+    other = dict(params, dense_1={"kernel": params["dense_1"]["kernel"][:8]})
+    with pytest.raises(ValueError, match=r"'dense_1' has a kernel of shape \(8, 16\)"):
+        materialize(other, db, choice)
+    changed = dict(params, dense_0={"kernel": params["dense_0"]["kernel"] + 1.0})
+    with pytest.raises(ValueError, match="kernel of layer 'dense_0' differs"):
+        materialize(changed, db, choice)
+    # assignments naming unknown layers or levels
+    with pytest.raises(ValueError, match=r"no level for layer\(s\) \['dense_2'\]"):
+        db.loss_of({"dense_0": Int(4), "dense_1": Int(4)})
+    with pytest.raises(ValueError, match="'dense_0': level 'w3'"):
+        db.loss_of(dict(choice, dense_0=Int(3)))
+    with pytest.raises(ValueError, match=r"\['conv'\] that are not in the database"):
+        db.loss_of(dict(choice, conv=Int(4)))
+    # no stored weights and no stats to recompute from
+    nw = build_database(params, stats, [None, Int(4)], progress=False, store_weights=False)
+    with pytest.raises(ValueError, match="stores no weights"):
+        materialize(params, nw, choice)
+    rec = materialize(params, nw, choice, stats=stats)
+    np.testing.assert_allclose(
+        rec["dense_1"]["kernel"], db.weights("dense_1", Int(4)), rtol=1e-6, atol=1e-6
+    )
+
+
+def test_sparsity_levels_and_rules_round_trip():
+    lv = sparsity_levels()
+    assert len(lv) == 45 and lv[0].sparsity == 0.0 and lv[-1].sparsity == 0.99
+    assert lv[2].sparsity == pytest.approx(0.19) and lv[3].sparsity == pytest.approx(0.271)
+    rules = to_rules({"block.1/dense[0]": Int(4), "head": None})
+    assert rules[0][0] == r"block\.1/dense\[0\]" and rules[1] == ("head", None)
+    assert rules[0][1] == LayerSpec(quant=Int(4))
