@@ -76,7 +76,7 @@ def test_minmax_and_lp_ranges(setup):
         # the shrink search only narrows the range, and never raises the Lp error it minimizes
         assert float(lp[path].scale) <= float(mm[path].scale) * (1 + 1e-6)
 
-        def err(a):
+        def err(a, vals=vals):
             return np.sum(np.abs(np.asarray(fake_quantize(jnp.asarray(vals), a)) - vals) ** 2.4)
 
         assert err(lp[path]) <= err(mm[path]) * (1 + 1e-3)

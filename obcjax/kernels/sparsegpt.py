@@ -42,9 +42,9 @@ from obcjax.kernels.gptq import (
 )
 from obcjax.kernels.prepare import Prepared, prepare
 from obcjax.quant import find_params, make_qarray
-from obcjax.specs import NM, Int, Unstructured, check_fits
+from obcjax.specs import NM, Block, Int, Unstructured, check_fits
 
-__all__ = ["sparsegpt_prune", "block_counts"]
+__all__ = ["sparsegpt_prune", "block_counts", "as_prune_spec"]
 
 
 def block_counts(sparsity: float, rows: int, cols: int, block: int) -> np.ndarray:
@@ -58,10 +58,32 @@ def block_counts(sparsity: float, rows: int, cols: int, block: int) -> np.ndarra
     return np.diff(np.concatenate([[0], K])).astype(np.int32)
 
 
+def as_prune_spec(prune, layer: str = "<matrix>") -> Unstructured | NM:
+    """``prune`` as a spec: a fraction of zeros becomes :class:`Unstructured`; errors name ``layer``."""
+    if isinstance(prune, Unstructured | NM):
+        return prune
+    if isinstance(prune, int | float | np.integer | np.floating) and not isinstance(prune, bool):
+        try:
+            return Unstructured(float(prune))
+        except ValueError:
+            raise ValueError(
+                f"layer {layer!r}: sparsity must be a fraction of zeros in [0, 1), got {prune!r}"
+            ) from None
+    hint = (
+        "; block pruning has no SparseGPT form, use exactobs_block"
+        if isinstance(prune, Block)
+        else ""
+    )
+    raise TypeError(
+        f"layer {layer!r}: prune must be a sparsity in [0, 1), obcjax.specs.Unstructured or "
+        f"obcjax.specs.NM, got {prune!r}{hint}"
+    )
+
+
 def sparsegpt_prune(
     W,
     H,
-    prune: Unstructured | NM,
+    prune: float | Unstructured | NM,
     *,
     quant: Int | None = None,
     blocksize: int = 128,
@@ -74,8 +96,9 @@ def sparsegpt_prune(
     Args:
       W: ``(rows, cols)`` weights (out × in), float32 or float64.
       H: ``(cols, cols)`` Hessian ``2/N Σ x xᵀ``.
-      prune: :class:`obcjax.specs.Unstructured` (layer-wide fraction of zeros, adaptive mask per
-        block) or :class:`obcjax.specs.NM` (``n`` zeros in every ``m`` consecutive columns).
+      prune: a fraction of zeros in ``[0, 1)`` or :class:`obcjax.specs.Unstructured` (layer-wide,
+        adaptive mask per block), or :class:`obcjax.specs.NM` (``n`` zeros in every ``m``
+        consecutive columns).
       quant: optional :class:`obcjax.specs.Int` grid for joint quantization, found on the dense
         prepared weights (any granularity; group grids are static).
       blocksize: for unstructured pruning the mask-selection window and lazy-update block (it
@@ -94,10 +117,7 @@ def sparsegpt_prune(
       >>> bool(jnp.all(r.mask.reshape(W.shape[0], -1, 4).sum(-1) == 2))
       True
     """
-    if not isinstance(prune, Unstructured | NM):
-        raise TypeError(
-            f"layer {layer!r}: prune must be obcjax.specs.Unstructured or NM, got {prune!r}"
-        )
+    prune = as_prune_spec(prune, layer)
     if quant is not None and not isinstance(quant, Int):
         raise TypeError(f"layer {layer!r}: quant must be obcjax.specs.Int or None, got {quant!r}")
     blocksize = check_blocksize(blocksize, layer)

