@@ -111,11 +111,14 @@ def cmd_compress(args) -> int:
 
     dense_acc = evaluate(variables)
     results = {}
-    for solver in args.solvers.split(","):
-        t = time.perf_counter()
-        res, v = run(solver)
-        secs = time.perf_counter() - t
-        results[solver] = (res, evaluate(v), secs, v)
+    if args.budget:
+        results.update(_budget_runs(args, variables, stats, keep, finish, evaluate, len(calib.y)))
+    else:
+        for solver in args.solvers.split(","):
+            t = time.perf_counter()
+            res, v = run(solver)
+            secs = time.perf_counter() - t
+            results[solver] = (res, evaluate(v), secs, v)
 
     first = next(iter(results.values()))[0]
     dense_bits = first.summary["total/dense_bits"]
@@ -128,10 +131,10 @@ def cmd_compress(args) -> int:
         rows.append([
             solver, f"{100 * a:.2f}", f"{100 * (a - dense_acc):+.2f}", _kb(s["total/size_bits"]),
             f"{s['total/compression']:.1f}x", f"{100 * (1 - nz / nparams):.1f}%",
-            str(bits or 32), f"{secs:.1f}s",
+            "mixed" if args.budget else str(bits or 32), f"{secs:.1f}s",
         ])
-    spec_name = LayerSpec(prune=prune, quant=quant).name
-    print(f"\ntarget {spec_name} on every layer"
+    spec_name = LayerSpec(prune=prune, quant=quant).name if not args.budget else f"budget {args.budget}"
+    print(f"\ntarget {spec_name}" + ("" if args.budget else " on every layer")
           + (f" except {', '.join(keep_list)}" if keep_list else "")
           + f" ({args.mode}" + (", batch-norm re-estimated)" if has_bn else ")"))
     print(_table(rows, ["method", "acc %", "delta", "size KB", "ratio", "sparsity", "w-bits",
@@ -161,7 +164,7 @@ def cmd_compress(args) -> int:
     if args.save:
         from obcjax import export
 
-        solver = args.solvers.split(",")[0]
+        solver = next(iter(results))
         res, acc, _, v = results[solver]
         save_path = Path(args.save)
         packed = {f"params/{k}": layer for k, layer in export.pack_compressed(res).items()}
@@ -213,6 +216,71 @@ def cmd_compress(args) -> int:
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     print(f"summary: {out_dir / 'summary.json'}  ({time.perf_counter() - t0:.1f}s total)")
     return 0
+
+
+def _parse_budget(text: str) -> tuple[str, float]:
+    metric, _, value = text.rpartition("=")
+    metric = metric or "size"
+    if metric not in ("size", "bops", "flops"):
+        raise SystemExit(f"--budget: metric must be size, bops or flops, got {metric!r}")
+    value = value.lower().rstrip("x")
+    try:
+        factor = float(value)
+    except ValueError:
+        raise SystemExit(f"--budget: expected e.g. 16x, size=16x or bops=8x, got {text!r}") from None
+    if factor < 1:
+        raise SystemExit(f"--budget: the reduction factor must be >= 1, got {factor}")
+    return metric, factor
+
+
+BUDGET_LEVELS = ("none", "0.5", "0.6", "0.7", "0.8", "0.9", "0.95", "w8", "w4", "w3", "w2",
+                 "0.5+w4", "0.5+w3", "0.7+w4", "0.7+w3", "0.8+w4", "2:4+w4")
+
+
+def _parse_level(text: str):
+    from obcjax.transforms import LayerSpec
+
+    if text == "none":
+        return None
+    prune = quant = None
+    for part in text.split("+"):
+        if part.startswith("w"):
+            quant = Int(int(part[1:]))
+        else:
+            prune = _parse_prune(part)
+    return LayerSpec(prune=prune, quant=quant)
+
+
+def _budget_runs(args, variables, stats, keep, finish, evaluate, ncalib):
+    """OBC's database of levels + dynamic program against the best uniform level, same budget."""
+    from obcjax import allocation as A
+    from obcjax.transforms import compress
+
+    metric, factor = _parse_budget(args.budget)
+    levels = [_parse_level(t) for t in (args.levels.split(",") if args.levels else BUDGET_LEVELS)]
+    positions = {p: max(1, round(int(s.count) / ncalib)) for p, s in stats.items()}
+    abits = 32 if metric != "bops" else (lambda level: args.abits)
+    t = time.perf_counter()
+    db = A.build_database(variables["params"], stats, levels, rules=keep + [(".*", True)],
+                          path=args.database, rel_damp=args.rel_damp, positions=positions,
+                          abits=abits, overhead=False, progress=args.progress)
+    t_db = time.perf_counter() - t
+    budget = db.dense_cost(metric) / factor
+    print(f"database: {len(db.paths)} layers x {len(levels)} levels in {t_db:.1f}s; budget "
+          f"{metric} / {factor:g} of the compressed layers' dense cost", flush=True)
+    out = {}
+    for name, assign in (("obc-dp", lambda: A.solve(db, budget, metric=metric)),
+                         ("obc-uniform", lambda: A.uniform(db, budget, metric, by="loss"))):
+        t = time.perf_counter()
+        assignment = assign()
+        res = compress(variables["params"], stats, keep + A.to_rules(assignment),
+                       rel_damp=args.rel_damp)
+        secs = time.perf_counter() - t + t_db
+        v = finish(res.params)
+        out[name] = (res, evaluate(v), secs, v)
+        print(f"{name}: " + ", ".join(f"{p}={a.name if a is not None else 'dense'}"
+                                     for p, a in assignment.items()), flush=True)
+    return out
 
 
 def cmd_evaluate(args) -> int:
@@ -289,6 +357,15 @@ def main(argv=None) -> int:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", default="runs/compress")
     c.add_argument("--progress", action="store_true")
+    c.add_argument("--budget", default=None,
+                   help="global budget instead of one target: e.g. 16x (model size), "
+                        "bops=8x or flops=2x (reduction vs dense); OBC's database of levels "
+                        "and dynamic program against the best uniform level")
+    c.add_argument("--levels", default=None,
+                   help="comma list of database levels, e.g. none,0.5,0.9,w4,0.5+w4,2:4+w4")
+    c.add_argument("--abits", type=int, default=8, help="activation bits in the BOPs count")
+    c.add_argument("--database", default=None,
+                   help="folder to keep the database in (resumable: an interrupted run goes on)")
     c.add_argument("--save", default=None,
                    help="write the first solver's compressed model, packed, to this file")
     e = sub.add_parser("evaluate", help="evaluate a packed model written by compress --save")
