@@ -1,0 +1,678 @@
+"""OPQ: one-shot, data-free pruning + quantization allocation under a Laplace weight model.
+
+Hu, Peng, Zhu, Aly, Lin. "OPQ: Compressing Deep Neural Networks with One-shot Pruning-Quantization",
+AAAI 2021 (arXiv 2205.11141). The paper fits a Laplace density to each layer's pre-trained weights,
+writes the pruning error and the quantization error in closed form, and solves for every layer's
+pruning threshold and quantization step with Lagrange multipliers, using the weights only (no data).
+Each layer then has one magnitude mask and ONE codebook shared by all its channels; both stay frozen
+while the float weights are fine-tuned (see :mod:`obcjax.training`).
+
+What is the paper's and what is ours (see ``/work/shared/algorithms/joint-methods.md`` §2; the paper's
+method section was not available, so the allocation equations are a reconstruction):
+
+* [paper] Laplace model, closed-form errors, Lagrange multipliers, magnitude masks, one shared
+  codebook per layer, frozen masks/codebooks during fine-tuning.
+* [derived] ``w ~ Laplace(0, β)``, ``β = mean|w|`` (maximum likelihood). Pruning at threshold ``t``:
+  kept fraction ``q(t) = exp(-t/β)``, pruning error per weight
+  ``e_p(t) = E[w² 1{|w|<t}] = 2β² - exp(-t/β)(t² + 2βt + 2β²)``.
+* [derived] Quantization error of the survivors on the layer's uniform grid, exactly (sum over the
+  grid's bins of closed-form Laplace integrals, including clipping and survivors that round to 0) by
+  :func:`quant_error`, and in the high-resolution form ``exp(-t/β) Δ²/12`` by
+  :func:`quant_error_highres` (the form the paper's Fig. 3 compares against, as summarised).
+* [reconstructed] One joint objective ``Σ_i ω_i N_i (e_p + e_q)`` under one size budget
+  ``Σ_i N_i q_i(t_i) bits_i + overhead ≤ 32 Σ_i N_i / rate``. With the high-resolution ``e_q`` the
+  stationarity in ``t`` is closed-form: ``t_i² = λ bits_i / ω_i + Δ_i²/12``; each layer then picks
+  the bit-width (hence ``Δ_i = 2 max|w_i| / (2^bits - 1)``, the tensor-wide min-max grid) that
+  minimises its Lagrangian with the exact error, and ``λ`` is found by bisection. ``weighting``
+  picks ``ω_i``: ``"relative"`` = ``1/(2 N_i β_i²)`` (each layer's error relative to its energy;
+  bigger layers are pruned harder), ``"energy"`` = ``1/(2 β_i²)``, ``"sse"`` = 1 (plain squared
+  error; without quantization this reduces to global magnitude pruning).
+* [ours] The budget is met in integers: after bisection the bit-widths are fixed, a second
+  bisection sets the thresholds, kept counts are floored, and the few bits left are handed out one
+  weight at a time to the layer with the largest error saving per bit, so the stored size is at
+  most the budget and less than one weight (``max bits``) below it.
+
+Size count (:func:`count_bits`): kept weights × bits (the mask's kept count, not the nonzeros of the
+quantized kernel) + one fp32 step per layer (the shared symmetric codebook; its zero point is fixed
+by the bit-width) + ``index_bits`` per weight of every pruned layer (0 by default: the OPQ paper's
+count of index overhead is unknown; ``obcjax.transforms.summarize`` also counts none). Layers the
+rules leave alone count 32 bits per weight on both sides; biases and other leaves count only with
+``include_other=True`` (then at 32 bits, as ``summarize`` does).
+
+Example:
+    >>> alloc = opq_allocate(variables["params"], 20.0)
+    >>> out = opq_compress(variables["params"], alloc)
+    >>> count_bits(variables["params"], alloc, out.masks)["rate"]  # 20.0 up to one weight
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+
+from obcjax import kernels as K
+from obcjax.specs import Int, Unstructured
+from obcjax.transforms import (
+    Compressed,
+    LayerSpec,
+    _set_path,
+    compress,
+    find_layers,
+    kernel_to_matrices,
+    matrices_to_kernel,
+    summarize,
+)
+
+__all__ = [
+    "LaplaceFit",
+    "OPQPlan",
+    "fit_laplace",
+    "kept_fraction",
+    "prune_error",
+    "quant_error",
+    "quant_error_highres",
+    "grid_step",
+    "opq_plan",
+    "opq_allocate",
+    "uniform_allocate",
+    "to_rules",
+    "opq_compress",
+    "count_bits",
+    "CODEBOOK_BITS",
+]
+
+CODEBOOK_BITS = 32  # one fp32 step per layer; the symmetric zero point follows from the bit-width
+WEIGHTINGS = ("relative", "energy", "sse")
+
+
+class LaplaceFit(NamedTuple):
+    """Laplace(0, ``b``) fit of one layer's weights.
+
+    Attributes:
+      b: scale, the maximum-likelihood ``mean|w|``.
+      m: ``max|w|`` (the range of the layer's min-max grid).
+      n: number of weights.
+      ks: Kolmogorov-Smirnov statistic ``sup |F_emp - F_laplace|`` of the signed weights.
+    """
+
+    b: float
+    m: float
+    n: int
+    ks: float
+
+
+class OPQPlan(NamedTuple):
+    """Full output of :func:`opq_plan`; every dict is keyed by layer path.
+
+    Attributes:
+      specs: ``{path: LayerSpec}`` (what :func:`opq_allocate` returns).
+      fits: ``{path: LaplaceFit}``.
+      kept: ``{path: int}`` weights kept by the mask.
+      bits: ``{path: int}``.
+      threshold: ``{path: float}`` the model threshold ``t = -b ln(kept/N)``.
+      pred_prune_mse / pred_quant_mse: ``{path: float}`` per-weight errors the model predicts.
+      lam: the Lagrange multiplier of the bit-choice stage.
+      budget_bits / size_bits / dense_bits: totals as counted by :func:`count_bits`.
+    """
+
+    specs: dict[str, LayerSpec]
+    fits: dict[str, LaplaceFit]
+    kept: dict[str, int]
+    bits: dict[str, int]
+    threshold: dict[str, float]
+    pred_prune_mse: dict[str, float]
+    pred_quant_mse: dict[str, float]
+    lam: float
+    budget_bits: float
+    size_bits: float
+    dense_bits: float
+
+
+# ----------------------------------------------------------------------------- closed forms
+
+
+def fit_laplace(w, layer: str = "<weights>") -> LaplaceFit:
+    """Maximum-likelihood Laplace(0, b) fit of ``w`` (any shape) and its KS statistic.
+
+    Raises:
+      ValueError: non-finite weights, an all-zero layer (b = 0), or a degenerate layer whose
+        weights all have the same magnitude (no threshold separates them), naming ``layer``.
+
+    Example:
+      >>> fit_laplace(np.random.default_rng(0).laplace(0, 0.1, 10_000)).b  # ≈ 0.1
+    """
+    x = np.asarray(w, np.float64).ravel()
+    if x.size == 0:
+        raise ValueError(f"layer {layer!r}: has no weights to fit")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(
+            f"layer {layer!r}: weights have NaN/inf entries; a Laplace fit needs finite"
+        )
+    a = np.abs(x)
+    b = float(a.mean())
+    m = float(a.max())
+    if b == 0.0:
+        raise ValueError(
+            f"layer {layer!r}: all {x.size} weights are zero, so the Laplace scale is 0 and no "
+            "pruning threshold or quantization step can be derived; leave the layer out with a "
+            "rule (layer, None)"
+        )
+    if m - a.min() <= 1e-12 * m:
+        raise ValueError(
+            f"layer {layer!r}: every weight has magnitude {m:g}, a degenerate Laplace fit (the "
+            "magnitude ranking that defines the mask is arbitrary); leave the layer out with a rule"
+        )
+    xs = np.sort(x)
+    cdf = np.where(xs < 0, 0.5 * np.exp(xs / b), 1.0 - 0.5 * np.exp(-xs / b))
+    i = np.arange(1, x.size + 1)
+    ks = float(max(np.max(i / x.size - cdf), np.max(cdf - (i - 1) / x.size)))
+    return LaplaceFit(b, m, int(x.size), ks)
+
+
+def kept_fraction(t, b):
+    """``q(t) = P(|w| >= t) = exp(-t/b)`` for ``w ~ Laplace(0, b)``."""
+    return np.exp(-np.asarray(t, np.float64) / b)
+
+
+def prune_error(t, b):
+    """Pruning MSE per weight ``E[w² 1{|w| < t}] = 2b² - exp(-t/b)(t² + 2bt + 2b²)`` [derived].
+
+    Example:
+      >>> prune_error(np.inf, 1.0)   # all pruned: the variance 2b²
+      2.0
+    """
+    t = np.asarray(t, np.float64)
+    tf = np.where(np.isinf(t), 0.0, t)
+    tail = np.where(np.isinf(t), 0.0, np.exp(-tf / b) * (tf * tf + 2 * b * tf + 2 * b * b))
+    return 2 * b * b - tail
+
+
+def grid_step(m: float, bits: int) -> float:
+    """Step of the tensor-wide symmetric min-max grid of ``obcjax.quant`` (``2 m / (2^bits - 1)``)."""
+    return 2.0 * m / (2**bits - 1)
+
+
+def _side_error(t, b, delta, levels, m=np.inf):
+    """``∫_t^m (x - Q(x))² e^{-x/b}/(2b) dx`` with ``Q(x) = Δ min(round(x/Δ), levels)``.
+
+    Uses ``∫_lo^hi (x-c)² e^{-x/b}/(2b) dx = (g(lo) - g(hi))/2``,
+    ``g(x) = e^{-x/b}((x-c)² + 2b(x-c) + 2b²)`` and ``g(∞) = 0``.
+    """
+    t = np.asarray(t, np.float64)[..., None]
+    k = np.arange(levels + 1, dtype=np.float64)
+    c = k * delta
+    lo = np.maximum(np.maximum((k - 0.5) * delta, 0.0), t)
+    hi = np.minimum(np.where(k == levels, np.inf, (k + 0.5) * delta), m)
+    valid = hi > lo
+
+    def g(x):
+        d = np.where(np.isinf(x), 0.0, x - c)
+        return np.where(np.isinf(x), 0.0, np.exp(-x / b) * (d * d + 2 * b * d + 2 * b * b))
+
+    part = np.where(valid, 0.5 * (g(lo) - g(np.where(valid, hi, lo))), 0.0)
+    return part.sum(-1)
+
+
+def quant_error(t, b, delta, bits: int, m: float = np.inf):
+    """Exact quantization MSE per weight of the survivors ``t <= |w| < m`` on the layer's grid.
+
+    The grid is the symmetric one of :mod:`obcjax.quant`: levels ``kΔ`` for
+    ``k = -2^(bits-1) … 2^(bits-1) - 1`` (one more on the negative side), weights beyond the last
+    level clip to it, survivors below ``Δ/2`` round to 0 and their whole value is error. Pruned
+    weights contribute nothing here (see :func:`prune_error`). [derived]
+
+    The Laplace tail is unbounded, but a layer has no weight beyond its ``max|w| = m``; the
+    allocation therefore truncates the integral at ``m`` (the mass left out, ``exp(-m/b)``, is
+    about ``1/N`` for ``N`` Laplace weights). Without truncation the positive side's clipping of
+    the model's tail dominates at high bit-widths, an artefact.
+
+    Args:
+      t: threshold(s), any shape. b: Laplace scale. delta: grid step. bits: grid bits.
+      m: upper end of the integral (``inf``: the whole Laplace tail, clipped).
+
+    Returns:
+      ``E[(w - Q(w))² 1{t <= |w| < m}]``, the shape of ``t``.
+    """
+    half = 2 ** (bits - 1)
+    return _side_error(t, b, delta, half - 1, m) + _side_error(t, b, delta, half, m)
+
+
+def quant_error_highres(t, b, delta):
+    """High-resolution approximation ``exp(-t/b) Δ²/12`` of :func:`quant_error`."""
+    return kept_fraction(t, b) * delta * delta / 12.0
+
+
+# ----------------------------------------------------------------------------- allocation
+
+
+def _selected(params, rules) -> tuple[dict[str, Any], dict[str, Any]]:
+    from obcjax.rules import match_rules
+
+    layers = find_layers(params)
+    if not layers:
+        raise ValueError("opq: no layer with a 'kernel' was found in params")
+    chosen = match_rules(list(layers), list(rules), what="layer")
+    sel = {p: layers[p] for p, v in chosen.items() if v is not None and v is not False}
+    if not sel:
+        raise ValueError("opq: the rules select no layer to compress")
+    return layers, sel
+
+
+def _totals(params, layers, sel, index_bits: float, include_other: bool):
+    """Dense bits and the fixed part of the compressed size (overheads, untouched leaves)."""
+    n_all = sum(int(np.size(k)) for k in layers.values())
+    other = 0
+    if include_other:
+        import jax
+
+        other = sum(int(np.size(x)) for x in jax.tree.leaves(params)) - n_all
+    n_sel = sum(int(np.size(k)) for k in sel.values())
+    dense = 32.0 * (n_all + other)
+    fixed = 32.0 * (n_all - n_sel + other) + CODEBOOK_BITS * len(sel)
+    fixed += index_bits * n_sel
+    return dense, fixed
+
+
+def _omega(weighting: str, fit: LaplaceFit) -> float:
+    if weighting == "relative":
+        return 1.0 / (2.0 * fit.n * fit.b * fit.b)
+    if weighting == "energy":
+        return 1.0 / (2.0 * fit.b * fit.b)
+    return 1.0
+
+
+def _check_common(rate, bits_choices, weighting, index_bits):
+    try:
+        rate = float(rate)
+    except (TypeError, ValueError):
+        raise TypeError(f"opq: rate must be a number (compression vs fp32), got {rate!r}") from None
+    if not (rate > 0 and math.isfinite(rate)):
+        raise ValueError(f"opq: rate must be a finite positive compression factor, got {rate}")
+    bits = sorted({int(b) for b in bits_choices})
+    if not bits or bits[0] < 2 or bits[-1] > 8:
+        raise ValueError(
+            f"opq: bits_choices must be non-empty ints in 2..8, got {list(bits_choices)}"
+        )
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"opq: weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    if not (index_bits >= 0):
+        raise ValueError(f"opq: index_bits must be >= 0, got {index_bits}")
+    return rate, bits
+
+
+def opq_plan(
+    params,
+    rate: float,
+    *,
+    rules: Sequence[tuple[str, Any]] = ((".*", True),),
+    bits_choices: Iterable[int] = range(2, 9),
+    weighting: str = "relative",
+    index_bits: float = 0.0,
+    include_other: bool = False,
+    max_ks: float | None = None,
+    solver: str = "magnitude",
+) -> OPQPlan:
+    """OPQ allocation with its diagnostics; see :func:`opq_allocate` for the arguments.
+
+    Returns:
+      An :class:`OPQPlan`.
+    """
+    rate, bits = _check_common(rate, bits_choices, weighting, index_bits)
+    layers, sel = _selected(params, rules)
+    paths = list(sel)
+    fits = {}
+    for p in paths:
+        f = fit_laplace(sel[p], p)
+        if max_ks is not None and f.ks > max_ks:
+            raise ValueError(
+                f"layer {p!r}: the Laplace fit is poor (KS statistic {f.ks:.3f} > max_ks={max_ks}); "
+                "the analytic allocation would not describe this layer -- raise max_ks or leave "
+                "the layer out with a rule"
+            )
+        fits[p] = f
+    dense, fixed = _totals(params, layers, sel, index_bits, include_other)
+    budget = dense / rate
+    N = np.array([fits[p].n for p in paths], np.float64)
+    B = np.array([fits[p].b for p in paths], np.float64)
+    M = np.array([fits[p].m for p in paths], np.float64)
+    W = np.array([_omega(weighting, fits[p]) for p in paths], np.float64)
+    bits_arr = np.array(bits, np.float64)
+    lo_size = fixed + float(bits[0]) * len(paths)  # one weight per layer at the fewest bits
+    hi_size = fixed + float(N.sum()) * bits[-1]
+    if budget < lo_size:
+        raise ValueError(
+            f"opq: rate {rate:g}x is unreachable: even one kept weight per layer at {bits[0]} bits "
+            f"plus overheads needs {lo_size:.0f} bits, over the budget {budget:.0f}; the highest "
+            f"reachable rate is {dense / lo_size:.4g}x (drop index_bits/include_other or compress "
+            "more layers)"
+        )
+    if budget >= hi_size:
+        raise ValueError(
+            f"opq: rate {rate:g}x is below what OPQ allocates: every selected weight kept at "
+            f"{bits[-1]} bits already gives {dense / hi_size:.4g}x; ask for a rate above that or "
+            "allow more bits"
+        )
+    # Per layer and bit-width: the grid step and the exact error at any threshold.
+    D = np.array([[grid_step(m, b) for b in bits] for m in M])  # (L, nb)
+
+    def choose(lam):
+        # Closed-form stationary threshold of the high-resolution Lagrangian, per (layer, bits).
+        t = np.sqrt(lam * bits_arr[None] / W[:, None] + D * D / 12.0)
+        q = np.exp(-t / B[:, None])
+        e = np.empty_like(t)
+        for i in range(len(paths)):
+            for j, b in enumerate(bits):
+                e[i, j] = prune_error(t[i, j], B[i]) + quant_error(t[i, j], B[i], D[i, j], b, M[i])
+        lag = W[:, None] * N[:, None] * e + lam * N[:, None] * q * bits_arr[None]
+        j = np.argmin(lag, axis=1)
+        rows = np.arange(len(paths))
+        return j, t[rows, j], q[rows, j]
+
+    def size_of(q, bsel):
+        return fixed + float(np.sum(N * q * bsel))
+
+    # λ brackets: scale-free via t/b; sizes fall as λ grows (the minimiser of L_i moves to smaller
+    # size), so log-bisection finds the smallest λ whose continuous size fits the budget.
+    lam_lo, lam_hi = 1e-30, 1.0
+    while size_of(*(lambda r: (r[2], bits_arr[r[0]]))(choose(lam_hi))) > budget:
+        lam_hi *= 10.0
+        if lam_hi > 1e60:
+            raise ValueError(f"opq: could not bracket the Lagrange multiplier for rate {rate:g}x")
+    for _ in range(200):
+        mid = math.sqrt(lam_lo * lam_hi)
+        j, _, q = choose(mid)
+        if size_of(q, bits_arr[j]) > budget:
+            lam_lo = mid
+        else:
+            lam_hi = mid
+        if lam_hi / lam_lo < 1 + 1e-12:
+            break
+    jsel, _, _ = choose(lam_hi)
+    bsel = bits_arr[jsel]
+    dsel = D[np.arange(len(paths)), jsel]
+
+    # Second stage, bit-widths fixed: the continuous size is monotone in μ; bisect exactly.
+    def fixed_q(mu):
+        t = np.sqrt(mu * bsel / W + dsel * dsel / 12.0)
+        return np.exp(-t / B)
+
+    mu_lo, mu_hi = lam_lo * 1e-6, lam_hi * 1e6
+    while size_of(fixed_q(mu_hi), bsel) > budget:
+        mu_hi *= 10.0
+    for _ in range(300):
+        mid = math.sqrt(mu_lo * mu_hi)
+        if size_of(fixed_q(mid), bsel) > budget:
+            mu_lo = mid
+        else:
+            mu_hi = mid
+        if mu_hi / mu_lo < 1 + 1e-14:
+            break
+    kept = np.clip(np.floor(N * fixed_q(mu_hi)), 1, N).astype(np.int64)
+    ib = bsel.astype(np.int64)
+    size = fixed + float(np.sum(kept * ib))
+    while size > budget:  # floor of a fit-to-budget size can only shrink; guard the clip at 1
+        i = int(np.argmax(np.where(kept > 1, kept * ib, -1)))
+        kept[i] -= 1
+        size -= ib[i]
+
+    # Integer fill: the next weight of layer i has magnitude ≈ its threshold t; keeping it saves
+    # ω (t² - Δ²/12) of error for bits_i bits.
+    def gain(i):
+        t = -B[i] * math.log(kept[i] / N[i]) if kept[i] < N[i] else 0.0
+        return W[i] * (t * t - dsel[i] ** 2 / 12.0) / ib[i]
+
+    heap = [(-gain(i), i) for i in range(len(paths)) if kept[i] < N[i]]
+    heapq.heapify(heap)
+    while heap:
+        g, i = heapq.heappop(heap)
+        if budget - size >= ib[i]:
+            kept[i] += 1
+            size += ib[i]
+            if kept[i] < N[i]:
+                heapq.heappush(heap, (-gain(i), i))
+
+    specs, kept_d, bits_d, thr, ep, eq = {}, {}, {}, {}, {}, {}
+    for i, p in enumerate(paths):
+        n = int(N[i])
+        k = int(kept[i])
+        b = int(ib[i])
+        quant = Int(bits=b, sym=True, search="minmax", granularity="tensor")
+        prune = Unstructured((n - k) / n) if k < n else None
+        specs[p] = LayerSpec(prune=prune, quant=quant, solver=solver)
+        t = -B[i] * math.log(k / n)
+        kept_d[p], bits_d[p], thr[p] = k, b, t
+        ep[p] = float(prune_error(t, B[i]))
+        eq[p] = float(quant_error(t, B[i], dsel[i], b, M[i]))
+    return OPQPlan(specs, fits, kept_d, bits_d, thr, ep, eq, lam_hi, budget, size, dense)
+
+
+def opq_allocate(
+    params,
+    rate: float,
+    *,
+    rules: Sequence[tuple[str, Any]] = ((".*", True),),
+    bits_choices: Iterable[int] = range(2, 9),
+    weighting: str = "relative",
+    index_bits: float = 0.0,
+    include_other: bool = False,
+    max_ks: float | None = None,
+    solver: str = "magnitude",
+) -> dict[str, LayerSpec]:
+    """Per-layer pruning ratio and bit-width of the unified codebook, from the weights alone.
+
+    Args:
+      params: a Flax params pytree (layers = dicts holding a ``"kernel"``).
+      rate: target compression vs fp32 (``dense_bits / size_bits``, see :func:`count_bits`); met
+        to within one weight from below (size ≤ budget < size + max bits).
+      rules: ordered ``(regex, value)`` pairs choosing the layers (value None: leave dense).
+      bits_choices: bit-widths a layer may get (2..8).
+      weighting: ``"relative"`` (default), ``"energy"`` or ``"sse"``; see the module docstring.
+      index_bits: mask overhead per weight of each selected layer (0: not counted).
+      include_other: count biases and other leaves at 32 bits on both sides.
+      max_ks: raise if a layer's Laplace fit has a KS statistic above this.
+      solver: the LayerSpec solver (``"magnitude"`` = OPQ; ``"obc"`` = the OPQ+OBS hybrid).
+
+    Returns:
+      ``{path: LayerSpec(prune=Unstructured(s) or None, quant=Int(b, granularity='tensor',
+      search='minmax'), solver=solver)}``.
+
+    Raises:
+      ValueError: unreachable rate (too high or below the no-pruning 8-bit rate), an all-zero or
+        degenerate layer, a poor fit under ``max_ks``, bad arguments.
+
+    Example:
+      >>> alloc = opq_allocate(variables["params"], 20.0, rules=[("conv1", None), (".*", True)])
+    """
+    return opq_plan(
+        params,
+        rate,
+        rules=rules,
+        bits_choices=bits_choices,
+        weighting=weighting,
+        index_bits=index_bits,
+        include_other=include_other,
+        max_ks=max_ks,
+        solver=solver,
+    ).specs
+
+
+def uniform_allocate(
+    params,
+    rate: float,
+    *,
+    bits: int = 4,
+    rules: Sequence[tuple[str, Any]] = ((".*", True),),
+    index_bits: float = 0.0,
+    include_other: bool = False,
+    solver: str = "magnitude",
+) -> dict[str, LayerSpec]:
+    """Baseline: the same sparsity and bit-width in every layer, at the same size count as OPQ.
+
+    Kept counts are ``floor(N_i q)`` for the largest common kept fraction ``q`` that fits, then
+    the leftover bits go one weight at a time to the layers in order, so the rate is met as
+    exactly as :func:`opq_allocate` meets it.
+
+    Example:
+      >>> alloc = uniform_allocate(variables["params"], 20.0, bits=4)
+    """
+    rate, _ = _check_common(rate, [bits], "sse", index_bits)
+    layers, sel = _selected(params, rules)
+    dense, fixed = _totals(params, layers, sel, index_bits, include_other)
+    budget = dense / rate
+    paths = list(sel)
+    N = np.array([int(np.size(sel[p])) for p in paths], np.int64)
+    for p in paths:
+        fit_laplace(sel[p], p)  # same input checks as OPQ
+    q = (budget - fixed) / (bits * N.sum())
+    if q * N.min() < 1 or q > 1:
+        lo, hi = dense / (fixed + bits * len(paths)), dense / (fixed + bits * N.sum())
+        raise ValueError(
+            f"uniform_allocate: rate {rate:g}x is out of reach at {bits} bits; reachable rates "
+            f"lie in [{hi:.4g}x, {lo:.4g}x) (one weight per smallest layer bounds the top)"
+        )
+    kept = np.floor(N * q).astype(np.int64)
+    size = fixed + bits * kept.sum()
+    i = 0
+    while budget - size >= bits and np.any(kept < N):
+        if kept[i % len(paths)] < N[i % len(paths)]:
+            kept[i % len(paths)] += 1
+            size += bits
+        i += 1
+    quant = Int(bits=bits, sym=True, search="minmax", granularity="tensor")
+    return {
+        p: LayerSpec(
+            prune=Unstructured((int(n) - int(k)) / int(n)) if k < n else None,
+            quant=quant,
+            solver=solver,
+        )
+        for p, n, k in zip(paths, N, kept, strict=True)
+    }
+
+
+def to_rules(allocation: Mapping[str, LayerSpec], *, solver: str | None = None) -> list:
+    """``[(re.escape(path), LayerSpec)]`` rules for :func:`obcjax.transforms.compress`.
+
+    ``solver`` replaces every spec's solver (``"obc"`` gives the OPQ+OBS hybrid).
+
+    Example:
+      >>> out = compress(params, stats, to_rules(alloc, solver="obc"))
+    """
+    out = []
+    for p, s in allocation.items():
+        if not isinstance(s, LayerSpec):
+            raise TypeError(f"layer {p!r}: allocation values must be LayerSpec, got {s!r}")
+        if solver is not None:
+            s = LayerSpec(prune=s.prune, quant=s.quant, solver=solver)
+        out.append((re.escape(p), s))
+    return out
+
+
+def opq_compress(
+    params,
+    allocation: Mapping[str, LayerSpec],
+    *,
+    stats: Mapping[str, Any] | None = None,
+    solver: str | None = None,
+    rel_damp: float = 0.01,
+) -> Compressed:
+    """Apply an allocation: magnitude masks + one shared (tensor-wide) codebook per layer.
+
+    Without ``stats`` no data is used: each layer's kernel (flattened as one ``(out, cols)``
+    matrix; a tensor-wide grid and a layer-wide magnitude ranking do not depend on conv groups)
+    is magnitude-pruned to its spec's sparsity and the survivors rounded to the grid found on the
+    pruned kernel -- exactly what ``compress(..., solver='magnitude')`` does, without Hessians.
+    With ``stats`` this is ``compress(params, stats, to_rules(allocation, solver=solver))``; with
+    ``solver='obc'`` that is the OPQ+OBS hybrid (ExactOBS pruning + OBQ on OPQ's allocation).
+
+    Returns:
+      A :class:`obcjax.transforms.Compressed` (``losses`` empty without stats).
+
+    Example:
+      >>> out = opq_compress(params, opq_allocate(params, 20.0))
+      >>> hybrid = opq_compress(params, alloc, stats=stats, solver="obc")
+    """
+    if stats is not None:
+        return compress(params, stats, to_rules(allocation, solver=solver), rel_damp=rel_damp)
+    if solver not in (None, "magnitude"):
+        raise ValueError(f"opq_compress: solver={solver!r} needs calibration stats (stats=...)")
+    layers = find_layers(params)
+    missing = [p for p in allocation if p not in layers]
+    if missing:
+        raise ValueError(f"opq_compress: allocation names layer(s) {missing} absent from params")
+    new_params, masks, qarrays = params, {}, {}
+    for path, spec in allocation.items():
+        kernel = jnp.asarray(layers[path])
+        W = kernel_to_matrices(kernel, 1)[0].astype(jnp.float32)
+        mask = None
+        if spec.prune is not None:
+            if not isinstance(spec.prune, Unstructured):
+                raise ValueError(f"layer {path!r}: OPQ masks are unstructured, got {spec.prune!r}")
+            r = K.magnitude_prune(W, spec.prune.sparsity, layer=path)
+            W, mask = r.weights, r.mask
+        if spec.quant is not None:
+            rq = K.rtn_quantize(W, spec.quant, layer=path)
+            W = rq.weights if mask is None else jnp.where(mask, rq.weights, 0.0)
+            qarrays[path] = [rq.qarray]
+        new_params = _set_path(
+            new_params, path, "kernel", matrices_to_kernel([W], kernel.shape, kernel.dtype)
+        )
+        if mask is not None:
+            masks[path] = matrices_to_kernel([mask.astype(jnp.float32)], kernel.shape) > 0
+    specs = dict(allocation)
+    return Compressed(new_params, masks, qarrays, {}, specs, summarize(params, new_params, specs))
+
+
+def count_bits(
+    params,
+    allocation: Mapping[str, LayerSpec],
+    masks: Mapping[str, Any] | None = None,
+    *,
+    index_bits: float = 0.0,
+    include_other: bool = False,
+) -> dict[str, float]:
+    """Size count of an allocation, from stored masks when given (else from the specs).
+
+    Kept weights × bits + :data:`CODEBOOK_BITS` per quantized layer + ``index_bits`` per weight
+    of each allocated layer (as the planner counts it); layers outside ``allocation`` at 32 bits per weight.
+
+    Returns:
+      ``{"dense_bits", "size_bits", "rate"}`` and per layer ``"<path>/kept"``, ``"<path>/bits"``.
+    """
+    layers = find_layers(params)
+    dense = 0.0
+    size = 0.0
+    out: dict[str, float] = {}
+    for p, k in layers.items():
+        n = int(np.size(k))
+        dense += 32.0 * n
+        spec = allocation.get(p)
+        if spec is None:
+            size += 32.0 * n
+            continue
+        if masks is not None and p in masks:
+            kept = int(np.count_nonzero(np.asarray(masks[p])))
+        elif spec.prune is not None:
+            kept = n - int(math.floor(spec.prune.sparsity * n + 0.5))
+        else:
+            kept = n
+        bits = spec.quant.bits if spec.quant is not None else 32
+        size += kept * bits + (CODEBOOK_BITS if spec.quant is not None else 0)
+        size += index_bits * n
+        out[f"{p}/kept"] = kept
+        out[f"{p}/bits"] = bits
+    if include_other:
+        import jax
+
+        other = sum(int(np.size(x)) for x in jax.tree.leaves(params)) - sum(
+            int(np.size(k)) for k in layers.values()
+        )
+        dense += 32.0 * other
+        size += 32.0 * other
+    out.update(dense_bits=dense, size_bits=size, rate=dense / size)
+    return out
