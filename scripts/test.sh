@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export MPLBACKEND=Agg
-.venv/bin/python -m pytest tests --nbmake notebooks "$@"
+.venv/bin/python -m pytest -n "${OBCJAX_TEST_WORKERS:-2}" --dist loadfile tests --nbmake notebooks "$@"
