@@ -230,7 +230,7 @@ def greedy_row_naive(w, Hinv, col, row, rule, nsteps: int):
         dj = d[j]
         u, e, w, _, free = _step_update(j, target, row_j, dj, w, d, free)
         Hi = Hi - jnp.outer(row_j, row_j) / dj
-        order = order.at[k].set(j)
+        order = order.at[k].set(j.astype(jnp.int32))
         targets = targets.at[k].set(target)
         losses = losses.at[k].set(0.5 * e * e)
         return (w, Hi, free, order, targets, losses, run)

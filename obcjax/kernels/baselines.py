@@ -41,7 +41,10 @@ def magnitude_prune(
     W, sparsity: float, *, H=None, rel_damp: float = 0.01, layer: str = "<matrix>"
 ) -> Result:
     """Zero the ``floor(s·rows·cols + 0.5)`` smallest ``|w|`` of the layer (stable order)."""
-    s = Unstructured(sparsity).sparsity
+    try:
+        s = Unstructured(sparsity).sparsity
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"layer {layer!r}: {e}") from e
     W0, P = _prepared_w(W, H, rel_damp, layer)
     Wn = np.asarray(W0)
     k = int(math.floor(s * Wn.size + 0.5))

@@ -135,22 +135,25 @@ def _greedy(W, Hinv, cols_attr, rule, nsteps, method, chunk, mesh=None, axis=Non
     pad = (-rows) % ndev
     if pad:
         W = jnp.concatenate([W, jnp.zeros((pad, W.shape[1]), W.dtype)])
-        cols_attr = jax.tree.map(lambda a: jnp.concatenate([a, a[:pad]]), cols_attr)
+        cols_attr = jax.tree.map(
+            lambda a: jnp.concatenate([a, jnp.repeat(a[:1], pad, axis=0)]), cols_attr
+        )
     chunk = max(1, min(chunk, W.shape[0] // ndev))
     out = _greedy_jit(W, Hinv, cols_attr, rule, nsteps, method, chunk, mesh, axis)
     return jax.tree.map(lambda a: a[:rows], out)
 
 
-def _sparsity_list(sparsity) -> tuple[list[float], bool]:
+def _sparsity_list(sparsity, layer: str | None = None) -> tuple[list[float], bool]:
+    where = f"layer {layer!r}: " if layer else ""
     if isinstance(sparsity, (int, float, np.floating, np.integer)):
         levels, single = [float(sparsity)], True
     else:
         levels, single = [float(s) for s in sparsity], False
         if not levels:
-            raise ValueError("sparsity: an empty list of levels was given")
+            raise ValueError(f"{where}sparsity: an empty list of levels was given")
     for s in levels:
         if not (0.0 <= s < 1.0):
-            raise ValueError(f"sparsity must lie in [0, 1), got {s}")
+            raise ValueError(f"{where}sparsity must lie in [0, 1), got {s}")
     return levels, single
 
 
@@ -377,7 +380,7 @@ def exactobs_prune(
       >>> r.weights.shape == (2, *W.shape)
       True
     """
-    levels, single = _sparsity_list(sparsity)
+    levels, single = _sparsity_list(sparsity, layer)
     P = _prep(W, H, rel_damp, layer, prepared)
     rows, cols = P.W.shape
     ks = [_count(s, rows * cols) for s in levels]
@@ -574,7 +577,8 @@ def _block_row(w, Hinv, size: int):
         w = w - jnp.matmul(HB, z[b], precision=_HP)
         w = w.at[idx].set(0.0)
         Hi = Hi - jnp.matmul(jnp.matmul(HB, Minv, precision=_HP), HB.T, precision=_HP)
-        return (w, Hi, free.at[b].set(False), order.at[k].set(b), losses.at[k].set(score[b]))
+        return (w, Hi, free.at[b].set(False), order.at[k].set(b.astype(jnp.int32)),
+                losses.at[k].set(score[b]))
 
     st = (w, Hinv, jnp.ones((nb,), bool), jnp.zeros((nb,), jnp.int32), jnp.zeros((nb,), w.dtype))
     _, _, _, order, losses = jax.lax.fori_loop(0, nb, body, st)
@@ -604,7 +608,7 @@ def exactobs_block(
     losses of all rows are ranked together as in unstructured pruning, and the weights are rebuilt
     exactly from the block order (removing a block equals removing its columns one by one).
     """
-    levels, single = _sparsity_list(sparsity)
+    levels, single = _sparsity_list(sparsity, layer)
     Block(levels[0], size)  # validates size
     W = jnp.asarray(W)
     if W.ndim == 2:

@@ -178,31 +178,38 @@ def sweep(W, U, scale_tab, zero_tab, gidx, kblock, *, plan: Sweep):
         def sub_body(s, st):
             W1, K1, E1, loss, stab, ztab = st
             j0 = s * S
-            Ws = jax.lax.dynamic_slice(W1, (0, j0), (rows, S))
+            Ws = jax.lax.dynamic_slice(W1, (0, j0), (rows, S))  # values at sub-block start
             Us = jax.lax.dynamic_slice(U1, (j0, j0), (S, S))
             Ks = jax.lax.dynamic_slice(K1, (0, j0), (rows, S))
             Es = jnp.zeros((rows, S), dtype)
 
+            def current(Es, c0, width):
+                # left-looking: the sub-block's own updates are applied when a column is read,
+                # ``w = w0 - Es Us[:, cols]`` (Es is zero right of the columns fixed so far), so
+                # a column step reads Es once and writes one column instead of rewriting Ws
+                W0 = jax.lax.dynamic_slice(Ws, (0, c0), (rows, width))
+                Uc = jax.lax.dynamic_slice(Us, (0, c0), (S, width))
+                return W0 - jnp.matmul(Es, Uc, precision=_HP)
+
             def unit_body(u, st):
-                Ws, Ks, Es, loss, stab, ztab = st
+                Qs, Ks, Es, loss, stab, ztab = st
                 c0 = u * unit
                 if plan.dyn_spec is not None:
-                    Wu = jax.lax.dynamic_slice(Ws, (0, c0), (rows, unit))
-                    sc, ze = find_params(Wu, plan.dyn_spec)
+                    sc, ze = find_params(current(Es, c0, unit), plan.dyn_spec)
                     g = (i1 + j0 + c0) // unit
                     stab = jax.lax.dynamic_update_slice(stab, sc.astype(dtype), (0, g))
                     ztab = jax.lax.dynamic_update_slice(ztab, ze.astype(dtype), (0, g))
                 if plan.prune == "nm":
-                    Wu = jax.lax.dynamic_slice(Ws, (0, c0), (rows, unit))
                     du = jax.lax.dynamic_slice(jnp.diagonal(Us), (c0,), (unit,))
+                    Wu = current(Es, c0, unit)
                     score = (Wu * Wu) / (du * du)[None, :]
                     Ku = rank_in_row(score) >= plan.nm_n
                     Ks = jax.lax.dynamic_update_slice(Ks, Ku, (0, c0))
 
                 def col_body(k, st):
-                    Ws, Es, loss = st
+                    Qs, Es, loss = st
                     j = c0 + k
-                    w = jax.lax.dynamic_index_in_dim(Ws, j, axis=1, keepdims=False)
+                    w = current(Es, j, 1)[:, 0]
                     q = w
                     if prune:
                         kp = jax.lax.dynamic_index_in_dim(Ks, j, axis=1, keepdims=False)
@@ -212,19 +219,17 @@ def sweep(W, U, scale_tab, zero_tab, gidx, kblock, *, plan: Sweep):
                         sg = jax.lax.dynamic_index_in_dim(stab, g, axis=1, keepdims=False)
                         zg = jax.lax.dynamic_index_in_dim(ztab, g, axis=1, keepdims=False)
                         q = quantize(q, sg, zg, plan.bits)
-                    urow = jax.lax.dynamic_index_in_dim(Us, j, axis=0, keepdims=False)
-                    e = (w - q) / urow[j]
-                    # U is upper triangular, so columns left of j see e * 0 and keep their values
-                    Ws = Ws - e[:, None] * urow[None, :]
-                    Ws = jax.lax.dynamic_update_index_in_dim(Ws, q, j, axis=1)
+                    e = (w - q) / jax.lax.dynamic_slice(Us, (j, j), (1, 1))[0, 0]
+                    Qs = jax.lax.dynamic_update_index_in_dim(Qs, q, j, axis=1)
                     Es = jax.lax.dynamic_update_index_in_dim(Es, e, j, axis=1)
-                    return Ws, Es, loss + 0.5 * e * e
+                    return Qs, Es, loss + 0.5 * e * e
 
-                Ws, Es, loss = jax.lax.fori_loop(0, unit, col_body, (Ws, Es, loss))
-                return Ws, Ks, Es, loss, stab, ztab
+                Qs, Es, loss = jax.lax.fori_loop(0, unit, col_body, (Qs, Es, loss))
+                return Qs, Ks, Es, loss, stab, ztab
 
+            Qs = jnp.zeros((rows, S), dtype)
             Ws, Ks, Es, loss, stab, ztab = jax.lax.fori_loop(
-                0, S // unit, unit_body, (Ws, Ks, Es, loss, stab, ztab)
+                0, S // unit, unit_body, (Qs, Ks, Es, loss, stab, ztab)
             )
             # lazy flush of the sub-block onto the rest of the block (columns left of the
             # sub-block meet zeros of the triangular U; the sub-block itself is written back)

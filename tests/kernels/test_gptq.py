@@ -3,6 +3,7 @@
 import functools
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -169,7 +170,7 @@ def _count_eqns(jaxpr):
     n = 0
     for eqn in jaxpr.eqns:
         n += 1
-        for sub in jax.core.jaxprs_in_params(eqn.params):
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
             n += _count_eqns(sub)
     return n
 
