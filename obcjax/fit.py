@@ -1,0 +1,686 @@
+"""FIT sensitivity and the FITCompress path search (joint per-layer bits + global pruning).
+
+* :func:`fisher_diagonal`: the empirical Fisher diagonal ``F_i = (1/N) Σ_n (∂ℓ_n/∂w_i)²`` of every
+  selected kernel, from true per-example gradients (``jax.vmap(jax.grad(...))``), streamed over
+  batches with an early stop on the relative change of the running mean.
+* :func:`fit_score`: FIT of a configuration, ``Σ_layers Σ_i F_i δw_i²``: quantization noise
+  ``δw_i² = Δ_i²/12`` (``Δ_i`` = step of the grid of the weight's row for the layer's bits) on kept
+  weights, ``δw_i = w_i`` on pruned ones.
+* :func:`fit_search`: FITCompress's greedy path search. State = (bit index per layer into a
+  descending schedule, one global pruning level on a log schedule); masks come from the global
+  Fisher-weighted ranking ``F_i·w_i²``. Each step takes the move (one layer's bits down, or the
+  pruning level up) with the smallest FIT increase per bit saved, until the size (kept weights ×
+  bits, biases at 32 bits, as :func:`obcjax.transforms.summarize`) meets the target.
+* :func:`apply_plan`: materialise a plan with its own Fisher masks and round-to-nearest
+  (``solver="fit"``), or hand its per-layer specs to :func:`obcjax.transforms.compress`
+  (``"obc"``, ``"magnitude"``, ``"gptq"``; needs calibration statistics).
+
+Simplifications vs the paper (see shared/algorithms/joint-methods.md §1): the move score is
+ΔFIT/Δsize (greedy), not the A* ``g + λh`` with square roots; the Fisher is computed once at the
+float weights (not re-estimated per expansion); the ranking uses the float master weights; the
+noise is the Δ²/12 model (``noise="actual"`` in :func:`fit_score` uses the real rounding error).
+
+References:
+  Zandonati, Pol, Pierini, Sirkin, Kopetz. FIT: A Metric for Model Sensitivity. arXiv 2210.08502.
+  Zandonati, Bucagu, Pol, Pierini, Sirkin, Kopetz. Towards Optimal Compression: Joint Pruning and
+  Quantization (FITCompress). arXiv 2302.07612.
+
+Example:
+    >>> loss = zoo_example_loss("lenet5", variables)
+    >>> fisher = fisher_diagonal(loss, variables["params"], batches(ds["calib"], 64))
+    >>> plan = fit_search(variables["params"], fisher, target_ratio=0.1)
+    >>> out = apply_plan(variables["params"], plan)           # or stats=..., solver="obc"
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from obcjax.quant import expand_params, find_params, make_qarray, quantize
+from obcjax.specs import Int, Unstructured
+from obcjax.transforms import (
+    Compressed,
+    LayerSpec,
+    compress,
+    find_layers,
+    kernel_to_matrices,
+    matrices_to_kernel,
+    summarize,
+)
+
+__all__ = [
+    "Fisher",
+    "FITPlan",
+    "fisher_diagonal",
+    "zoo_example_loss",
+    "quant_noise",
+    "fisher_mask",
+    "fit_score",
+    "fit_search",
+    "apply_plan",
+    "materialize",
+    "prune_schedule",
+    "TRACE_COUNTS",
+]
+
+#: Number of times each jitted kernel of this module was traced (for no-retrace checks).
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+# min-max grids: the noise tables need one grid per (layer, bits); the error search of
+# Int's default would cost a compile each
+_DEFAULT_GRID = Int(bits=8, search="minmax")
+
+
+class Fisher(NamedTuple):
+    """Empirical Fisher diagonal.
+
+    Attributes:
+      diag: ``{layer path: kernel-shaped float32 array}`` of mean squared per-example gradients.
+      batches: batches consumed. examples: examples consumed.
+      converged: True if the early stop fired (False: ``max_batches`` or data ran out).
+      changes: relative change of the running mean after each batch (``inf`` for the first).
+    """
+
+    diag: dict[str, jax.Array]
+    batches: int
+    examples: int
+    converged: bool
+    changes: list[float]
+
+
+# -- Fisher ---------------------------------------------------------------------------------------
+
+
+def _select(params, rules, where: str) -> dict[str, jax.Array]:
+    layers = find_layers(params)
+    if isinstance(rules, str):
+        rules = (rules,)
+    out = {}
+    for p, k in layers.items():
+        if any(re.fullmatch(r, p) for r in rules):
+            out[p] = k
+    if not out:
+        raise ValueError(
+            f"{where}: no kernels matched rules {list(rules)}; the layers with a 'kernel' are "
+            f"{sorted(layers)}"
+        )
+    return out
+
+
+def _with_kernels(params, kernels: Mapping[str, Any]):
+    """A copy of ``params`` whose layers' kernels are replaced (nested dicts copied on the path)."""
+
+    def rec(node, prefix):
+        node = dict(node)
+        path = "/".join(prefix)
+        if path in kernels and "kernel" in node:
+            node["kernel"] = kernels[path]
+        for k, v in node.items():
+            if isinstance(v, Mapping):
+                node[k] = rec(v, prefix + (str(k),))
+        return node
+
+    return rec(params, ())
+
+
+@functools.lru_cache(maxsize=32)
+def _fisher_step(loss_fn: Callable, paths: tuple[str, ...]):
+    def step(params, kernels, x, y, w):
+        TRACE_COUNTS["fisher_step"] += 1
+
+        def one(kern, xi, yi):
+            return loss_fn(_with_kernels(params, kern), xi, yi)
+
+        g = jax.vmap(jax.grad(one), in_axes=(None, 0, 0))(kernels, x, y)
+        return {p: jnp.tensordot(w, g[p] * g[p], axes=1) for p in paths}
+
+    return jax.jit(step)
+
+
+def _split_batch(batch, i: int):
+    if isinstance(batch, Mapping):
+        x, y = batch.get("x"), batch.get("y")
+    elif isinstance(batch, (tuple, list)) and len(batch) == 2:
+        x, y = batch
+    else:
+        x, y = batch, None
+    if y is None:
+        raise ValueError(
+            f"fisher_diagonal: batch {i} has no labels; the empirical Fisher needs (x, y) pairs "
+            f"(a tuple or a dict with 'x' and 'y'), got {type(batch).__name__}"
+        )
+    x, y = np.asarray(x), np.asarray(y)
+    if len(x) != len(y) or len(x) == 0:
+        raise ValueError(f"fisher_diagonal: batch {i} has {len(x)} inputs but {len(y)} labels")
+    return x, y
+
+
+def fisher_diagonal(
+    loss_fn: Callable[[Any, Any, Any], jax.Array],
+    params,
+    batches: Iterable[Any],
+    *,
+    rules: Sequence[str] | str = (".*",),
+    tol: float = 1e-3,
+    min_batches: int = 2,
+    max_batches: int = 100,
+) -> Fisher:
+    """Empirical Fisher diagonal of the selected kernels from per-example gradients.
+
+    Every batch is padded to the size of the first one (padding rows have weight 0), so the jitted
+    step is traced once. After batch ``t`` the running mean ``F_t`` is compared with ``F_{t-1}``:
+    the estimate stops when ``‖F_t − F_{t−1}‖₂ / ‖F_t‖₂ < tol`` and ``t ≥ min_batches``.
+
+    Args:
+      loss_fn: ``loss_fn(params, x, y) -> scalar`` loss of ONE example (``x`` without batch axis,
+        ``y`` its label); must be a stable object (it keys the jit cache), e.g. from
+        :func:`zoo_example_loss`.
+      params: params pytree (nested dicts); kernels found by :func:`obcjax.transforms.find_layers`.
+      batches: iterable of ``(x, y)`` pairs or ``{"x", "y"}`` dicts; ``x: (B, ...)``, ``y: (B,)``.
+      rules: regexes (``re.fullmatch`` on layer paths) choosing the kernels.
+      tol, min_batches, max_batches: early-stopping rule.
+
+    Returns:
+      A :class:`Fisher`.
+
+    Example:
+        >>> f = fisher_diagonal(zoo_example_loss("mlp", v), v["params"], batches(split, 64))
+        >>> f.diag["fc1"].shape == v["params"]["fc1"]["kernel"].shape
+        True
+    """
+    if not (tol >= 0):
+        raise ValueError(f"fisher_diagonal: tol must be >= 0, got {tol!r}")
+    if min_batches < 1 or max_batches < min_batches:
+        raise ValueError(
+            f"fisher_diagonal: need 1 <= min_batches <= max_batches, got {min_batches}, "
+            f"{max_batches}"
+        )
+    kernels = _select(params, rules, "fisher_diagonal")
+    paths = tuple(kernels)
+    step = _fisher_step(loss_fn, paths)
+    kern = {p: jnp.asarray(k) for p, k in kernels.items()}
+    total = {p: np.zeros(k.shape, np.float64) for p, k in kern.items()}
+    prev, size, n, t, converged, changes = None, None, 0, 0, False, []
+    for t, batch in enumerate(batches, start=1):
+        x, y = _split_batch(batch, t - 1)
+        b = len(y)
+        if size is None:
+            size = b
+        if b > size:
+            raise ValueError(
+                f"fisher_diagonal: batch {t - 1} has {b} examples, more than the first batch "
+                f"({size}); use batches of equal size (a smaller last one is fine)"
+            )
+        w = np.zeros(size, np.float32)
+        w[:b] = 1.0
+        if b < size:
+            x = np.concatenate([x, np.repeat(x[:1], size - b, 0)])
+            y = np.concatenate([y, np.repeat(y[:1], size - b, 0)])
+        out = step(params, kern, jnp.asarray(x), jnp.asarray(y), jnp.asarray(w))
+        for p in paths:
+            total[p] += np.asarray(out[p], np.float64)
+        n += b
+        cur = np.concatenate([total[p].ravel() for p in paths]) / n
+        if prev is None:
+            changes.append(math.inf)
+        else:
+            denom = float(np.linalg.norm(cur))
+            changes.append(float(np.linalg.norm(cur - prev)) / denom if denom > 0 else 0.0)
+        prev = cur
+        if t >= min_batches and changes[-1] < tol:
+            converged = True
+            break
+        if t >= max_batches:
+            break
+    if n == 0:
+        raise ValueError("fisher_diagonal: batches is empty")
+    diag = {p: jnp.asarray(total[p] / n, jnp.float32) for p in paths}
+    return Fisher(diag, t, n, converged, changes)
+
+
+def zoo_example_loss(name: str, variables: Mapping[str, Any]) -> Callable:
+    """Per-example cross-entropy ``loss(params, x, y)`` of a zoo model in eval mode.
+
+    Each call returns a new function (the jit cache of :func:`fisher_diagonal` is keyed by it):
+    build it once and reuse it.
+    """
+    from obcjax.zoo import models as zm
+
+    module = zm.linen_model(name, zm.num_classes_of(name, variables))
+    bs = variables.get("batch_stats", {})
+
+    def loss(params, x, y):
+        logits = module.apply({"params": params, "batch_stats": bs}, x[None], train=False)[0]
+        return -jax.nn.log_softmax(logits)[y]
+
+    return loss
+
+
+# -- FIT score ------------------------------------------------------------------------------------
+
+
+def quant_noise(kernel, spec: Int) -> jax.Array:
+    """Kernel-shaped expected squared rounding error ``Δ²/12`` of each weight on ``spec``'s grid.
+
+    ``Δ`` is the grid step of the weight's row (channel), group or tensor, from
+    :func:`obcjax.quant.find_params` on the kernel's ``(out, cols)`` matrix.
+    """
+    if not isinstance(spec, Int):
+        raise TypeError(f"quant_noise: spec must be an Int, got {spec!r}")
+    kernel = jnp.asarray(kernel, jnp.float32)
+    (W,) = kernel_to_matrices(kernel)
+    scale, _ = find_params(W, spec)
+    s, _ = expand_params(scale, jnp.zeros_like(scale), W.shape[1])
+    return matrices_to_kernel([s * s / 12.0], kernel.shape)
+
+
+def _rtn(kernel, spec: Int, mask=None) -> jax.Array:
+    kernel = jnp.asarray(kernel, jnp.float32)
+    if mask is not None:
+        kernel = jnp.where(mask, kernel, 0.0)
+    (W,) = kernel_to_matrices(kernel)
+    scale, zero = find_params(W, spec)
+    s, z = expand_params(scale, zero, W.shape[1])
+    return matrices_to_kernel([quantize(W, s, z, spec.bits)], kernel.shape)
+
+
+def fisher_mask(F, w, sparsity: float, *, seed: int = 0) -> np.ndarray:
+    """Kept-weight mask of one layer: the ``floor(s·n + 0.5)`` smallest ``F·w²`` are pruned.
+
+    Ties are broken by a permutation drawn from ``seed``.
+    """
+    s = Unstructured(sparsity).sparsity
+    sal = np.asarray(F, np.float64) * np.asarray(w, np.float64) ** 2
+    k = int(math.floor(s * sal.size + 0.5))
+    tie = np.random.default_rng(seed).permutation(sal.size)
+    order = np.lexsort((tie, sal.ravel()))
+    keep = np.ones(sal.size, bool)
+    keep[order[:k]] = False
+    return keep.reshape(sal.shape)
+
+
+def _diag(fisher) -> Mapping[str, Any]:
+    return fisher.diag if isinstance(fisher, Fisher) else fisher
+
+
+def fit_score(
+    fisher: Fisher | Mapping[str, Any],
+    params,
+    specs: Mapping[str, LayerSpec | None],
+    *,
+    masks: Mapping[str, Any] | None = None,
+    noise: str = "model",
+    per_layer: bool = False,
+    seed: int = 0,
+) -> float | dict[str, float]:
+    """FIT of compressing ``params`` by ``specs``: ``Σ_l Σ_i F_i δw_i²``.
+
+    Args:
+      fisher: a :class:`Fisher` or ``{path: kernel-shaped diagonal}``.
+      params: float params.
+      specs: ``{path: LayerSpec}`` (None or a dense spec = untouched, FIT 0).
+      masks: optional ``{path: kept mask}``; else an ``Unstructured`` layer is pruned by
+        :func:`fisher_mask` (per-layer ``F·w²`` ranking).
+      noise: ``"model"`` (``Δ²/12`` per kept weight) or ``"actual"`` (the rounding error of the
+        masked weights on the grid, the form of the FITCompress code).
+      per_layer: return ``{path: FIT}`` instead of the sum.
+
+    Example:
+        >>> fit_score(fisher, params, {"fc1": LayerSpec(quant=Int(4))})
+    """
+    if noise not in ("model", "actual"):
+        raise ValueError(f"fit_score: noise must be 'model' or 'actual', got {noise!r}")
+    diag = _diag(fisher)
+    layers = find_layers(params)
+    out = {}
+    for path, spec in specs.items():
+        if path not in layers:
+            raise ValueError(f"fit_score: layer {path!r} is not in params ({sorted(layers)})")
+        if spec is None or (spec.prune is None and spec.quant is None):
+            out[path] = 0.0
+            continue
+        if path not in diag:
+            raise ValueError(f"fit_score: no Fisher diagonal for layer {path!r}")
+        if spec.prune is not None and not isinstance(spec.prune, Unstructured):
+            raise ValueError(f"fit_score: layer {path!r}: only Unstructured pruning is modelled")
+        w = np.asarray(layers[path], np.float64)
+        F = np.asarray(diag[path], np.float64)
+        if masks is not None and path in masks:
+            keep = np.asarray(masks[path], bool)
+        elif spec.prune is not None:
+            keep = fisher_mask(F, w, spec.prune.sparsity, seed=seed)
+        else:
+            keep = np.ones(w.shape, bool)
+        if spec.quant is None:
+            d2 = np.zeros_like(w)
+        elif noise == "model":
+            d2 = np.asarray(quant_noise(w, spec.quant), np.float64)
+        else:
+            d2 = (np.asarray(_rtn(w, spec.quant, keep), np.float64) - w) ** 2
+        out[path] = float(np.sum(F * np.where(keep, d2, w * w)))
+    return out if per_layer else float(sum(out.values()))
+
+
+# -- path search ----------------------------------------------------------------------------------
+
+
+def prune_schedule(levels: int = 40, end_exp: float = -3.0) -> np.ndarray:
+    """Pruned fractions ``1 − 10^{e·j/(K−1)}``, ``j = 0…K−1`` (log-spaced kept fractions)."""
+    if levels < 2:
+        raise ValueError(f"prune_schedule: levels must be >= 2, got {levels}")
+    if not end_exp < 0:
+        raise ValueError(f"prune_schedule: end_exp must be < 0, got {end_exp}")
+    return 1.0 - 10.0 ** (end_exp * np.arange(levels) / (levels - 1))
+
+
+class FITPlan(NamedTuple):
+    """Result of :func:`fit_search`.
+
+    Attributes:
+      specs: ``{path: LayerSpec}`` (``Unstructured`` at the layer's exact pruned fraction, when
+        any weight is pruned, and ``Int`` at its bits).
+      masks: ``{path: kernel-shaped bool}`` kept weights (global ``F·w²`` ranking).
+      bits: ``{path: int}``. level: index into ``pruned_fractions``; sparsity: its global value.
+      size_bits: Σ kept × bits + 32 × (all other leaves), as ``summarize``'s ``total/size_bits``.
+      dense_bits: 32 × all leaves. target_bits: the target. fit: FIT of the plan (noise model).
+      trace: one dict per step: move, layer, fit, size_bits, score.
+    """
+
+    specs: dict[str, LayerSpec]
+    masks: dict[str, np.ndarray]
+    bits: dict[str, int]
+    level: int
+    sparsity: float
+    size_bits: int
+    dense_bits: int
+    target_bits: float
+    fit: float
+    trace: list[dict]
+
+    def rules(self) -> list[tuple[str, LayerSpec | None]]:
+        """Ordered rules for :func:`obcjax.transforms.compress` (via ``allocation.to_rules``)."""
+        from obcjax.allocation import to_rules
+
+        return to_rules(self.specs)
+
+
+@functools.partial(jax.jit, static_argnames=("num_layers",))
+def _score(Fw2, FS, rank, layer_id, cand_bidx, cand_k, *, num_layers: int):
+    """FIT and kept count per layer of each candidate state ``(bit indices, pruned count)``."""
+    TRACE_COUNTS["score"] += 1
+    idx = jnp.arange(Fw2.shape[0])
+
+    def one(bidx, k):
+        keep = rank >= k
+        fs = FS[bidx[layer_id], idx]
+        fit = jnp.sum(jnp.where(keep, fs, Fw2))
+        kept = jax.ops.segment_sum(keep.astype(jnp.int32), layer_id, num_segments=num_layers)
+        return fit, kept
+
+    return jax.vmap(one)(cand_bidx, cand_k)
+
+
+def fit_search(
+    params,
+    fisher: Fisher | Mapping[str, Any],
+    *,
+    target_bits: float | None = None,
+    target_ratio: float | None = None,
+    bit_schedule: Sequence[int] = (8, 6, 4, 3, 2),
+    pruned_fractions: Sequence[float] | None = None,
+    quant: Int = _DEFAULT_GRID,
+    rules: Sequence[str] | str = (".*",),
+    solver: str = "obc",
+    seed: int = 0,
+    max_steps: int = 100_000,
+) -> FITPlan:
+    """FITCompress greedy path search to a size target.
+
+    Start: every selected layer at ``bit_schedule[0]``, nothing pruned. Each step scores every
+    move (one layer one step down the bit schedule; the global pruning level one step up) by
+    ``ΔFIT / Δsize`` and takes the smallest (ties: a seeded random order); it stops as soon as
+    ``size_bits <= target``. A pruning level that would empty a layer is never taken.
+
+    Args:
+      params: float params; fisher: :func:`fisher_diagonal` of the same kernels.
+      target_bits: size target in bits (``summarize``'s ``total/size_bits``), or
+      target_ratio: target as a fraction of the fp32 size of all params (``α*``).
+      bit_schedule: strictly decreasing bit-widths in 2..8.
+      pruned_fractions: increasing global pruned fractions starting at 0; default
+        :func:`prune_schedule` ``(40, -3)``.
+      quant: grid template (bits replaced per layer); the noise model uses its row steps.
+      rules: regexes choosing the layers (must all have a Fisher diagonal).
+      solver: the ``LayerSpec.solver`` written into ``specs`` (for ``compress``).
+      seed: tie-breaking seed (ranking ties and equal move scores).
+
+    Returns:
+      A :class:`FITPlan`.
+
+    Raises:
+      ValueError: no kernel matched, a kernel has no Fisher diagonal, a bad schedule, no or both
+        targets, or a target below the smallest reachable size (the message gives it).
+
+    Example:
+        >>> plan = fit_search(params, fisher, target_ratio=0.05)
+        >>> compress(params, stats, plan.rules())
+    """
+    diag = _diag(fisher)
+    if (target_bits is None) == (target_ratio is None):
+        raise ValueError("fit_search: give exactly one of target_bits or target_ratio")
+    bsched = tuple(int(b) for b in bit_schedule)
+    if (
+        not bsched
+        or any(not (2 <= b <= 8) for b in bsched)
+        or any(a <= b for a, b in zip(bsched, bsched[1:]))
+    ):
+        raise ValueError(
+            f"fit_search: bit_schedule must be strictly decreasing ints in 2..8, got {bit_schedule}"
+        )
+    fr = np.asarray(prune_schedule() if pruned_fractions is None else pruned_fractions, float)
+    if fr.ndim != 1 or fr.size < 1 or fr[0] != 0 or np.any(np.diff(fr) <= 0) or fr[-1] >= 1:
+        raise ValueError(
+            "fit_search: pruned_fractions must start at 0, increase strictly and stay below 1"
+        )
+    if not isinstance(quant, Int):
+        raise TypeError(f"fit_search: quant must be an Int grid, got {quant!r}")
+    kernels = _select(params, rules, "fit_search")
+    missing = [p for p in kernels if p not in diag]
+    if missing:
+        raise ValueError(f"fit_search: no Fisher diagonal for layer(s) {missing}")
+    paths = tuple(kernels)
+    L = len(paths)
+    ws = [np.asarray(kernels[p], np.float32) for p in paths]
+    Fs = [np.asarray(diag[p], np.float32) for p in paths]
+    for p, w, F in zip(paths, ws, Fs):
+        if F.shape != w.shape:
+            raise ValueError(
+                f"fit_search: layer {p!r}: Fisher diagonal shape {F.shape} != kernel {w.shape}"
+            )
+    sizes = np.array([w.size for w in ws], np.int64)
+    N = int(sizes.sum())
+    all_leaves = int(sum(np.size(x) for x in jax.tree.leaves(params)))
+    other_bits = 32 * (all_leaves - N)
+    dense_bits = 32 * all_leaves
+    target = float(target_bits) if target_bits is not None else float(target_ratio) * dense_bits
+    if not target > 0:
+        raise ValueError(f"fit_search: the size target must be > 0, got {target}")
+
+    layer_id = np.repeat(np.arange(L), sizes).astype(np.int32)
+    w_flat = np.concatenate([w.ravel() for w in ws]).astype(np.float64)
+    F_flat = np.concatenate([F.ravel() for F in Fs]).astype(np.float64)
+    sal = F_flat * w_flat**2
+    rng = np.random.default_rng(seed)
+    order = np.lexsort((rng.permutation(N), sal))
+    rank = np.empty(N, np.int32)
+    rank[order] = np.arange(N, dtype=np.int32)
+    ks = np.unique(np.floor(fr * N + 1e-9).astype(np.int64))
+    # kept per layer at each level, to forbid levels that would empty a layer
+    kept_at = np.stack([np.bincount(layer_id[rank >= k], minlength=L) for k in ks])
+    ok_levels = np.nonzero((kept_at >= 1).all(axis=1))[0]
+    jmax = int(ok_levels.max())
+    bvec = np.asarray(bsched, np.int64)
+    min_size = int(kept_at[jmax] @ np.full(L, bvec[-1])) + other_bits
+    if target < min_size:
+        raise ValueError(
+            f"fit_search: size target {target:.0f} bits ({target / dense_bits:.4g} of fp32) is "
+            f"unreachable; the smallest reachable size is {min_size} bits "
+            f"({min_size / dense_bits:.4g}) with {bvec[-1]} bits and {ks[jmax] / N:.4g}"
+            " pruned; lower the bit schedule or extend pruned_fractions"
+        )
+    FS = np.stack(
+        [
+            np.concatenate(
+                [np.asarray(quant_noise(w, dataclasses.replace(quant, bits=b))).ravel() for w in ws]
+            )
+            * F_flat
+            for b in bsched
+        ]
+    )
+    dev = dict(
+        Fw2=jnp.asarray(sal, jnp.float32),
+        FS=jnp.asarray(FS, jnp.float32),
+        rank=jnp.asarray(rank),
+        layer_id=jnp.asarray(layer_id),
+    )
+
+    bidx = np.zeros(L, np.int64)
+    j = 0
+    # the start state is scored with the candidate batch's shape (L + 1 copies) so the jitted
+    # scorer is traced once per search
+    fit0, kept0 = _score(
+        **dev,
+        cand_bidx=jnp.asarray(np.repeat(bidx[None], L + 1, 0), jnp.int32),
+        cand_k=jnp.asarray(np.full(L + 1, ks[0], np.int32)),
+        num_layers=L,
+    )
+    fit = float(fit0[0])
+    size = int(np.asarray(kept0[0]) @ bvec[bidx]) + other_bits
+    trace = [{"move": "start", "layer": None, "fit": fit, "size_bits": size, "score": 0.0}]
+    steps = 0
+    while size > target:
+        if steps >= max_steps:
+            raise RuntimeError(f"fit_search: no solution within max_steps={max_steps}")
+        steps += 1
+        cb = np.repeat(bidx[None], L + 1, 0)
+        ck = np.full(L + 1, ks[j], np.int64)
+        valid = np.zeros(L + 1, bool)
+        for l in range(L):
+            if bidx[l] + 1 < len(bsched):
+                cb[l, l] += 1
+                valid[l] = True
+        if j + 1 <= jmax:
+            ck[L] = ks[j + 1]
+            valid[L] = True
+        fits, kept = _score(
+            **dev,
+            cand_bidx=jnp.asarray(cb, jnp.int32),
+            cand_k=jnp.asarray(ck, jnp.int32),
+            num_layers=L,
+        )
+        fits = np.asarray(fits, np.float64)
+        kept = np.asarray(kept, np.int64)
+        csize = np.einsum("cl,cl->c", kept, bvec[cb]) + other_bits
+        saved = size - csize
+        valid &= saved > 0
+        if not valid.any():  # cannot happen when the target is reachable; kept as a guard
+            raise RuntimeError("fit_search: no move reduces the size")
+        score = np.where(valid, (fits - fit) / np.maximum(saved, 1), np.inf)
+        best = score.min()
+        ties = np.nonzero(score == best)[0]
+        c = int(ties[0]) if len(ties) == 1 else int(rng.choice(ties))
+        if c == L:
+            j += 1
+            move, layer = "prune", None
+        else:
+            bidx[c] += 1
+            move, layer = "quant", paths[c]
+        fit, size = float(fits[c]), int(csize[c])
+        trace.append({"move": move, "layer": layer, "fit": fit, "size_bits": size, "score": best})
+
+    keep_flat = rank >= ks[j]
+    specs, masks, bits = {}, {}, {}
+    off = 0
+    for l, p in enumerate(paths):
+        m = keep_flat[off : off + sizes[l]].reshape(ws[l].shape)
+        off += sizes[l]
+        pruned = int(sizes[l] - m.sum())
+        b = int(bsched[bidx[l]])
+        prune = Unstructured(pruned / sizes[l]) if pruned else None
+        specs[p] = LayerSpec(prune=prune, quant=dataclasses.replace(quant, bits=b), solver=solver)
+        masks[p] = m
+        bits[p] = b
+    return FITPlan(specs, masks, bits, j, float(ks[j] / N), size, dense_bits, target, fit, trace)
+
+
+def apply_plan(
+    params, plan: FITPlan, *, stats: Mapping[str, Any] | None = None, solver: str = "fit"
+) -> Compressed:
+    """Materialise a plan.
+
+    Args:
+      params: the float params the plan was searched on.
+      plan: a :class:`FITPlan`.
+      stats: calibration statistics (:func:`obcjax.calibration.calibrate`), needed unless
+        ``solver="fit"``.
+      solver: ``"fit"``: the plan's own Fisher masks, then round-to-nearest on the plan's grids
+        (FITCompress proper, no fine-tuning); ``"obc"``, ``"magnitude"`` or ``"gptq"``: the plan's
+        per-layer sparsities and bits handed to :func:`obcjax.transforms.compress` (hybrids).
+
+    Returns:
+      A :class:`obcjax.transforms.Compressed` (``losses`` empty for ``"fit"``).
+    """
+    if solver != "fit":
+        if stats is None:
+            raise ValueError(f"apply_plan: solver={solver!r} needs calibration stats")
+        specs = {p: dataclasses.replace(s, solver=solver) for p, s in plan.specs.items()}
+        from obcjax.allocation import to_rules
+
+        return compress(params, stats, to_rules(specs))
+    return materialize(params, plan.specs, plan.masks)
+
+
+def materialize(
+    params, specs: Mapping[str, LayerSpec], masks: Mapping[str, Any] | None = None
+) -> Compressed:
+    """Prune by ``masks`` (kept = True; layers without one are dense) and round the kept weights
+    to each spec's grid (round-to-nearest). No data, no error feedback.
+
+    Example:
+        >>> m = {"fc1": fisher_mask(F["fc1"], w, 0.5)}
+        >>> out = materialize(params, {"fc1": LayerSpec(Unstructured(0.5), Int(4))}, m)
+    """
+    layers = find_layers(params)
+    masks = masks or {}
+    new = params
+    out_masks, qarrays = {}, {}
+    for p, spec in specs.items():
+        if p not in layers:
+            raise ValueError(f"materialize: layer {p!r} is not in params ({sorted(layers)})")
+        if spec is None:
+            continue
+        k = jnp.asarray(layers[p])
+        m = jnp.asarray(masks[p], bool) if p in masks else jnp.ones(k.shape, bool)
+        if m.shape != k.shape:
+            raise ValueError(f"materialize: layer {p!r}: mask {m.shape} != kernel {k.shape}")
+        if spec.quant is not None:
+            q = _rtn(k, spec.quant, m)
+            (Wq,) = kernel_to_matrices(q)
+            scale, zero = find_params(kernel_to_matrices(jnp.where(m, k, 0.0))[0], spec.quant)
+            qarrays[p] = [make_qarray(Wq, scale, zero, spec.quant)]
+        else:
+            q = jnp.where(m, k, 0.0)
+        if p in masks:
+            out_masks[p] = m
+        new = _with_kernels(new, {p: q.astype(k.dtype)})
+    specs = {p: s for p, s in specs.items() if s is not None}
+    return Compressed(new, out_masks, qarrays, {}, dict(specs), summarize(params, new, specs))
