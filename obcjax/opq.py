@@ -32,17 +32,32 @@ method section was not available, so the allocation equations are a reconstructi
   weight at a time to the layer with the largest error saving per bit, so the stored size is at
   most the budget and less than one weight (``max bits``) below it.
 
-Size count (:func:`count_bits`): kept weights × bits (the mask's kept count, not the nonzeros of the
-quantized kernel) + one fp32 step per layer (the shared symmetric codebook; its zero point is fixed
-by the bit-width) + ``index_bits`` per weight of every pruned layer (0 by default: the OPQ paper's
-count of index overhead is unknown; ``obcjax.transforms.summarize`` also counts none). Layers the
-rules leave alone count 32 bits per weight on both sides; biases and other leaves count only with
+Size count (:func:`count_bits` from the specs and masks, :func:`count_stored` from a
+``Compressed`` record alone): kept weights × bits (the mask's kept count, not the nonzeros of the
+quantized kernel) + one fp32 step per stored grid -- one per layer for the unified codebook (its
+symmetric zero point is fixed by the bit-width), one per output channel for per-channel grids --
++ ``index_bits`` per weight of every pruned layer (0 by default: the OPQ paper's count of index
+overhead is unknown; ``obcjax.transforms.summarize`` also counts none). Layers the rules leave
+alone count 32 bits per weight on both sides; biases and other leaves count only with
 ``include_other=True`` (then at 32 bits, as ``summarize`` does).
+
+Unified vs per-channel [ours]: ``granularity="channel"`` allocates with one grid per output
+channel charged to the budget (the error model stays the tensor grid's, an upper bound);
+:func:`kernel_codebooks` turns either kind of stored grid into frozen codebooks for
+:func:`obcjax.training.finetune`. :func:`predict_errors` / :func:`measure_errors` give the
+model's and the measured per-layer errors (and, with calibration statistics, each layer's
+relative output error).
+
+Bad input: an unreachable rate raises and names the highest reachable one; an all-zero layer or
+one whose weights all have one magnitude (degenerate fit) raises naming the layer (leave it out
+with a rule ``(path, None)``); a poor but non-degenerate fit is used as is unless ``max_ks`` is
+given; an all-zero output channel under per-channel grids gets :mod:`obcjax.quant`'s fallback
+grid (range ``[-1, 1]``; its weights stay 0).
 
 Example:
     >>> alloc = opq_allocate(variables["params"], 20.0)
     >>> out = opq_compress(variables["params"], alloc)
-    >>> count_bits(variables["params"], alloc, out.masks)["rate"]  # 20.0 up to one weight
+    >>> count_stored(variables["params"], out)["rate"]  # 20.0 up to one weight
 """
 
 from __future__ import annotations
@@ -84,6 +99,10 @@ __all__ = [
     "to_rules",
     "opq_compress",
     "count_bits",
+    "count_stored",
+    "predict_errors",
+    "measure_errors",
+    "kernel_codebooks",
     "CODEBOOK_BITS",
 ]
 
@@ -248,6 +267,20 @@ def quant_error_highres(t, b, delta):
     return kept_fraction(t, b) * delta * delta / 12.0
 
 
+def _predict(fit: LaplaceFit, kept: int, bits: int | None) -> tuple[float, float, float]:
+    """(threshold, prune MSE, quant MSE) per weight the model predicts for ``kept`` survivors.
+
+    The threshold is the model's ``t`` with ``q(t) = kept/N``; the grid is the tensor-wide
+    min-max grid of the kept weights, whose range is ``max|w|`` as long as one weight is kept.
+    """
+    t = -fit.b * math.log(kept / fit.n) if kept > 0 else math.inf
+    ep = float(prune_error(t, fit.b))
+    if bits is None or kept == 0:
+        return t, ep, 0.0
+    eq = float(quant_error(t, fit.b, grid_step(fit.m, bits), bits, fit.m))
+    return t, ep, eq
+
+
 # ----------------------------------------------------------------------------- allocation
 
 
@@ -264,7 +297,9 @@ def _selected(params, rules) -> tuple[dict[str, Any], dict[str, Any]]:
     return layers, sel
 
 
-def _totals(params, layers, sel, index_bits: float, include_other: bool):
+def _totals(
+    params, layers, sel, index_bits: float, include_other: bool, granularity: str = "tensor"
+):
     """Dense bits and the fixed part of the compressed size (overheads, untouched leaves)."""
     n_all = sum(int(np.size(k)) for k in layers.values())
     other = 0
@@ -274,7 +309,8 @@ def _totals(params, layers, sel, index_bits: float, include_other: bool):
         other = sum(int(np.size(x)) for x in jax.tree.leaves(params)) - n_all
     n_sel = sum(int(np.size(k)) for k in sel.values())
     dense = 32.0 * (n_all + other)
-    fixed = 32.0 * (n_all - n_sel + other) + CODEBOOK_BITS * len(sel)
+    grids = sum(1 if granularity == "tensor" else int(np.shape(k)[-1]) for k in sel.values())
+    fixed = 32.0 * (n_all - n_sel + other) + CODEBOOK_BITS * grids
     fixed += index_bits * n_sel
     return dense, fixed
 
@@ -317,6 +353,7 @@ def opq_plan(
     include_other: bool = False,
     max_ks: float | None = None,
     solver: str = "magnitude",
+    granularity: str = "tensor",
 ) -> OPQPlan:
     """OPQ allocation with its diagnostics; see :func:`opq_allocate` for the arguments.
 
@@ -324,6 +361,11 @@ def opq_plan(
       An :class:`OPQPlan`.
     """
     rate, bits = _check_common(rate, bits_choices, weighting, index_bits)
+    if granularity not in ("tensor", "channel"):
+        raise ValueError(
+            f"opq: granularity must be 'tensor' (one unified codebook per layer, OPQ) or "
+            f"'channel' (one grid per output channel), got {granularity!r}"
+        )
     layers, sel = _selected(params, rules)
     paths = list(sel)
     fits = {}
@@ -336,7 +378,7 @@ def opq_plan(
                 "the layer out with a rule"
             )
         fits[p] = f
-    dense, fixed = _totals(params, layers, sel, index_bits, include_other)
+    dense, fixed = _totals(params, layers, sel, index_bits, include_other, granularity)
     budget = dense / rate
     N = np.array([fits[p].n for p in paths], np.float64)
     B = np.array([fits[p].b for p in paths], np.float64)
@@ -442,13 +484,11 @@ def opq_plan(
         n = int(N[i])
         k = int(kept[i])
         b = int(ib[i])
-        quant = Int(bits=b, sym=True, search="minmax", granularity="tensor")
+        quant = Int(bits=b, sym=True, search="minmax", granularity=granularity)
         prune = Unstructured((n - k) / n) if k < n else None
         specs[p] = LayerSpec(prune=prune, quant=quant, solver=solver)
-        t = -B[i] * math.log(k / n)
-        kept_d[p], bits_d[p], thr[p] = k, b, t
-        ep[p] = float(prune_error(t, B[i]))
-        eq[p] = float(quant_error(t, B[i], dsel[i], b, M[i]))
+        kept_d[p], bits_d[p] = k, b
+        thr[p], ep[p], eq[p] = _predict(fits[p], k, b)
     return OPQPlan(specs, fits, kept_d, bits_d, thr, ep, eq, lam_hi, budget, size, dense)
 
 
@@ -463,6 +503,7 @@ def opq_allocate(
     include_other: bool = False,
     max_ks: float | None = None,
     solver: str = "magnitude",
+    granularity: str = "tensor",
 ) -> dict[str, LayerSpec]:
     """Per-layer pruning ratio and bit-width of the unified codebook, from the weights alone.
 
@@ -477,9 +518,13 @@ def opq_allocate(
       include_other: count biases and other leaves at 32 bits on both sides.
       max_ks: raise if a layer's Laplace fit has a KS statistic above this.
       solver: the LayerSpec solver (``"magnitude"`` = OPQ; ``"obc"`` = the OPQ+OBS hybrid).
+      granularity: ``"tensor"`` (OPQ's unified codebook, one grid per layer) or ``"channel"``
+        (one grid per output channel, 32 bits each, charged to the budget: the equal-rate
+        per-channel comparison). [ours] The error model stays the tensor-wide grid's, an
+        upper bound on a per-channel grid's error.
 
     Returns:
-      ``{path: LayerSpec(prune=Unstructured(s) or None, quant=Int(b, granularity='tensor',
+      ``{path: LayerSpec(prune=Unstructured(s) or None, quant=Int(b, granularity=granularity,
       search='minmax'), solver=solver)}``.
 
     Raises:
@@ -499,6 +544,7 @@ def opq_allocate(
         include_other=include_other,
         max_ks=max_ks,
         solver=solver,
+        granularity=granularity,
     ).specs
 
 
@@ -628,6 +674,30 @@ def opq_compress(
     return Compressed(new_params, masks, qarrays, {}, specs, summarize(params, new_params, specs))
 
 
+def _grids(quant: Int, kernel_shape) -> int:
+    """Number of (scale, zero) grids a layer stores for ``quant`` (one per row of each group)."""
+    if quant.granularity == "tensor":
+        return 1
+    rows = int(kernel_shape[-1])
+    if quant.granularity == "channel":
+        return rows
+    cols = int(np.prod(kernel_shape[:-1]))
+    return rows * (cols // quant.group_size)
+
+
+def _codebook_bits(grids: int, bits: int, sym: bool) -> float:
+    # a symmetric grid's zero point follows from the bit-width; an asymmetric one stores it
+    return grids * (CODEBOOK_BITS + (0 if sym else bits))
+
+
+def _other_leaves(params, layers) -> int:
+    import jax
+
+    return sum(int(np.size(x)) for x in jax.tree.leaves(params)) - sum(
+        int(np.size(k)) for k in layers.values()
+    )
+
+
 def count_bits(
     params,
     allocation: Mapping[str, LayerSpec],
@@ -638,11 +708,18 @@ def count_bits(
 ) -> dict[str, float]:
     """Size count of an allocation, from stored masks when given (else from the specs).
 
-    Kept weights × bits + :data:`CODEBOOK_BITS` per quantized layer + ``index_bits`` per weight
-    of each allocated layer (as the planner counts it); layers outside ``allocation`` at 32 bits per weight.
+    Kept weights × bits + :data:`CODEBOOK_BITS` per stored grid (one per layer for the unified
+    ``granularity='tensor'`` codebook of OPQ, one per output channel for ``'channel'``, one per
+    row and group for ``'group'``; plus ``bits`` for the zero point of an asymmetric grid) +
+    ``index_bits`` per weight of each allocated layer (as the planner counts it); layers outside
+    ``allocation`` at 32 bits per weight. See :func:`count_stored` for the count from a
+    :class:`~obcjax.transforms.Compressed` record alone.
 
     Returns:
       ``{"dense_bits", "size_bits", "rate"}`` and per layer ``"<path>/kept"``, ``"<path>/bits"``.
+
+    Example:
+      >>> count_bits(params, alloc, out.masks)["rate"]
     """
     layers = find_layers(params)
     dense = 0.0
@@ -661,18 +738,219 @@ def count_bits(
             kept = n - int(math.floor(spec.prune.sparsity * n + 0.5))
         else:
             kept = n
-        bits = spec.quant.bits if spec.quant is not None else 32
-        size += kept * bits + (CODEBOOK_BITS if spec.quant is not None else 0)
+        q = spec.quant
+        bits = q.bits if q is not None else 32
+        size += kept * bits
+        if q is not None:
+            size += _codebook_bits(_grids(q, np.shape(k)), q.bits, q.sym)
         size += index_bits * n
         out[f"{p}/kept"] = kept
         out[f"{p}/bits"] = bits
     if include_other:
-        import jax
-
-        other = sum(int(np.size(x)) for x in jax.tree.leaves(params)) - sum(
-            int(np.size(k)) for k in layers.values()
-        )
+        other = _other_leaves(params, layers)
         dense += 32.0 * other
         size += 32.0 * other
     out.update(dense_bits=dense, size_bits=size, rate=dense / size)
+    return out
+
+
+def count_stored(
+    params, compressed: Compressed, *, index_bits: float = 0.0, include_other: bool = False
+) -> dict[str, float]:
+    """Size count read from what a :class:`~obcjax.transforms.Compressed` record stores.
+
+    Unlike :func:`count_bits` no spec is consulted: kept weights are the True entries of the
+    stored mask (every weight when a layer has none), bits are the stored ``QArray.bits``, and the
+    number of grids is 1 when every stored ``(scale, zero)`` row is the same (a unified
+    codebook) and the number of stored rows otherwise. Each grid costs :data:`CODEBOOK_BITS` (a symmetric grid's zero
+    point, ``2^(bits-1)`` everywhere, is implied; any other zero point costs ``bits`` more).
+    ``index_bits`` is charged per weight of every layer with a mask or a QArray.
+
+    Args:
+      params: the ORIGINAL params (for the dense count and the untouched layers).
+      compressed: the record of :func:`opq_compress` or :func:`obcjax.transforms.compress`.
+
+    Returns:
+      As :func:`count_bits`.
+
+    Raises:
+      ValueError: a mask whose shape differs from its kernel, or a stored code outside its
+        ``bits`` (the record is inconsistent).
+
+    Example:
+      >>> out = opq_compress(params, opq_allocate(params, 20.0))
+      >>> count_stored(params, out)["rate"]  # 20.0 up to one weight
+    """
+    layers = find_layers(params)
+    dense = size = 0.0
+    out: dict[str, float] = {}
+    for p, k in layers.items():
+        n = int(np.size(k))
+        dense += 32.0 * n
+        mask = compressed.masks.get(p)
+        qs = compressed.qarrays.get(p)
+        if mask is None and qs is None:
+            size += 32.0 * n
+            continue
+        if mask is not None:
+            mask = np.asarray(mask)
+            if mask.shape != tuple(np.shape(k)):
+                raise ValueError(
+                    f"layer {p!r}: stored mask has shape {mask.shape}, kernel {np.shape(k)}"
+                )
+            kept = int(np.count_nonzero(mask))
+        else:
+            kept = n
+        if qs is None:
+            bits, book = 32, 0.0
+        else:
+            bits = int(qs[0].bits)
+            if any(int(q.bits) != bits for q in qs):
+                raise ValueError(f"layer {p!r}: its conv groups store different bit-widths")
+            codes_max = max(int(np.max(np.asarray(q.codes))) for q in qs)
+            if codes_max > 2**bits - 1:
+                raise ValueError(
+                    f"layer {p!r}: a stored code ({codes_max}) does not fit in {bits} bits"
+                )
+            sc = np.concatenate([np.asarray(q.scale).ravel() for q in qs])
+            ze = np.concatenate([np.asarray(q.zero).ravel() for q in qs])
+            # one shared grid is a unified codebook; otherwise every stored row is a grid
+            unified = bool(np.all(sc == sc[0]) and np.all(ze == ze[0]))
+            grids = 1 if unified else sc.size
+            sym = bool(np.all(ze == 2 ** (bits - 1)))
+            book = _codebook_bits(grids, bits, sym)
+        size += kept * bits + book + index_bits * n
+        out[f"{p}/kept"] = kept
+        out[f"{p}/bits"] = bits
+    if include_other:
+        other = _other_leaves(params, layers)
+        dense += 32.0 * other
+        size += 32.0 * other
+    out.update(dense_bits=dense, size_bits=size, rate=dense / size)
+    return out
+
+
+def predict_errors(params, allocation: Mapping[str, LayerSpec]) -> dict[str, dict[str, float]]:
+    """Per-weight pruning and quantization MSE the Laplace model predicts for an allocation.
+
+    Works for any allocation with magnitude masks and tensor-wide symmetric min-max grids
+    (OPQ's, :func:`uniform_allocate`'s): each layer's kept count comes from its spec, the
+    threshold from ``q(t) = kept/N`` and the errors from :func:`prune_error` and
+    :func:`quant_error` (truncated at ``max|w|``). [derived]
+
+    Returns:
+      ``{path: {"threshold", "kept", "bits", "pred_prune_mse", "pred_quant_mse"}}``.
+
+    Raises:
+      ValueError: a layer whose grid the model does not describe (per-channel or per-group,
+        asymmetric, or an ``'lp'`` range search), or a non-unstructured mask, naming the layer.
+
+    Example:
+      >>> predict_errors(params, opq_allocate(params, 20.0))["fc1"]["pred_quant_mse"]
+    """
+    layers = find_layers(params)
+    out = {}
+    for p, spec in allocation.items():
+        if p not in layers:
+            raise ValueError(f"predict_errors: layer {p!r} is not in params")
+        q = spec.quant
+        if q is not None and (q.granularity != "tensor" or not q.sym or q.search != "minmax"):
+            raise ValueError(
+                f"layer {p!r}: the Laplace model predicts the tensor-wide symmetric min-max grid "
+                f"only, got {q!r}"
+            )
+        if spec.prune is not None and not isinstance(spec.prune, Unstructured):
+            raise ValueError(f"layer {p!r}: OPQ masks are unstructured, got {spec.prune!r}")
+        fit = fit_laplace(layers[p], p)
+        s = spec.prune.sparsity if spec.prune is not None else 0.0
+        kept = fit.n - int(math.floor(s * fit.n + 0.5))
+        t, ep, eq = _predict(fit, kept, None if q is None else q.bits)
+        out[p] = {
+            "threshold": t,
+            "kept": kept,
+            "bits": None if q is None else q.bits,
+            "pred_prune_mse": ep,
+            "pred_quant_mse": eq,
+        }
+    return out
+
+
+def measure_errors(
+    params, compressed: Compressed, stats: Mapping[str, Any] | None = None
+) -> dict[str, dict[str, float]]:
+    """Measured per-weight errors of a compressed model, split as :func:`predict_errors` splits.
+
+    ``prune_mse = mean(w² over pruned)`` and ``quant_mse = mean((w - ŵ)² over kept)``, both
+    divided by the layer's full weight count N (the normalisation of the predictions). For the
+    OPQ+OBS hybrid the kept weights are also moved by the OBS updates; that shows up in
+    ``quant_mse``. With ``stats`` (calibration Hessians) also the relative output error
+    ``tr(D H Dᵀ) / tr(W H Wᵀ)``, ``D = Ŵ - W``, of each layer on the calibration inputs.
+
+    Returns:
+      ``{path: {"meas_prune_mse", "meas_quant_mse"[, "rel_out_err"]}}`` for every layer in
+      ``compressed.specs``.
+
+    Example:
+      >>> measure_errors(params, opq_compress(params, alloc), stats)["fc1"]["rel_out_err"]
+    """
+    from obcjax.stats import hessian_finalize
+
+    layers = find_layers(params)
+    out = {}
+    for p in compressed.specs:
+        w = np.asarray(layers[p], np.float64)
+        c = np.asarray(find_layers(compressed.params)[p], np.float64)
+        m = np.asarray(compressed.masks[p]) if p in compressed.masks else np.ones(w.shape, bool)
+        row = {
+            "meas_prune_mse": float(np.mean(np.where(m, 0.0, w * w))),
+            "meas_quant_mse": float(np.mean(np.where(m, (w - c) ** 2, 0.0))),
+        }
+        if stats is not None and p in stats:
+            H = np.asarray(hessian_finalize(stats[p], layer=p), np.float64)
+            G = H.shape[0]
+            Ws = [np.asarray(x, np.float64) for x in kernel_to_matrices(w, G)]
+            Cs = [np.asarray(x, np.float64) for x in kernel_to_matrices(c, G)]
+            num = sum(np.sum(((C - W) @ Hg) * (C - W)) for W, C, Hg in zip(Ws, Cs, H, strict=True))
+            den = sum(np.sum((W @ Hg) * W) for W, Hg in zip(Ws, H, strict=True))
+            row["rel_out_err"] = float(num / den) if den > 0 else math.nan
+        out[p] = row
+    return out
+
+
+def kernel_codebooks(params, qarrays: Mapping[str, list]) -> dict[str, Any]:
+    """Frozen codebooks for :mod:`obcjax.training` from stored QArrays, unified or per channel.
+
+    A layer whose stored grid is one ``(scale, zero)`` gets a scalar (unified) codebook, as
+    :func:`obcjax.training.codebooks_from_qarrays` gives; a per-output-channel grid gets
+    ``scale``/``zero`` of shape ``(out,)``, which broadcasts against the kernel's last axis
+    (Dense ``(in, out)``, conv ``(..., in/G, out)``). This is what the unified-vs-per-channel
+    comparison fine-tunes with.
+
+    Raises:
+      ValueError: per-group grids (several scales per output channel), or a layer not in params.
+
+    Example:
+      >>> cbs = kernel_codebooks(params, opq_compress(params, alloc_channel).qarrays)
+    """
+    from obcjax.training import Codebook
+
+    layers = find_layers(params)
+    out = {}
+    for p, qs in qarrays.items():
+        if p not in layers:
+            raise ValueError(f"kernel_codebooks: layer {p!r} is not in params")
+        s = np.concatenate([np.asarray(q.scale) for q in qs])  # (out, ngroups)
+        z = np.concatenate([np.asarray(q.zero) for q in qs])
+        if s.shape[1] != 1:
+            raise ValueError(
+                f"layer {p!r}: {s.shape[1]} grids per output channel (granularity='group'); a "
+                "frozen codebook needs one grid per layer or per output channel"
+            )
+        s, z = s[:, 0], z[:, 0]
+        if s.shape[0] != np.shape(layers[p])[-1]:
+            raise ValueError(f"layer {p!r}: stored grids do not match the kernel's channels")
+        if np.all(s == s[0]) and np.all(z == z[0]):
+            out[p] = Codebook(jnp.asarray(s[0]), jnp.asarray(z[0]), int(qs[0].bits))
+        else:
+            out[p] = Codebook(jnp.asarray(s), jnp.asarray(z), int(qs[0].bits))
     return out

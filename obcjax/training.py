@@ -241,8 +241,20 @@ def quantized_apply(params, codebooks: Mapping[str, Codebook], masks=None):
 
 
 def export(params, codebooks: Mapping[str, Codebook], masks=None):
-    """Final compressed params: every kernel on its frozen grid and zero where masked."""
-    return jax.lax.stop_gradient(quantized_apply(params, codebooks, masks))
+    """Final compressed params: every kernel exactly on its frozen grid and zero where masked.
+
+    Unlike :func:`quantized_apply` there is no straight-through expression ``w + (Q(w) - w)``,
+    whose float value can land one ulp off the grid point ``Q(w)``.
+    """
+    out = params
+    layers = find_layers(params)
+    for p, cb in codebooks.items():
+        if p not in layers:
+            raise ValueError(f"export: codebook for {p!r}, which is not a layer of params")
+        out = _set_path(out, p, "kernel", quantize(layers[p], cb.scale, cb.zero, cb.bits))
+    if masks is not None:
+        out = jax.tree.map(lambda w, m: jnp.where(m, w, jnp.zeros_like(w)), out, masks)
+    return jax.lax.stop_gradient(out)
 
 
 def _split_data(data):

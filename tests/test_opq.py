@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -229,3 +230,217 @@ def test_bad_arguments_raise():
         opq.opq_allocate(p, 10.0, rules=[("nope", True)])
     with pytest.raises(ValueError, match="needs calibration stats"):
         opq.opq_compress(p, opq.opq_allocate(p, 10.0), solver="obc")
+
+
+# ----------------------------------------------------------------------------- stored count
+
+
+def _big_params(seed=5):
+    r = np.random.default_rng(seed)
+    return {
+        "a": {"kernel": r.laplace(0, 0.05, (120, 250)).astype(np.float32)},
+        "b": {"kernel": r.laplace(0, 0.2, (3, 3, 16, 64)).astype(np.float32)},
+    }
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+@pytest.mark.parametrize("rate", [7.0, 21.5])
+def test_rate_met_exactly_as_counted_from_stored_bits_masks_and_grids(rate, granularity):
+    p = _params(4)
+    plan = opq.opq_plan(p, rate, granularity=granularity)
+    out = opq.opq_compress(p, plan.specs)
+    c = opq.count_stored(p, out)  # reads masks, QArray bits and grids only
+    budget = c["dense_bits"] / rate
+    assert c["size_bits"] <= budget and budget - c["size_bits"] < max(plan.bits.values())
+    assert c["size_bits"] == plan.size_bits
+    for path, q in out.qarrays.items():
+        assert c[f"{path}/bits"] == plan.bits[path] == q[0].bits
+        assert c[f"{path}/kept"] == plan.kept[path]
+        grids = len(np.unique(np.asarray(q[0].scale)))
+        assert grids == (1 if granularity == "tensor" else p[path]["kernel"].shape[-1])
+    # the count follows what is stored: one more kept weight costs exactly its bits
+    path = max(plan.kept, key=plan.kept.get)
+    m = np.array(out.masks[path])
+    m[np.unravel_index(np.argmin(m), m.shape)] = True
+    c2 = opq.count_stored(p, out._replace(masks={**out.masks, path: m}))
+    assert c2["size_bits"] - c["size_bits"] == plan.bits[path]
+
+
+def test_per_channel_grids_cost_one_scale_per_output_channel():
+    p = _params(4)
+    t = opq.opq_plan(p, 10.0)
+    ch = {
+        k: LayerSpec(s.prune, Int(s.quant.bits, search="minmax", granularity="channel"), s.solver)
+        for k, s in t.specs.items()
+    }
+    ct = opq.count_stored(p, opq.opq_compress(p, t.specs))
+    cc = opq.count_stored(p, opq.opq_compress(p, ch))
+    extra = sum(32 * (p[k]["kernel"].shape[-1] - 1) for k in t.specs)
+    assert cc["size_bits"] - ct["size_bits"] == extra
+    assert opq.count_bits(p, ch)["size_bits"] == cc["size_bits"]
+
+
+# ----------------------------------------------------------------------------- error model
+
+
+@pytest.mark.parametrize("rate", [6.0, 12.0, 30.0])
+def test_predicted_errors_match_measured_on_laplace_layers(rate):
+    p = _big_params()
+    alloc = opq.opq_allocate(p, rate)
+    pred = opq.predict_errors(p, alloc)
+    meas = opq.measure_errors(p, opq.opq_compress(p, alloc))
+    for k in alloc:
+        assert pred[k]["pred_prune_mse"] == pytest.approx(meas[k]["meas_prune_mse"], rel=0.08)
+        assert pred[k]["pred_quant_mse"] == pytest.approx(meas[k]["meas_quant_mse"], rel=0.05)
+
+
+def test_predicted_errors_are_off_for_non_laplace_weights():
+    # negative control: the agreement above is a property of Laplace weights, not of the code
+    r = np.random.default_rng(2)
+    p = {"u": {"kernel": r.uniform(-1, 1, (120, 250)).astype(np.float32)}}
+    alloc = {"u": LayerSpec(Unstructured(0.5), Int(4, search="minmax", granularity="tensor"))}
+    pred = opq.predict_errors(p, alloc)["u"]
+    meas = opq.measure_errors(p, opq.opq_compress(p, alloc))["u"]
+    assert abs(pred["pred_prune_mse"] / meas["meas_prune_mse"] - 1) > 0.2
+
+
+def test_measure_errors_output_error_uses_the_hessian():
+    from obcjax.stats import hessian_init, hessian_update
+
+    p = _params(1)
+    alloc = opq.opq_allocate(p, 12.0)
+    out = opq.opq_compress(p, alloc)
+    r = np.random.default_rng(0)
+    stats = {}
+    for k, v in p.items():
+        cols = int(np.prod(v["kernel"].shape[:-1]))
+        x = r.normal(size=(500, cols)).astype(np.float32)
+        stats[k] = hessian_update(hessian_init(cols), x)
+        w = np.asarray(v["kernel"], np.float64).reshape(cols, -1)
+        d = np.asarray(out.params[k]["kernel"], np.float64).reshape(cols, -1) - w
+        ref = np.sum((x @ d) ** 2) / np.sum((x @ w) ** 2)
+        got = opq.measure_errors(p, out, stats)[k]["rel_out_err"]
+        assert got == pytest.approx(ref, rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+def _violations(params, masks, cbs, ulps=0):
+    """Weights nonzero where masked plus weights more than ``ulps`` ulp off their frozen grid."""
+    from obcjax.quant import quantize
+
+    n = 0
+    for k, cb in cbs.items():
+        w = np.asarray(params[k]["kernel"])
+        n += int(np.sum(w[~np.asarray(masks[k])] != 0))
+        q = np.asarray(quantize(w, cb.scale, cb.zero, cb.bits))
+        n += int(np.sum(np.abs(w - q) > ulps * np.spacing(np.abs(q))))
+    return n
+
+
+def test_finetune_keeps_masks_and_codebooks_bit_for_bit():
+    from obcjax import training as T
+    from obcjax.zoo import models as zm
+    from obcjax.zoo.data import Split
+
+    v = zm.init_variables("cnn1d", (40, 1), seed=0)
+    alloc = opq.opq_allocate(v["params"], 15.0)
+    # one fine-tune covers both codebook kinds: unified on conv1/conv3, per channel on conv2/fc
+    alloc = {
+        k: s
+        if k in ("conv1", "conv3")
+        else LayerSpec(s.prune, dataclasses.replace(s.quant, granularity="channel"), s.solver)
+        for k, s in alloc.items()
+    }
+    comp = opq.opq_compress(v["params"], alloc)
+    cbs = opq.kernel_codebooks(v["params"], comp.qarrays)
+    for k, cb in cbs.items():
+        unified = k in ("conv1", "conv3")
+        assert np.shape(cb.scale) == (() if unified else (v["params"][k]["kernel"].shape[-1],))
+    saved = {k: (np.array(cb.scale), np.array(cb.zero), cb.bits) for k, cb in cbs.items()}
+    saved_masks = {k: np.array(m) for k, m in comp.masks.items()}
+    assert _violations(comp.params, comp.masks, cbs) == 0
+    r = np.random.default_rng(0)
+    data = Split(r.normal(size=(64, 40, 1)).astype(np.float32), r.integers(0, 10, 64))
+    v2, info = T.finetune(
+        "cnn1d",
+        {**v, "params": comp.params},
+        comp.masks,
+        cbs,
+        data,
+        5,
+        lr=3e-2,
+        batch_size=16,
+        weight_decay=1e-2,
+    )
+    # training.export computes w + (Q(w) - w) (the STE expression), which can land one ulp off
+    # the grid point Q(w); see test_export_is_exactly_on_the_grid
+    assert _violations(v2["params"], saved_masks, cbs, ulps=1) == 0
+    # negative control: the shadow weights did move off the grid, so the check can fail
+    assert _violations(info["shadow_params"], saved_masks, cbs, ulps=1) > 0
+    st = info["opt_state"]
+    for k, (s, z, b) in saved.items():
+        cb = T.get_codebooks(st)[k]
+        assert cb.bits == b
+        np.testing.assert_array_equal(np.asarray(cb.scale), s)
+        np.testing.assert_array_equal(np.asarray(cb.zero), z)
+        np.testing.assert_array_equal(np.asarray(T.get_masks(st)[k]["kernel"]), saved_masks[k])
+        np.testing.assert_array_equal(np.asarray(comp.masks[k]), saved_masks[k])  # not mutated
+    assert any(
+        not np.array_equal(
+            np.asarray(v2["params"][k]["kernel"]), np.asarray(comp.params[k]["kernel"])
+        )
+        for k in cbs
+    )
+
+
+def test_export_is_exactly_on_the_grid():
+    import jax.numpy as jnp
+
+    from obcjax import training as T
+    from obcjax.quant import quantize
+
+    w = np.random.default_rng(0).normal(size=(50, 40)).astype(np.float32)
+    cb = T.Codebook(jnp.float32(0.0731), jnp.float32(4.0), 3)
+    e = np.asarray(T.export({"l": {"kernel": w}}, {"l": cb})["l"]["kernel"])
+    np.testing.assert_array_equal(e, np.asarray(quantize(w, cb.scale, cb.zero, cb.bits)))
+
+
+def test_kernel_codebooks_errors():
+    p = _params()
+    g = {"fc1": LayerSpec(None, Int(4, search="minmax", granularity="group", group_size=8))}
+    with pytest.raises(ValueError, match="'fc1'.*granularity='group'"):
+        opq.kernel_codebooks(p, opq.opq_compress(p, g).qarrays)
+    with pytest.raises(ValueError, match="'zz' is not in params"):
+        opq.kernel_codebooks(p, {"zz": []})
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_per_channel_budget_unreachable_and_bad_granularity():
+    p = _params()
+    # at 80x the 114 per-channel fp32 scales alone exceed the budget; the unified codebook fits
+    opq.opq_allocate(p, 80.0)
+    with pytest.raises(ValueError, match="unreachable"):
+        opq.opq_allocate(p, 80.0, granularity="channel")
+    with pytest.raises(ValueError, match="granularity"):
+        opq.opq_allocate(p, 10.0, granularity="group")
+    ch = opq.opq_allocate(p, 10.0, granularity="channel")
+    with pytest.raises(ValueError, match="'conv'.*tensor-wide"):
+        opq.predict_errors(p, ch)
+
+
+def test_all_zero_output_channel_falls_back_to_a_finite_grid():
+    # documented fallback of obcjax.quant: an all-zero channel gets the grid of [-1, 1]
+    p = _params()
+    k = np.array(p["fc1"]["kernel"])
+    k[:, 3] = 0.0
+    q = {**p, "fc1": {**p["fc1"], "kernel": k}}
+    ch = opq.opq_allocate(q, 10.0, granularity="channel")
+    out = opq.opq_compress(q, ch)
+    w = np.asarray(out.params["fc1"]["kernel"])
+    assert np.all(np.isfinite(w)) and np.all(w[:, 3] == 0)
+    cb = opq.kernel_codebooks(q, out.qarrays)["fc1"]
+    assert np.all(np.isfinite(np.asarray(cb.scale))) and np.all(np.asarray(cb.scale) > 0)
