@@ -22,7 +22,22 @@ quantized; ``positions`` output positions, 1 by default for Dense):
   per-channel grids). With ``overhead=False`` it is ``nnz·b``, the ``size_bits`` of
   :func:`obcjax.transforms.summarize`.
 * ``flops``: MACs of the kept weights, ``positions·nnz``.
-* ``bops``: ``positions·nnz·b·abits`` (``abits`` 32 by default, or a function of the level).
+* ``bops``: ``positions·nnz·b·abits`` (``abits`` 32 by default, or a function of the level;
+  a :class:`WALevel` carries its own activation bits). N:M levels halve the MACs through
+  ``nnz``; where N:M does not fit a layer's width the level is unavailable there.
+
+Mixed weight/activation levels (OBC's "mixed" database: 8w8a, 4w4a, 2:4+8w8a, 2:4+4w4a):
+a :class:`WALevel` is a weight level plus an activation bit-width. Levels sharing the same
+weights (4w4a and 4w8a) are solved once. Their loss is the weights' OBS loss plus the activation
+term ``Σ_i σ_i²(a) ‖Ŵ[:, i]‖²`` from :func:`obcjax.activations.activation_errors` (``σ_i²``: the
+mean squared rounding error the a-bit grid adds to input channel ``i``; ``Ŵ`` the compressed
+kernel), the output error of uncorrelated rounding noise, in the OBS loss's units.
+
+    >>> errs = activations.activation_errors(model, v, batches, (4, 8), rules=keep + [".*"])
+    >>> db = build_database(params, stats, mixed_levels((8, 4)), rules=keep + [(".*", True)],
+    ...                     act_errors=errs, positions=positions)
+    >>> choice = solve(db, db.cost_of({p: "8w8a" for p in db.paths}, "bops") / 2, metric="bops")
+    >>> res = activations.compress_mixed(model, v, batches, db, choice)   # OBC's order
 
 Example:
     >>> from obcjax.specs import NM, Int, Unstructured
@@ -52,7 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from obcjax import kernels as K
-from obcjax.specs import NM, Block, Unstructured, check_fits
+from obcjax.specs import NM, Block, Int, Unstructured, check_fits, spec_name
 from obcjax.stats import HessianState
 from obcjax.transforms import (
     LayerSpec,
@@ -68,6 +83,10 @@ from obcjax.transforms import (
 
 __all__ = [
     "METRICS",
+    "WALevel",
+    "parse_level",
+    "mixed_levels",
+    "activation_rules",
     "LayerRecord",
     "Database",
     "build_database",
@@ -118,9 +137,175 @@ def sparsity_levels(
     return [Unstructured(s) for s in out]
 
 
-def _as_level(value) -> LayerSpec:
+_MIN_ABITS, _MAX_ABITS = 4, 8
+
+
+@dataclasses.dataclass(frozen=True)
+class WALevel:
+    """A database level with an activation bit-width: weights ``weights``, inputs at ``abits``.
+
+    Behaves as a level everywhere (``prune``, ``quant``, ``solver``, ``name``); its BOPs use
+    ``abits`` (32 when None: float inputs). :func:`to_rules` gives its weight part,
+    :func:`activation_rules` its activation part.
+
+    Attributes:
+      weights: the weight level (a :class:`~obcjax.transforms.LayerSpec`, or anything
+        :func:`~obcjax.transforms.as_layer_spec` reads, e.g. ``Int(4)`` or ``(NM(2, 4), Int(4))``).
+      abits: activation bits 4..8, or None for float activations.
+
+    Example:
+        >>> WALevel((NM(2, 4), Int(4)), 4).name
+        '2:4+4w4a'
+        >>> parse_level("2:4+4w4a") == WALevel((NM(2, 4), Int(4)), 4)
+        True
+    """
+
+    weights: Any = LayerSpec()
+    abits: int | None = None
+
+    def __post_init__(self):
+        w = as_layer_spec(self.weights)
+        object.__setattr__(self, "weights", _DENSE if w is None else w)
+        a = self.abits
+        if a is not None:
+            if isinstance(a, bool) or not isinstance(a, (int, np.integer)):
+                raise TypeError(f"WALevel: abits must be an int in 4..8 or None, got {a!r}")
+            if a == 32:
+                a = None
+            elif not _MIN_ABITS <= a <= _MAX_ABITS:
+                raise ValueError(
+                    f"WALevel: activation bits must be in {_MIN_ABITS}..{_MAX_ABITS} (or None "
+                    f"for float activations), got {a}"
+                )
+        object.__setattr__(self, "abits", None if a is None else int(a))
+
+    @property
+    def prune(self):
+        return self.weights.prune
+
+    @property
+    def quant(self):
+        return self.weights.quant
+
+    @property
+    def solver(self) -> str:
+        return self.weights.solver
+
+    @property
+    def wbits(self) -> int:
+        return _wbits(self.weights)
+
+    @property
+    def name(self) -> str:
+        q = self.quant
+        w = f"{self.wbits}w"
+        if q is not None and q != Int(q.bits):
+            w += f"[{spec_name(q)}]"
+        a = f"{self.abits}a" if self.abits is not None else "32a"
+        parts = [spec_name(self.prune)] if self.prune is not None else []
+        return "+".join([*parts, w + a])
+
+
+_LEVEL_RE = re.compile(r"^(?:(?P<prune>[^+]+)\+)?(?P<w>\d+)w(?P<a>\d+)a$")
+
+
+def parse_level(text: str, *, solver: str = "obc") -> WALevel:
+    """A :class:`WALevel` from OBC's names: ``"8w8a"``, ``"4w4a"``, ``"2:4+8w8a"``, ``"6w6a"``,
+    ``"4w8a"``, ``"0.5+4w8a"`` (50% unstructured), ``"32w8a"`` (float weights).
+
+    Weights get the symmetric per-channel Lp-searched grid ``Int(bits)`` (OBC's), 32 meaning
+    float weights; activations 4..8 bits, 32 meaning float.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"parse_level: expected a string such as '2:4+4w4a', got {text!r}")
+    m = _LEVEL_RE.match(text.strip().lower())
+    if m is None:
+        raise ValueError(
+            f"parse_level: cannot read {text!r}; expected '<w>w<a>a' with an optional pruning "
+            "prefix, e.g. '8w8a', '4w4a', '2:4+8w8a', '0.5+4w8a'"
+        )
+    prune = None
+    if m["prune"] is not None:
+        ptxt = m["prune"]
+        try:
+            if ":" in ptxt:
+                n, mm = ptxt.split(":")
+                prune = NM(int(n), int(mm))
+            else:
+                prune = Unstructured(float(ptxt.rstrip("%")) / (100 if "%" in ptxt else 1))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"parse_level: bad pruning part {ptxt!r} in {text!r}: {e}") from None
+    wb, ab = int(m["w"]), int(m["a"])
+    if wb != 32 and not 2 <= wb <= 8:
+        raise ValueError(f"parse_level: weight bits must be 2..8 or 32 in {text!r}, got {wb}")
+    quant = None if wb == 32 else Int(wb)
+    return WALevel(LayerSpec(prune=prune, quant=quant, solver=solver), None if ab == 32 else ab)
+
+
+def mixed_levels(
+    abits: Sequence[int] = (8, 4),
+    wbits: Sequence[int] | None = None,
+    *,
+    nm: tuple[int, int] | None = (2, 4),
+    extra: Sequence[Any] = (),
+    solver: str = "obc",
+) -> list[WALevel]:
+    """OBC's mixed database levels: weight/activation bit pairs, each also with N:M pruning.
+
+    Args:
+      abits: activation bit-widths (4..8).
+      wbits: weight bit-widths; None pairs each activation width with the same weight width
+        (OBC's 8w8a, 4w4a), a list takes every (wbits, abits) pair.
+      nm: the N:M pattern added to every pair (None: no pruned levels).
+      extra: more levels (``WALevel`` or names such as ``"6w6a"``, ``"4w8a"``).
+      solver: weight solver of every level (``"obc"``: OBQ / ExactOBS; ``"gptq"`` for wide
+        layers).
+
+    Returns:
+      ``[WALevel]`` without duplicates, the unpruned levels first.
+
+    Example:
+        >>> [lv.name for lv in mixed_levels((8, 4))]
+        ['8w8a', '4w4a', '2:4+8w8a', '2:4+4w4a']
+        >>> [lv.name for lv in mixed_levels((8, 4), nm=None, extra=["6w6a", "4w8a"])]
+        ['8w8a', '4w4a', '6w6a', '4w8a']
+    """
+    if isinstance(abits, (int, np.integer)):
+        abits = (abits,)
+    if not abits:
+        raise ValueError("mixed_levels: abits is empty")
+    if wbits is None:
+        pairs = [(a, a) for a in abits]
+    else:
+        if isinstance(wbits, (int, np.integer)):
+            wbits = (wbits,)
+        pairs = [(w, a) for w in wbits for a in abits]
+    out = []
+    prunes = [None] if nm is None else [None, NM(*nm)]
+    for prune in prunes:
+        for w, a in pairs:
+            quant = None if w in (None, 32) else Int(int(w))
+            out.append(WALevel(LayerSpec(prune=prune, quant=quant, solver=solver), a))
+    for lv in extra:
+        out.append(parse_level(lv, solver=solver) if isinstance(lv, str) else _as_level(lv))
+    return list(dict.fromkeys(out))
+
+
+def _as_level(value) -> LayerSpec | WALevel:
+    if isinstance(value, WALevel):
+        return value
+    if isinstance(value, str):
+        return parse_level(value)
     spec = as_layer_spec(value)
     return _DENSE if spec is None else spec
+
+
+def _weight_level(level) -> LayerSpec:
+    return level.weights if isinstance(level, WALevel) else level
+
+
+def _abits_of(level) -> int | None:
+    return level.abits if isinstance(level, WALevel) else None
 
 
 def _levels_tuple(levels, what: str) -> tuple[LayerSpec, ...]:
@@ -192,6 +377,7 @@ class LayerRecord:
       weights: ``(S, *shape)`` compressed kernels, or None when not kept in memory.
       weights_file: the ``.npz`` file that holds them on disk, or None.
       file_index: position of each level in ``weights_file`` (None: the same as in ``levels``).
+      act_loss: ``(S,)`` the activation part of ``loss`` (mixed levels; None when there is none).
     """
 
     path: str
@@ -206,6 +392,7 @@ class LayerRecord:
     weights: np.ndarray | None = None
     weights_file: str | None = None
     file_index: tuple[int, ...] | None = None
+    act_loss: np.ndarray | None = None
 
     def slot(self, i: int) -> int:
         """Position of level ``i`` in ``weights_file``."""
@@ -356,9 +543,14 @@ class Database:
             if metric == "flops":
                 out[p] = macs
             else:
-                ab = [self.abits(lv) if callable(self.abits) else self.abits for lv in r.levels]
+                ab = [self._abits(lv) for lv in r.levels]
                 out[p] = macs * wb * np.asarray(ab, np.float64)
         return out
+
+    def _abits(self, level) -> int:
+        if isinstance(level, WALevel):
+            return 32 if level.abits is None else level.abits
+        return self.abits(level) if callable(self.abits) else self.abits
 
     def dense_cost(self, metric: str = "size") -> float:
         """Total cost of the uncompressed layers (32-bit weights, 32-bit activations for BOPs)."""
@@ -372,7 +564,7 @@ class Database:
                 tot += 32.0 * n
             else:
                 macs = n * self.positions.get(p, 1)
-                ab = self.abits(_DENSE) if callable(self.abits) else self.abits
+                ab = self._abits(_DENSE)
                 tot += macs if metric == "flops" else macs * 32.0 * ab
         return tot
 
@@ -385,6 +577,14 @@ class Database:
         """Total cost of ``{path: level}``."""
         c = self.costs(metric)
         return float(sum(c[p][i] for p, i in self._indices(assignment).items()))
+
+    def resolve(self, assignment: Mapping[str, Any]) -> dict[str, Any]:
+        """``{path: level}`` with each level as stored (names such as ``"4w4a"`` looked up).
+
+        Example:
+            >>> db.resolve({p: "8w8a" for p in db.paths})     # W8A8 on every layer
+        """
+        return {p: self.records[p].levels[i] for p, i in self._indices(assignment).items()}
 
     def loss_of(self, assignment: Mapping[str, Any]) -> float:
         """Summed loss of ``{path: level}``."""
@@ -412,6 +612,9 @@ class Database:
         for p in self.paths:
             for i, lv in enumerate(self.levels(p)):
                 row = {"layer": p, "level": lv.name, "loss": float(l[p][i])}
+                act = self.records[p].act_loss
+                if act is not None:
+                    row["act_loss"] = float(act[i])
                 row.update({m: float(cs[m][p][i]) for m in metrics})
                 rows.append(row)
         return rows
@@ -441,6 +644,7 @@ class Database:
                     overhead=r.overhead[idx],
                     weights=w,
                     file_index=tuple(r.slot(i) for i in idx),
+                    act_loss=None if r.act_loss is None else r.act_loss[idx],
                 )
             )
             for m, t in self._tables.items():
@@ -472,8 +676,13 @@ class Database:
         return self.records[path]
 
     def _level_index(self, path: str, level) -> int:
-        lv = _as_level(level)
         levels = self._record(path).levels
+        if isinstance(level, str):
+            # a level's name ('4w4a', '2:4+w4', '50%') whatever its solver, when unambiguous
+            hits = [i for i, x in enumerate(levels) if x.name == level]
+            if len(hits) == 1:
+                return hits[0]
+        lv = _as_level(level)
         if lv not in levels:
             raise ValueError(
                 f"layer {path!r}: level {lv.name!r} ({lv!r}) is not in the database; its levels "
@@ -701,6 +910,92 @@ def _read_record(fname: str, levels) -> tuple[LayerRecord, bool]:
     return rec, has_w
 
 
+def _check_act_errors(act_errors, path: str, levels, kernel) -> None:
+    need = sorted({lv.abits for lv in levels if _abits_of(lv) is not None})
+    if act_errors is None or path not in act_errors:
+        raise ValueError(
+            f"build_database: layer {path!r} has levels with activation bits {need} but "
+            f"act_errors has no entry for it; measure them with "
+            f"obcjax.activations.activation_errors(model, variables, batches, {need}) on the same "
+            f"layers"
+        )
+    errs = act_errors[path]
+    missing = [b for b in need if b not in errs]
+    if missing:
+        raise ValueError(
+            f"build_database: layer {path!r}: act_errors has bits {sorted(errs)} but the levels "
+            f"need {missing}; pass them to activation_errors(bits=...)"
+        )
+    cin = None
+    for b in need:
+        e = np.asarray(errs[b])
+        if e.ndim != 1 or not np.all(np.isfinite(e)) or np.any(e < 0):
+            raise ValueError(
+                f"build_database: layer {path!r}: act_errors[{b}] must be a finite, non-negative "
+                f"(in_channels,) vector, got shape {e.shape}"
+            )
+        cin = e.shape[0]
+    k = np.shape(kernel)
+    # a grouped conv's kernel holds cin/G inputs per group: cin must be a multiple of k[-2]
+    if cin is not None and (cin % k[-2] or k[-1] % (cin // k[-2])):
+        raise ValueError(
+            f"build_database: layer {path!r}: act_errors has {cin} input channels, which does "
+            f"not fit the kernel of shape {tuple(k)} (it needs in_channels = kernel.shape[-2] x "
+            f"feature groups); were the errors measured on this model?"
+        )
+
+
+def _act_term(kernel, groups: int, sigma2) -> float:
+    """``Σ_g Σ_i σ²[g·cg + i] · ‖Ŵ_g[:, i]‖²`` of an (..., cg, out) kernel (Dense: (in, out))."""
+    k = np.asarray(kernel, np.float64)
+    cg, out = k.shape[-2], k.shape[-1]
+    sq = np.square(k).reshape(-1, cg, out).sum(axis=0)  # (cg, out)
+    s2 = np.asarray(sigma2, np.float64).reshape(groups, cg)
+    og = out // groups
+    return float(sum((s2[g][:, None] * sq[:, g * og : (g + 1) * og]).sum() for g in range(groups)))
+
+
+def _expand(rec: LayerRecord, levels, act_errors, path: str) -> LayerRecord:
+    """The record of the weight levels, spread over the (weight, activation) levels."""
+    wl = rec.levels
+    idx = [wl.index(_weight_level(lv)) for lv in levels]
+    act = np.zeros(len(levels), np.float64)
+    cache: dict[int, np.ndarray] = {}
+
+    def kernel(j):
+        if j not in cache:
+            if rec.weights is not None:
+                cache[j] = rec.weights[j]
+            else:
+                with np.load(rec.weights_file, allow_pickle=False) as z:
+                    cache[j] = np.asarray(z["weights"][rec.slot(j)])
+        return cache[j]
+
+    for i, lv in enumerate(levels):
+        b = _abits_of(lv)
+        if b is None or not np.isfinite(rec.loss[idx[i]]):
+            continue
+        errs = act_errors[path][b]
+        groups = rec.groups
+        cin = np.asarray(errs).shape[0]
+        if cin != rec.shape[-2] * groups:
+            raise ValueError(
+                f"build_database: layer {path!r}: act_errors has {cin} input channels, the "
+                f"kernel {rec.shape} with {groups} group(s) has {rec.shape[-2] * groups}"
+            )
+        act[i] = _act_term(kernel(idx[i]), groups, errs)
+    return dataclasses.replace(
+        rec,
+        levels=tuple(levels),
+        loss=rec.loss[idx] + act,
+        nnz=rec.nnz[idx],
+        overhead=rec.overhead[idx],
+        weights=None if rec.weights is None else rec.weights[idx],
+        file_index=None if rec.weights is not None else tuple(rec.slot(j) for j in idx),
+        act_loss=act,
+    )
+
+
 _FP_WHAT = {
     "kernel": "the layer's kernel differs (params of another model or another checkpoint)",
     "hessian": "the layer's Hessian differs (statistics captured from another model or data)",
@@ -728,6 +1023,7 @@ def build_database(
     method: str = "auto",
     on_mismatch: str = "raise",
     callback: Callable[[str, LayerRecord], None] | None = None,
+    act_errors: Mapping[str, Mapping[int, Any]] | None = None,
 ) -> Database:
     """Compress every chosen layer to every level and record loss and cost (OBC's database).
 
@@ -767,6 +1063,11 @@ def build_database(
       on_mismatch: a stored layer whose fingerprint differs: ``"raise"`` (ValueError naming the
         layer and what differs) or ``"recompute"`` (overwrite it).
       callback: called as ``callback(path, record)`` after each newly computed layer is stored.
+      act_errors: ``{path: {abits: (in_channels,) mean squared activation error}}`` from
+        :func:`obcjax.activations.activation_errors`, needed for levels with activation bits
+        (:class:`WALevel`); their loss adds ``Σ_i σ_i² ‖Ŵ[:, i]‖²`` to the weights' OBS loss.
+        Levels that share weights are solved once; the weights are always kept (the activation
+        term needs them), in memory or under ``path``.
 
     Returns:
       A :class:`Database`.
@@ -830,7 +1131,13 @@ def build_database(
 
         items = tqdm(items, desc="database", unit="layer")
     records, computed, loaded = [], [], []
-    for lpath, lvls in items:
+    for lpath, all_lvls in items:
+        # levels sharing their weights (4w4a, 4w8a) are solved once, then expanded
+        lvls = tuple(dict.fromkeys(_weight_level(lv) for lv in all_lvls))
+        needs_act = any(_abits_of(lv) is not None for lv in all_lvls)
+        keep_w = store_weights or needs_act
+        if needs_act:
+            _check_act_errors(act_errors, lpath, all_lvls, layers[lpath])
         kernel = jnp.asarray(layers[lpath])
         Hs = _layer_hessians(stats[lpath], lpath)
         _layer_matrices(kernel, Hs, lpath)  # width check before any hashing or solving
@@ -860,7 +1167,9 @@ def build_database(
                         f"layer {lpath!r}: the database at {root!r} was built from different "
                         f"inputs: {why}. Use another path, or on_mismatch='recompute' to overwrite"
                     )
-                if not diff and (has_w or not store_weights):
+                if not diff and (has_w or not keep_w):
+                    if all_lvls != lvls:
+                        rec = _expand(rec, all_lvls, act_errors, lpath)
                     records.append(rec)
                     loaded.append(lpath)
                     continue
@@ -872,13 +1181,15 @@ def build_database(
             rel_damp=rel_damp,
             method=method,
             mesh=mesh,
-            keep_weights=store_weights,
+            keep_weights=keep_w,
             fp=fp,
         )
         if fname is not None:
             _write_record(fname, rec)
             if rec.weights is not None:  # on disk now: do not hold every level in memory
                 rec = dataclasses.replace(rec, weights=None, weights_file=fname)
+        if all_lvls != lvls:
+            rec = _expand(rec, all_lvls, act_errors, lpath)
         records.append(rec)
         computed.append(lpath)
         if callback is not None:
@@ -1063,8 +1374,39 @@ def to_rules(assignment: Mapping[str, Any]) -> list[tuple[str, LayerSpec | None]
         )
     out = []
     for p, lv in assignment.items():
-        spec = _as_level(lv)
+        spec = _weight_level(_as_level(lv))
         out.append((re.escape(str(p)), None if spec == _DENSE else spec))
+    return out
+
+
+def activation_rules(assignment: Mapping[str, Any], *, template=None) -> list[tuple[str, Any]]:
+    """Ordered ``(regex, spec)`` rules for :func:`obcjax.activations.calibrate_activations`.
+
+    Each layer of ``assignment`` gets its exact path; a :class:`WALevel` with activation bits
+    becomes ``template`` at those bits, any other level None (float inputs).
+
+    Args:
+      assignment: ``{path: level}``, e.g. from :func:`solve` on a mixed database.
+      template: the activation grid (an ``ActSpec`` or ``Int``; its ``bits`` is replaced).
+        Default: OBC's asymmetric per-tensor Lp-searched grid, ``Int(bits, sym=False)``.
+
+    Example:
+        >>> activation_rules({"fc1": "2:4+4w4a", "fc2": Int(8)})
+        [('fc1', Int(bits=4, sym=False, ...)), ('fc2', None)]
+    """
+    if not isinstance(assignment, Mapping):
+        raise TypeError(
+            f"activation_rules: assignment must be a {{path: level}} mapping, got {assignment!r}"
+        )
+    out = []
+    for p, lv in assignment.items():
+        b = _abits_of(_as_level(lv))
+        if b is None:
+            out.append((re.escape(str(p)), None))
+        elif template is None:
+            out.append((re.escape(str(p)), Int(b, sym=False)))
+        else:
+            out.append((re.escape(str(p)), dataclasses.replace(template, bits=b)))
     return out
 
 
@@ -1102,7 +1444,7 @@ def materialize(params, database: Database, assignment: Mapping[str, Any], *, st
     new, todo = params, {}
     for p, i in idx.items():
         lv = database.records[p].levels[i]
-        if lv == _DENSE:
+        if _weight_level(lv) == _DENSE:
             continue
         w = database.weights(p, lv)
         if w is None:

@@ -12,8 +12,12 @@ import pytest
 from obcjax import export
 from obcjax.allocation import (
     Database,
+    WALevel,
+    activation_rules,
     build_database,
     materialize,
+    mixed_levels,
+    parse_level,
     solve,
     sparsity_levels,
     to_rules,
@@ -345,3 +349,231 @@ def test_sparsity_levels_and_rules_round_trip():
     rules = to_rules({"block.1/dense[0]": Int(4), "head": None})
     assert rules[0][0] == r"block\.1/dense\[0\]" and rules[1] == ("head", None)
     assert rules[0][1] == LayerSpec(quant=Int(4))
+
+
+# ---------------------------------------------------------------------------------------------
+# mixed weight/activation levels (OBC's 8w8a, 4w4a, 2:4+8w8a, 2:4+4w4a) under a BOPs budget
+# ---------------------------------------------------------------------------------------------
+
+MIXED = mixed_levels((8, 4), extra=["6w6a", "4w8a"], solver="magnitude")
+
+
+def _act_errors(seed=5):
+    rng = np.random.default_rng(seed)
+    # 4-bit noise ~ 16² x the 8-bit one, per input channel, different in every layer
+    out = {}
+    for p in PATHS:
+        base = rng.uniform(0.5, 2.0, size=16) * 1e-3
+        out[p] = {8: base, 6: base * 16, 4: base * 256}
+    return out
+
+
+@pytest.fixture(scope="module")
+def mixed(mlp):
+    params, stats, _ = mlp
+    errs = _act_errors()
+    db = build_database(
+        params, stats, MIXED, progress=False, positions={"dense_1": 5}, act_errors=errs
+    )
+    return params, stats, errs, db
+
+
+def _bops_from_specs(db, assignment):
+    """BOPs recounted from the specs alone: positions · numel · density · w-bits · a-bits."""
+    tot = 0.0
+    for p, lv in assignment.items():
+        lv = parse_level(lv) if isinstance(lv, str) else lv
+        numel = int(np.prod(db.records[p].shape))
+        density = 1.0
+        if isinstance(lv.prune, NM):
+            density = lv.prune.n / lv.prune.m
+        elif isinstance(lv.prune, Unstructured):
+            density = 1 - lv.prune.sparsity
+        wb = lv.quant.bits if lv.quant is not None else 32
+        ab = lv.abits if lv.abits is not None else 32
+        tot += db.positions.get(p, 1) * numel * density * wb * ab
+    return tot
+
+
+def test_mixed_levels_names_and_parsing():
+    assert [lv.name for lv in mixed_levels((8, 4))] == ["8w8a", "4w4a", "2:4+8w8a", "2:4+4w4a"]
+    assert [lv.name for lv in mixed_levels((8, 4), (8, 4), nm=None)] == [
+        "8w8a",
+        "8w4a",
+        "4w8a",
+        "4w4a",
+    ]
+    for lv in MIXED:
+        assert parse_level(lv.name, solver="magnitude") == lv
+    lv = parse_level("2:4+4w8a")
+    assert (lv.prune, lv.quant, lv.abits, lv.wbits) == (NM(2, 4), Int(4), 8, 4)
+    assert parse_level("32w8a").quant is None and parse_level("4w32a").abits is None
+    assert parse_level("0.5+6w6a").prune == Unstructured(0.5)
+    assert WALevel(Int(4), 4) == parse_level("4w4a")  # a bare spec is read as a LayerSpec
+    with pytest.raises(ValueError, match="4..8"):
+        parse_level("4w3a")
+    with pytest.raises(ValueError, match="4..8"):
+        WALevel(Int(4), 9)
+    with pytest.raises(ValueError, match="expected '<w>w<a>a'"):
+        parse_level("w4a4")
+    with pytest.raises(ValueError, match="weight bits"):
+        parse_level("12w8a")
+
+
+def test_mixed_database_losses_and_shared_weights(mixed):
+    params, stats, errs, db = mixed
+    for p in PATHS:
+        r = db.records[p]
+        assert r.levels == tuple(MIXED)
+        li = {lv.name: i for i, lv in enumerate(r.levels)}
+        # 4w4a and 4w8a share the (solved once) weights and the weights' loss
+        w44, w48 = db.weights(p, "4w4a"), db.weights(p, "4w8a")
+        np.testing.assert_array_equal(w44, w48)
+        wl = r.loss - r.act_loss
+        assert wl[li["4w4a"]] == pytest.approx(wl[li["4w8a"]], rel=1e-12)
+        # the activation term is sum_i sigma_i^2 ||W_hat[:, i]||^2 (kernel (in, out): rows = in)
+        for name, b in (("8w8a", 8), ("4w4a", 4), ("2:4+4w4a", 4), ("6w6a", 6)):
+            k = np.asarray(db.weights(p, name), np.float64)
+            want = float(np.sum(errs[p][b][:, None] * k**2))
+            assert r.act_loss[li[name]] == pytest.approx(want, rel=1e-9)
+        assert r.act_loss[li["4w4a"]] > r.act_loss[li["4w8a"]] > 0
+        # weight part of a magnitude/RTN level: the OBS loss of those weights
+        W = np.asarray(params[p]["kernel"], np.float64).T
+        H = np.asarray(stats[p].sum, np.float64)[0] * 2 / float(stats[p].count)
+        d = np.asarray(w44, np.float64).T - W
+        assert wl[li["4w4a"]] == pytest.approx(0.5 * np.trace(d @ H @ d.T), rel=2e-2)
+
+
+def test_mixed_bops_recounted_from_specs_meet_the_budget(mixed):
+    _, _, _, db = mixed
+    c8 = db.cost_of({p: "8w8a" for p in PATHS}, "bops")
+    assert c8 == _bops_from_specs(db, {p: "8w8a" for p in PATHS})
+    assert db.dense_cost("bops") == 16 * c8  # 32w32a
+    lo = db.min_cost("bops")
+    # the cheapest level: 2:4 halves the MACs of 4w4a
+    assert lo == _bops_from_specs(db, {p: "2:4+4w4a" for p in PATHS}) == c8 / 8
+    seen = set()
+    for factor in (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0):
+        budget = c8 / factor
+        choice = solve(db, budget, metric="bops")
+        assert all(isinstance(lv, WALevel) for lv in choice.values())
+        recount = _bops_from_specs(db, choice)
+        assert recount <= budget * (1 + 1e-12)
+        assert recount == pytest.approx(db.cost_of(choice, "bops"), rel=1e-12)
+        assert db.loss_of(choice) == pytest.approx(_brute(db, budget, "bops"), rel=1e-9)
+        seen.add(tuple(lv.name for lv in choice.values()))
+    assert len(seen) >= 4  # the budgets really change the choice
+    # a budget below the cheapest configuration names the cheapest reachable BOPs
+    with pytest.raises(ValueError, match=f"smallest reachable cost {lo:g}"):
+        solve(db, lo * 0.99, metric="bops")
+
+
+def test_mixed_rules_materialize_and_activation_rules(mixed):
+    params, stats, _, db = mixed
+    choice = {
+        "dense_0": parse_level("2:4+4w4a", solver="magnitude"),
+        "dense_1": parse_level("8w8a", solver="magnitude"),
+        "dense_2": WALevel(None, None),
+    }
+    rules = to_rules(choice)
+    assert rules[0] == ("dense_0", LayerSpec(NM(2, 4), Int(4), "magnitude"))
+    assert rules[2] == ("dense_2", None)
+    arules = activation_rules(choice)
+    assert arules == [
+        ("dense_0", Int(4, sym=False)),
+        ("dense_1", Int(8, sym=False)),
+        ("dense_2", None),
+    ]
+    assert activation_rules({"a": Int(4)}) == [("a", None)]  # weight-only level: float inputs
+    choice["dense_2"] = parse_level("4w8a", solver="magnitude")
+    new = materialize(params, db, choice)
+    out = compress(
+        params, stats, rules[:2] + [("dense_2", LayerSpec(quant=Int(4), solver="magnitude"))]
+    )
+    for p in PATHS:
+        np.testing.assert_array_equal(new[p]["kernel"], out.params[p]["kernel"])
+    with pytest.raises(ValueError, match="is not in the database"):
+        db.cost_of({**choice, "dense_0": parse_level("2:4+6w6a")}, "bops")
+
+
+def test_mixed_database_resumes_and_checks_act_errors(mlp, tmp_path):
+    params, stats, _ = mlp
+    errs = _act_errors()
+    levels = mixed_levels((8, 4), solver="magnitude")
+    a = build_database(
+        params,
+        stats,
+        levels,
+        progress=False,
+        path=tmp_path / "db",
+        act_errors=errs,
+        store_weights=False,
+    )
+    b = build_database(params, stats, levels, progress=False, path=tmp_path / "db", act_errors=errs)
+    assert b.loaded == list(PATHS) and b.computed == []
+    for p in PATHS:
+        np.testing.assert_array_equal(a.records[p].loss, b.records[p].loss)
+        np.testing.assert_array_equal(a.weights(p, "2:4+4w4a"), b.weights(p, "2:4+4w4a"))
+    # the activation term is not stored: other errors give other losses from the same weights
+    c = build_database(
+        params,
+        stats,
+        levels,
+        progress=False,
+        path=tmp_path / "db",
+        act_errors={p: {k: 2 * e for k, e in d.items()} for p, d in errs.items()},
+    )
+    r, rc = b.records["dense_0"], c.records["dense_0"]
+    np.testing.assert_allclose(rc.act_loss, 2 * r.act_loss)
+    np.testing.assert_allclose(rc.loss - rc.act_loss, r.loss - r.act_loss, rtol=1e-12)
+    with pytest.raises(ValueError, match=r"'dense_1'.*act_errors has no entry"):
+        build_database(
+            params,
+            stats,
+            levels,
+            progress=False,
+            act_errors={k: v for k, v in errs.items() if k != "dense_1"},
+        )
+    with pytest.raises(ValueError, match=r"'dense_0'.*need \[4\]"):
+        build_database(
+            params,
+            stats,
+            levels,
+            progress=False,
+            act_errors={p: {8: d[8]} for p, d in errs.items()},
+        )
+    with pytest.raises(ValueError, match=r"'dense_0'.*input channels"):
+        build_database(
+            params,
+            stats,
+            levels,
+            progress=False,
+            act_errors={p: {k: e[:8] for k, e in d.items()} for p, d in errs.items()},
+        )
+
+
+def test_mixed_conv_groups_and_nm_width():
+    rng = np.random.default_rng(4)
+    params = {
+        "dw": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 1, 4)), jnp.float32)},
+        "pw": {"kernel": jnp.asarray(rng.normal(size=(1, 1, 4, 8)), jnp.float32)},
+    }
+    stats = {"dw": _state(rng, 9, groups=4), "pw": _state(rng, 4)}
+    errs = {
+        "dw": {4: np.array([1.0, 2.0, 3.0, 4.0]) * 1e-2},
+        "pw": {4: np.array([4.0, 3.0, 2.0, 1.0]) * 1e-2},
+    }
+    levels = [parse_level(t, solver="magnitude") for t in ("32w4a", "4w4a", "2:4+4w4a")]
+    db = build_database(
+        params, stats, levels, progress=False, act_errors=errs, positions={"dw": 16, "pw": 16}
+    )
+    r = db.records["dw"]
+    # 9 columns per group: no 2:4, so no halving of the MACs is ever chosen there
+    assert np.isinf(r.loss[2]) and np.isfinite(db.records["pw"].loss[2])
+    assert solve(db, db.min_cost("bops"), metric="bops")["dw"].name == "4w4a"
+    # group g of the depthwise kernel reads input channel g only
+    k = np.asarray(params["dw"]["kernel"], np.float64)
+    want = sum(errs["dw"][4][g] * np.sum(k[..., 0, g] ** 2) for g in range(4))
+    assert r.act_loss[0] == pytest.approx(want, rel=1e-9)  # float weights: the dense kernel
+    assert db.costs("bops")["dw"][0] == 16 * 36 * 32 * 4
+    assert db.costs("bops")["pw"][2] == 16 * 16 * 4 * 4
