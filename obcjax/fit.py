@@ -8,17 +8,29 @@
   weights, ``δw_i = w_i`` on pruned ones.
 * :func:`fit_search`: FITCompress's greedy path search. State = (bit index per layer into a
   descending schedule, one global pruning level on a log schedule); masks come from the global
-  Fisher-weighted ranking ``F_i·w_i²``. Each step takes the move (one layer's bits down, or the
-  pruning level up) with the smallest FIT increase per bit saved, until the size (kept weights ×
-  bits, biases at 32 bits, as :func:`obcjax.transforms.summarize`) meets the target.
+  Fisher-weighted ranking ``F_i·w_i²``. ``rule="astar"`` (default, the paper): each child ``θ'`` of
+  the current node costs ``f = g + sqrt(Σ F (θ − θ')²) + λ·|α' − α*|·sqrt(Σ F θ'²)``, the best
+  child is expanded, the search stops at the first child within the size target.
+  ``rule="ratio"`` (ours): the move with the smallest modelled ΔFIT per bit saved. Sizes count
+  kept weights × bits, biases at 32 bits, as :func:`obcjax.transforms.summarize`.
 * :func:`apply_plan`: materialise a plan with its own Fisher masks and round-to-nearest
   (``solver="fit"``), or hand its per-layer specs to :func:`obcjax.transforms.compress`
-  (``"obc"``, ``"magnitude"``, ``"gptq"``; needs calibration statistics).
+  (``"obc"``: ExactOBS/OBQ, ``"magnitude"``, ``"gptq"``; needs calibration statistics).
+* :func:`fit_database` / :func:`fit_dp` (hybrid): OBC's database + dynamic program
+  (:mod:`obcjax.allocation`) with per-layer FIT scores in place of the OBS losses.
+* :func:`finetune_plan`: the final quantization-aware fine-tuning with the mask and the per-row
+  grids frozen (:func:`obcjax.training.finetune`, straight-through estimator);
+  :func:`codebooks_of` turns a compressed model's grids into frozen codebooks.
+* :func:`activation_fisher` / :func:`activation_fit`: FIT's activation term ``Tr F(a)·Δ_a²/12``
+  from per-example gradients w.r.t. layer inputs (the first layer's input, the data, skipped);
+  :func:`activation_grids` gives the min-max activation grids it models.
 
-Simplifications vs the paper (see shared/algorithms/joint-methods.md §1): the move score is
-ΔFIT/Δsize (greedy), not the A* ``g + λh`` with square roots; the Fisher is computed once at the
-float weights (not re-estimated per expansion); the ranking uses the float master weights; the
-noise is the Δ²/12 model (``noise="actual"`` in :func:`fit_score` uses the real rounding error).
+Differences from the papers (see shared/algorithms/joint-methods.md §1): the Fisher is computed
+once at the float weights (the paper re-estimates it at each expanded node); the early stop is on
+the relative change of the running estimate (the code's rule is the variance of per-batch
+deviations); the search is greedy (beam 1); children are rounded from the float master weights
+(as PQuantML); the noise model of :func:`fit_score` is Δ²/12 (``noise="actual"`` uses the real
+rounding error), while the A* step cost uses the actual rounded weights.
 
 References:
   Zandonati, Pol, Pierini, Sirkin, Kopetz. FIT: A Metric for Model Sensitivity. arXiv 2210.08502.
@@ -35,8 +47,10 @@ Example:
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
+import itertools
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -45,12 +59,14 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 
 from obcjax.quant import expand_params, find_params, make_qarray, quantize
 from obcjax.specs import Int, Unstructured
 from obcjax.transforms import (
     Compressed,
     LayerSpec,
+    as_layer_spec,
     compress,
     find_layers,
     kernel_to_matrices,
@@ -70,6 +86,14 @@ __all__ = [
     "apply_plan",
     "materialize",
     "prune_schedule",
+    "fit_database",
+    "fit_dp",
+    "codebooks_of",
+    "finetune_plan",
+    "ActFisher",
+    "activation_fisher",
+    "activation_fit",
+    "activation_grids",
     "TRACE_COUNTS",
 ]
 
@@ -277,7 +301,11 @@ def quant_noise(kernel, spec: Int) -> jax.Array:
     """
     if not isinstance(spec, Int):
         raise TypeError(f"quant_noise: spec must be an Int, got {spec!r}")
-    kernel = jnp.asarray(kernel, jnp.float32)
+    return _quant_noise(jnp.asarray(kernel, jnp.float32), spec)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _quant_noise(kernel, spec: Int) -> jax.Array:
     (W,) = kernel_to_matrices(kernel)
     scale, _ = find_params(W, spec)
     s, _ = expand_params(scale, jnp.zeros_like(scale), W.shape[1])
@@ -287,7 +315,12 @@ def quant_noise(kernel, spec: Int) -> jax.Array:
 def _rtn(kernel, spec: Int, mask=None) -> jax.Array:
     kernel = jnp.asarray(kernel, jnp.float32)
     if mask is not None:
-        kernel = jnp.where(mask, kernel, 0.0)
+        kernel = jnp.where(jnp.asarray(mask, bool), kernel, 0.0)
+    return _rtn_jit(kernel, spec)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _rtn_jit(kernel, spec: Int) -> jax.Array:
     (W,) = kernel_to_matrices(kernel)
     scale, zero = find_params(W, spec)
     s, z = expand_params(scale, zero, W.shape[1])
@@ -321,8 +354,9 @@ def fit_score(
     masks: Mapping[str, Any] | None = None,
     noise: str = "model",
     per_layer: bool = False,
+    per_parameter: bool = False,
     seed: int = 0,
-) -> float | dict[str, float]:
+) -> float | dict[str, Any]:
     """FIT of compressing ``params`` by ``specs``: ``Σ_l Σ_i F_i δw_i²``.
 
     Args:
@@ -334,6 +368,7 @@ def fit_score(
       noise: ``"model"`` (``Δ²/12`` per kept weight) or ``"actual"`` (the rounding error of the
         masked weights on the grid, the form of the FITCompress code).
       per_layer: return ``{path: FIT}`` instead of the sum.
+      per_parameter: return ``{path: kernel-shaped F·δw²}`` (each weight's term) instead.
 
     Example:
         >>> fit_score(fisher, params, {"fc1": LayerSpec(quant=Int(4))})
@@ -347,7 +382,7 @@ def fit_score(
         if path not in layers:
             raise ValueError(f"fit_score: layer {path!r} is not in params ({sorted(layers)})")
         if spec is None or (spec.prune is None and spec.quant is None):
-            out[path] = 0.0
+            out[path] = np.zeros(np.shape(layers[path])) if per_parameter else 0.0
             continue
         if path not in diag:
             raise ValueError(f"fit_score: no Fisher diagonal for layer {path!r}")
@@ -367,8 +402,11 @@ def fit_score(
             d2 = np.asarray(quant_noise(w, spec.quant), np.float64)
         else:
             d2 = (np.asarray(_rtn(w, spec.quant, keep), np.float64) - w) ** 2
-        out[path] = float(np.sum(F * np.where(keep, d2, w * w)))
-    return out if per_layer else float(sum(out.values()))
+        terms = F * np.where(keep, d2, w * w)
+        out[path] = terms if per_parameter else float(np.sum(terms))
+    if per_parameter or per_layer:
+        return out
+    return float(sum(out.values()))
 
 
 # -- path search ----------------------------------------------------------------------------------
@@ -415,17 +453,23 @@ class FITPlan(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("num_layers",))
-def _score(Fw2, FS, rank, layer_id, cand_bidx, cand_k, *, num_layers: int):
-    """FIT and kept count per layer of each candidate state ``(bit indices, pruned count)``."""
+def _score(Fw2, FS, F, QW, theta, rank, layer_id, cand_bidx, cand_k, *, num_layers: int):
+    """Per candidate state ``(bit indices, pruned count)``: modelled FIT, kept count per layer,
+    the Fisher step ``Σ F (θ − θ')²`` from the current weights ``theta`` and the self-FIT
+    ``Σ F θ'²`` of the candidate's weights ``θ'`` (pruned, rounded from the float master)."""
     TRACE_COUNTS["score"] += 1
     idx = jnp.arange(Fw2.shape[0])
 
     def one(bidx, k):
         keep = rank >= k
-        fs = FS[bidx[layer_id], idx]
-        fit = jnp.sum(jnp.where(keep, fs, Fw2))
+        lb = bidx[layer_id]
+        fit = jnp.sum(jnp.where(keep, FS[lb, idx], Fw2))
+        child = jnp.where(keep, QW[lb, idx], 0.0)
+        d = theta - child
+        step = jnp.sum(F * d * d)
+        selff = jnp.sum(F * child * child)
         kept = jax.ops.segment_sum(keep.astype(jnp.int32), layer_id, num_segments=num_layers)
-        return fit, kept
+        return fit, kept, step, selff
 
     return jax.vmap(one)(cand_bidx, cand_k)
 
@@ -440,16 +484,30 @@ def fit_search(
     pruned_fractions: Sequence[float] | None = None,
     quant: Int = _DEFAULT_GRID,
     rules: Sequence[str] | str = (".*",),
+    rule: str = "astar",
+    lam: float = 1.0,
     solver: str = "obc",
     seed: int = 0,
     max_steps: int = 100_000,
 ) -> FITPlan:
     """FITCompress greedy path search to a size target.
 
-    Start: every selected layer at ``bit_schedule[0]``, nothing pruned. Each step scores every
-    move (one layer one step down the bit schedule; the global pruning level one step up) by
-    ``ΔFIT / Δsize`` and takes the smallest (ties: a seeded random order); it stops as soon as
-    ``size_bits <= target``. A pruning level that would empty a layer is never taken.
+    Start: every selected layer at ``bit_schedule[0]``, nothing pruned. From the current node the
+    children are: one per layer that can still lose bits (only that layer moves one step down the
+    bit schedule) and one that raises the global pruning level by one step (the next
+    ``floor(p·N)`` weights of smallest ``F·w²`` over all selected kernels are zeroed). A pruning
+    level that would empty a layer is never taken. Children's weights are pruned and rounded from
+    the float master (rounding error does not accumulate). Two step rules:
+
+    * ``rule="astar"`` (the paper's greedy A*): each child ``θ'`` costs
+      ``f = g + sqrt(Σ F (θ − θ')²) + lam·|α' − α*|·sqrt(Σ F θ'²)`` (``g`` the Fisher path length
+      so far, ``α = size / fp32 size``); the search stops at the first expansion that yields a
+      child within the target (the cheapest such child by ``f``), else it moves to the child of
+      smallest ``f`` and drops the others.
+    * ``rule="ratio"`` (ours): the child with the smallest modelled ``ΔFIT / Δsize``; stops as
+      soon as the size meets the target.
+
+    Both use one Fisher (at the float weights; the paper re-estimates it at each expanded node).
 
     Args:
       params: float params; fisher: :func:`fisher_diagonal` of the same kernels.
@@ -460,15 +518,17 @@ def fit_search(
         :func:`prune_schedule` ``(40, -3)``.
       quant: grid template (bits replaced per layer); the noise model uses its row steps.
       rules: regexes choosing the layers (must all have a Fisher diagonal).
+      rule: ``"astar"`` or ``"ratio"`` (see above). lam: the heuristic's weight λ (astar).
       solver: the ``LayerSpec.solver`` written into ``specs`` (for ``compress``).
       seed: tie-breaking seed (ranking ties and equal move scores).
 
     Returns:
-      A :class:`FITPlan`.
+      A :class:`FITPlan`; ``trace`` holds one dict per node on the path (move, layer, fit,
+      size_bits, alpha, g, h, f, score, sparsity, bits).
 
     Raises:
-      ValueError: no kernel matched, a kernel has no Fisher diagonal, a bad schedule, no or both
-        targets, or a target below the smallest reachable size (the message gives it).
+      ValueError: no kernel matched, a kernel has no Fisher diagonal, a bad schedule or rule, no
+        or both targets, or a target below the smallest reachable size (the message gives it).
 
     Example:
         >>> plan = fit_search(params, fisher, target_ratio=0.05)
@@ -477,6 +537,10 @@ def fit_search(
     diag = _diag(fisher)
     if (target_bits is None) == (target_ratio is None):
         raise ValueError("fit_search: give exactly one of target_bits or target_ratio")
+    if rule not in ("astar", "ratio"):
+        raise ValueError(f"fit_search: rule must be 'astar' or 'ratio', got {rule!r}")
+    if not (float(lam) >= 0 and math.isfinite(float(lam))):
+        raise ValueError(f"fit_search: lam must be a finite number >= 0, got {lam!r}")
     bsched = tuple(int(b) for b in bit_schedule)
     if (
         not bsched
@@ -514,6 +578,7 @@ def fit_search(
     target = float(target_bits) if target_bits is not None else float(target_ratio) * dense_bits
     if not target > 0:
         raise ValueError(f"fit_search: the size target must be > 0, got {target}")
+    alpha_star = target / dense_bits
 
     layer_id = np.repeat(np.arange(L), sizes).astype(np.int32)
     w_flat = np.concatenate([w.ravel() for w in ws]).astype(np.float64)
@@ -537,37 +602,65 @@ def fit_search(
             f"({min_size / dense_bits:.4g}) with {bvec[-1]} bits and {ks[jmax] / N:.4g}"
             " pruned; lower the bit schedule or extend pruned_fractions"
         )
+    specs_b = [dataclasses.replace(quant, bits=b) for b in bsched]
     FS = np.stack(
         [
-            np.concatenate(
-                [np.asarray(quant_noise(w, dataclasses.replace(quant, bits=b))).ravel() for w in ws]
-            )
-            * F_flat
-            for b in bsched
+            np.concatenate([np.asarray(quant_noise(w, s)).ravel() for w in ws]) * F_flat
+            for s in specs_b
         ]
     )
+    QW = np.stack([np.concatenate([np.asarray(_rtn(w, s)).ravel() for w in ws]) for s in specs_b])
     dev = dict(
         Fw2=jnp.asarray(sal, jnp.float32),
         FS=jnp.asarray(FS, jnp.float32),
+        F=jnp.asarray(F_flat, jnp.float32),
+        QW=jnp.asarray(QW, jnp.float32),
         rank=jnp.asarray(rank),
         layer_id=jnp.asarray(layer_id),
     )
 
+    def weights_of(bidx, k):
+        return np.where(rank >= k, QW[bidx[layer_id], np.arange(N)], 0.0).astype(np.float32)
+
+    def score(cb, ck, theta):
+        out = _score(
+            **dev,
+            theta=jnp.asarray(theta),
+            cand_bidx=jnp.asarray(cb, jnp.int32),
+            cand_k=jnp.asarray(ck, jnp.int32),
+            num_layers=L,
+        )
+        return [np.asarray(o, np.float64) for o in out]
+
+    def snapshot(move, layer, fit, size, g, h, f, sc):
+        return {
+            "move": move,
+            "layer": layer,
+            "fit": fit,
+            "size_bits": int(size),
+            "alpha": size / dense_bits,
+            "g": g,
+            "h": h,
+            "f": f,
+            "score": sc,
+            "sparsity": float(ks[j] / N),
+            "bits": [int(bsched[b]) for b in bidx],
+        }
+
     bidx = np.zeros(L, np.int64)
     j = 0
+    theta = weights_of(bidx, ks[0])
     # the start state is scored with the candidate batch's shape (L + 1 copies) so the jitted
     # scorer is traced once per search
-    fit0, kept0 = _score(
-        **dev,
-        cand_bidx=jnp.asarray(np.repeat(bidx[None], L + 1, 0), jnp.int32),
-        cand_k=jnp.asarray(np.full(L + 1, ks[0], np.int32)),
-        num_layers=L,
-    )
-    fit = float(fit0[0])
-    size = int(np.asarray(kept0[0]) @ bvec[bidx]) + other_bits
-    trace = [{"move": "start", "layer": None, "fit": fit, "size_bits": size, "score": 0.0}]
+    fits0, kept0, _, self0 = score(np.repeat(bidx[None], L + 1, 0), np.full(L + 1, ks[0]), theta)
+    fit = float(fits0[0])
+    size = int(kept0[0] @ bvec[bidx]) + other_bits
+    g = 0.0
+    h0 = float(lam * abs(size / dense_bits - alpha_star) * math.sqrt(self0[0]))
+    trace = [snapshot("start", None, fit, size, 0.0, h0, h0, 0.0)]
     steps = 0
-    while size > target:
+    done = size <= target
+    while not done:
         if steps >= max_steps:
             raise RuntimeError(f"fit_search: no solution within max_steps={max_steps}")
         steps += 1
@@ -581,22 +674,23 @@ def fit_search(
         if j + 1 <= jmax:
             ck[L] = ks[j + 1]
             valid[L] = True
-        fits, kept = _score(
-            **dev,
-            cand_bidx=jnp.asarray(cb, jnp.int32),
-            cand_k=jnp.asarray(ck, jnp.int32),
-            num_layers=L,
-        )
-        fits = np.asarray(fits, np.float64)
-        kept = np.asarray(kept, np.int64)
+        fits, kept, step, selff = score(cb, ck, theta)
+        kept = kept.astype(np.int64)
         csize = np.einsum("cl,cl->c", kept, bvec[cb]) + other_bits
         saved = size - csize
         valid &= saved > 0
         if not valid.any():  # cannot happen when the target is reachable; kept as a guard
             raise RuntimeError("fit_search: no move reduces the size")
-        score = np.where(valid, (fits - fit) / np.maximum(saved, 1), np.inf)
-        best = score.min()
-        ties = np.nonzero(score == best)[0]
+        hs = lam * np.abs(csize / dense_bits - alpha_star) * np.sqrt(np.maximum(selff, 0.0))
+        fs = g + np.sqrt(np.maximum(step, 0.0)) + hs
+        if rule == "astar":
+            reach = valid & (csize <= target)
+            pool = reach if reach.any() else valid
+            sc = np.where(pool, fs, np.inf)
+        else:
+            sc = np.where(valid, (fits - fit) / np.maximum(saved, 1), np.inf)
+        best = sc.min()
+        ties = np.nonzero(sc == best)[0]
         c = int(ties[0]) if len(ties) == 1 else int(rng.choice(ties))
         if c == L:
             j += 1
@@ -604,8 +698,11 @@ def fit_search(
         else:
             bidx[c] += 1
             move, layer = "quant", paths[c]
+        g += math.sqrt(max(float(step[c]), 0.0))
         fit, size = float(fits[c]), int(csize[c])
-        trace.append({"move": move, "layer": layer, "fit": fit, "size_bits": size, "score": best})
+        theta = weights_of(bidx, ks[j])
+        trace.append(snapshot(move, layer, fit, size, g, float(hs[c]), float(fs[c]), float(best)))
+        done = size <= target
 
     keep_flat = rank >= ks[j]
     specs, masks, bits = {}, {}, {}
@@ -684,3 +781,427 @@ def materialize(
         new = _with_kernels(new, {p: q.astype(k.dtype)})
     specs = {p: s for p, s in specs.items() if s is not None}
     return Compressed(new, out_masks, qarrays, {}, dict(specs), summarize(params, new, specs))
+
+
+# -- hybrid: the OBC dynamic program fed with FIT scores ------------------------------------------
+
+
+def _default_levels(bits: Sequence[int] = (8, 6, 4, 3, 2)) -> list[LayerSpec]:
+    from obcjax.allocation import sparsity_levels
+
+    out = []
+    for s in sparsity_levels():
+        for b in bits:
+            prune = Unstructured(s.sparsity) if s.sparsity > 0 else None
+            out.append(LayerSpec(prune=prune, quant=dataclasses.replace(_DEFAULT_GRID, bits=b)))
+    return out
+
+
+def _level_of(value, where: str) -> LayerSpec:
+    spec = as_layer_spec(value)
+    spec = LayerSpec() if spec is None else spec
+    if spec.prune is not None and not isinstance(spec.prune, Unstructured):
+        raise ValueError(f"{where}: level {spec.name!r}: only Unstructured pruning is modelled")
+    return spec
+
+
+def fit_database(
+    params,
+    fisher: Fisher | Mapping[str, Any],
+    levels: Sequence[Any] | None = None,
+    *,
+    rules: Sequence[str] | str = (".*",),
+    seed: int = 0,
+):
+    """OBC's database of levels with FIT scores as the per-layer losses (a hybrid).
+
+    For every selected layer and level the loss is the layer's FIT (:func:`fit_score`: the
+    smallest ``F·w²`` pruned per layer by :func:`fisher_mask`, ``Δ²/12`` noise on the kept
+    weights) and the ``size`` cost is ``kept × bits`` (32 when not quantized), no index overhead:
+    the accounting of :func:`obcjax.transforms.summarize` and :func:`fit_search`. Feed it to
+    :func:`obcjax.allocation.solve` (or use :func:`fit_dp`).
+
+    Args:
+      params: float params; fisher: the Fisher diagonal of the selected kernels.
+      levels: level specs (``LayerSpec``, ``Int``, ``Unstructured``, ``(Unstructured, Int)`` or
+        None for dense); default: OBC's 45 sparsities × bits (8, 6, 4, 3, 2) on min-max grids.
+      rules: regexes choosing the layers. seed: ranking tie-break (as :func:`fisher_mask`).
+
+    Returns:
+      An :class:`obcjax.allocation.Database` (built with ``Database.from_table``).
+
+    Example:
+        >>> db = fit_database(params, fisher)
+        >>> choice = obcjax.allocation.solve(db, budget_bits)
+    """
+    from obcjax.allocation import Database
+
+    diag = _diag(fisher)
+    lv = [_level_of(v, "fit_database") for v in (_default_levels() if levels is None else levels)]
+    if not lv:
+        raise ValueError("fit_database: the list of levels is empty")
+    kernels = _select(params, rules, "fit_database")
+    loss, cost = {}, {}
+    for p, k in kernels.items():
+        if p not in diag:
+            raise ValueError(f"fit_database: no Fisher diagonal for layer {p!r}")
+        w = np.asarray(k, np.float64).ravel()
+        F = np.asarray(diag[p], np.float64).ravel()
+        if F.size != w.size:
+            raise ValueError(f"fit_database: layer {p!r}: Fisher size {F.size} != kernel {w.size}")
+        n = w.size
+        tie = np.random.default_rng(seed).permutation(n)
+        order = np.lexsort((tie, F * w * w))
+        pruned_cum = np.concatenate([[0.0], np.cumsum((F * w * w)[order])])
+        noise: dict[Int | None, np.ndarray] = {}
+        lrow, crow = {}, {}
+        for spec in lv:
+            q = spec.quant
+            if q not in noise:
+                d2 = np.zeros(n) if q is None else np.asarray(quant_noise(k, q), np.float64).ravel()
+                noise[q] = np.concatenate([[0.0], np.cumsum((F * d2)[order])])
+            s = 0.0 if spec.prune is None else spec.prune.sparsity
+            kp = int(math.floor(s * n + 0.5))
+            nc = noise[q]
+            lrow[spec] = float(pruned_cum[kp] + nc[-1] - nc[kp])
+            crow[spec] = float((n - kp) * (32 if q is None else q.bits))
+        loss[p], cost[p] = lrow, crow
+    return Database.from_table(loss, cost, metric="size")
+
+
+def fit_dp(
+    params,
+    fisher: Fisher | Mapping[str, Any],
+    *,
+    target_bits: float | None = None,
+    target_ratio: float | None = None,
+    levels: Sequence[Any] | None = None,
+    rules: Sequence[str] | str = (".*",),
+    solver: str = "obc",
+    seed: int = 0,
+) -> FITPlan:
+    """Per-layer levels by OBC's dynamic program on FIT scores (:func:`fit_database`).
+
+    Unlike :func:`fit_search` every layer gets its own sparsity (per-layer ``F·w²`` masks) and
+    bits, chosen to minimise the summed FIT within the size target (exact DP over the levels).
+
+    Returns:
+      A :class:`FITPlan` (``level`` = -1, ``trace`` = [], ``sparsity`` the overall pruned
+      fraction of the selected kernels) usable with :func:`apply_plan`.
+
+    Example:
+        >>> plan = fit_dp(params, fisher, target_ratio=0.05)
+        >>> out = apply_plan(params, plan, stats=stats, solver="obc")
+    """
+    from obcjax.allocation import solve
+
+    if (target_bits is None) == (target_ratio is None):
+        raise ValueError("fit_dp: give exactly one of target_bits or target_ratio")
+    kernels = _select(params, rules, "fit_dp")
+    diag = _diag(fisher)
+    db = fit_database(params, fisher, levels, rules=rules, seed=seed)
+    all_leaves = int(sum(np.size(x) for x in jax.tree.leaves(params)))
+    N = int(sum(np.size(k) for k in kernels.values()))
+    other_bits = 32 * (all_leaves - N)
+    dense_bits = 32 * all_leaves
+    target = float(target_bits) if target_bits is not None else float(target_ratio) * dense_bits
+    if target - other_bits < db.min_cost("size"):
+        raise ValueError(
+            f"fit_dp: size target {target:.0f} bits ({target / dense_bits:.4g} of fp32) is "
+            f"unreachable; the smallest size over these levels is "
+            f"{db.min_cost('size') + other_bits:.0f} bits"
+        )
+    choice = solve(db, target - other_bits, metric="size")
+    specs, masks, bits = {}, {}, {}
+    size, pruned, fit = other_bits, 0, 0.0
+    losses = db.losses()
+    for p, spec in choice.items():
+        w = kernels[p]
+        s = 0.0 if spec.prune is None else spec.prune.sparsity
+        m = fisher_mask(diag[p], w, s, seed=seed)
+        b = 32 if spec.quant is None else spec.quant.bits
+        specs[p] = dataclasses.replace(spec, solver=solver)
+        masks[p], bits[p] = m, b
+        size += int(m.sum()) * b
+        pruned += int(m.size - m.sum())
+        fit += float(losses[p][db.levels(p).index(spec)])
+    return FITPlan(specs, masks, bits, -1, pruned / N, size, dense_bits, target, fit, [])
+
+
+# -- fine-tuning with the mask and bit-widths fixed -----------------------------------------------
+
+
+def codebooks_of(out: Compressed) -> dict:
+    """Frozen per-row codebooks (:class:`obcjax.training.Codebook`) of a compressed model's grids.
+
+    Each layer's ``QArray`` grids (one scale and zero point per output row, any granularity but
+    ``"group"``) become one ``Codebook`` whose ``(out,)`` scale broadcasts over the kernel's last
+    axis, so :func:`obcjax.training.quantized_apply` reproduces the compressed kernels exactly.
+    """
+    from obcjax.training import Codebook
+
+    cbs = {}
+    for p, qs in out.qarrays.items():
+        if any(np.shape(q.scale)[1] != 1 for q in qs):
+            raise ValueError(
+                f"codebooks_of: layer {p!r} has per-group grids; a frozen codebook needs one "
+                "scale per output row (granularity 'channel' or 'tensor')"
+            )
+        scale = np.concatenate([np.asarray(q.scale)[:, 0] for q in qs])
+        zero = np.concatenate([np.asarray(q.zero)[:, 0] for q in qs])
+        cbs[p] = Codebook(jnp.asarray(scale), jnp.asarray(zero), int(qs[0].bits))
+    return cbs
+
+
+def finetune_plan(
+    name: str, variables: Mapping[str, Any], out: Compressed, data, steps: int, **kwargs
+):
+    """Quantization-aware fine-tuning of a compressed zoo model with its mask and bits fixed.
+
+    FITCompress's final "single-shot fine-tuning": :func:`obcjax.training.finetune` from the
+    compressed weights, the pruned weights held at 0 (``training.masked``) and every quantized
+    kernel on its frozen per-row grid (``training.frozen_codebooks``; STE forward).
+
+    Args:
+      name: zoo model name. variables: the model's variables (``batch_stats`` are kept).
+      out: a :class:`~obcjax.transforms.Compressed` (e.g. :func:`apply_plan`'s result).
+      data: a ``Split`` or ``{"train": Split}``. steps: optimizer steps.
+      **kwargs: passed to ``finetune`` (``lr``, ``batch_size``, ``weight_decay``, ``seed``).
+
+    Returns:
+      ``finetune``'s ``(variables, info)``; the params lie on the grids and keep the masks.
+
+    Example:
+        >>> v, info = finetune_plan("lenet5", variables, apply_plan(params, plan), ds, 300)
+    """
+    from obcjax.training import finetune
+
+    return finetune(
+        name, {**variables, "params": out.params}, out.masks, codebooks_of(out), data, steps,
+        **kwargs,
+    )  # fmt: skip
+
+
+# -- FIT of activation quantization ---------------------------------------------------------------
+
+
+class ActFisher(NamedTuple):
+    """Empirical Fisher traces of layer inputs (activations), FIT's activation term.
+
+    Attributes:
+      trace: ``{layer path: Tr F(a)}`` = mean over examples of ``‖∂ℓ/∂a‖²`` (a = the layer's
+        whole input for one example).
+      lo, hi: ``{layer path: float}`` mean over batches of the per-batch min / max of ``a``.
+      order: the layers in call order. batches, examples, converged, changes: as :class:`Fisher`.
+    """
+
+    trace: dict[str, float]
+    lo: dict[str, float]
+    hi: dict[str, float]
+    order: list[str]
+    batches: int
+    examples: int
+    converged: bool
+    changes: list[float]
+
+
+@contextlib.contextmanager
+def _intercept_inputs(module, transform, layer_types):
+    """Within the context, ``transform(path, x)`` replaces the first input of the matched Linen
+    layers (``nn.Dense`` / ``nn.Conv`` ...); a None result leaves it alone."""
+    from obcjax.calibration import LAYER_TYPES
+
+    del module
+    classes = tuple(LAYER_TYPES[k][0] for k in layer_types)
+
+    def interceptor(next_fun, args, kw, context):
+        if context.method_name == "__call__" and isinstance(context.module, classes):
+            new = transform("/".join(str(p) for p in context.module.path), args[0])
+            if new is not None:
+                args = (new, *args[1:])
+        return next_fun(*args, **kw)
+
+    with nn.intercept_methods(interceptor):
+        yield
+
+
+def activation_fisher(
+    module,
+    variables: Mapping[str, Any],
+    batches: Iterable[Any],
+    *,
+    rules: Sequence[str] | str = (".*",),
+    skip_first: bool = True,
+    layer_types: Sequence[str] = ("Dense", "Conv"),
+    apply_kwargs: Mapping[str, Any] | None = None,
+    tol: float = 1e-3,
+    min_batches: int = 2,
+    max_batches: int = 100,
+) -> ActFisher:
+    """Fisher traces of the inputs of ``Dense`` / ``Conv`` layers of a Linen classifier.
+
+    FIT's activation term (Zandonati et al. 2022): ``Tr F(a_l)·Δ_l²/12`` per quantized layer input,
+    with ``Tr F(a_l) = (1/N) Σ_n ‖∂ℓ_n/∂a_l‖²`` from per-example gradients (a zero perturbation is
+    added to each matched layer's input through ``nn.intercept_methods`` and differentiated under
+    ``vmap``) and ``Δ_l`` from the mean per-batch range. The first layer's input (the data) is
+    skipped as in the paper unless ``skip_first=False``. Loss: cross-entropy of the logits.
+
+    Args:
+      module: a Linen module (``module.apply(variables, x, **apply_kwargs) -> logits``).
+      variables: its variables. batches: ``(x, y)`` pairs or ``{"x", "y"}`` dicts.
+      rules: regexes choosing layers. tol, min_batches, max_batches: early stop on the relative
+        change of the running traces, as :func:`fisher_diagonal`.
+
+    Returns:
+      An :class:`ActFisher`.
+
+    Raises:
+      ValueError: a batch without labels, no layer matched, empty batches.
+
+    Example:
+        >>> act = activation_fisher(linen_model("lenet5"), variables, batches(ds["calib"], 64))
+        >>> activation_fit(act, {p: 4 for p in act.trace})
+    """
+    kwargs = dict(apply_kwargs or {})
+    if isinstance(rules, str):
+        rules = (rules,)
+    batches = iter(batches)
+    first = next(batches, None)
+    if first is None:
+        raise ValueError("activation_fisher: batches is empty")
+    x0, _ = _split_batch(first, 0)
+    seen: dict[str, tuple] = {}
+
+    def record(path, a):
+        seen.setdefault(path, tuple(a.shape))
+        return None
+
+    def probe(x):
+        with _intercept_inputs(module, record, layer_types):
+            return module.apply(variables, x, **kwargs)
+
+    jax.eval_shape(probe, jnp.asarray(x0[:1]))
+    order = list(seen)
+    cand = order[1:] if skip_first else order
+    paths = tuple(p for p in cand if any(re.fullmatch(r, p) for r in rules))
+    if not paths:
+        raise ValueError(
+            f"activation_fisher: no layer input matched rules {list(rules)} (skip_first="
+            f"{skip_first}); the layers in call order are {order}"
+        )
+    eps0 = {p: jnp.zeros(seen[p], jnp.float32) for p in paths}
+
+    def one(eps, xi, yi):
+        def add(path, a):
+            return a + eps[path].astype(a.dtype) if path in eps else None
+
+        with _intercept_inputs(module, add, layer_types):
+            logits = module.apply(variables, xi[None], **kwargs)
+        return -jax.nn.log_softmax(logits[0])[yi]
+
+    @jax.jit
+    def step(x, y, w):
+        g = jax.vmap(jax.grad(one), in_axes=(None, 0, 0))(eps0, x, y)
+        tr = {p: jnp.tensordot(w, jnp.sum(g[p].reshape(len(w), -1) ** 2, axis=1), 1) for p in paths}
+        got = {}
+
+        def rng(path, a):
+            if path in eps0 and path not in got:
+                got[path] = (jnp.min(a), jnp.max(a))
+            return None
+
+        with _intercept_inputs(module, rng, layer_types):
+            module.apply(variables, x, **kwargs)
+        return tr, got
+
+    total = dict.fromkeys(paths, 0.0)
+    lo_sum, hi_sum = dict.fromkeys(paths, 0.0), dict.fromkeys(paths, 0.0)
+    prev, size, n, t, converged, changes = None, None, 0, 0, False, []
+    for t, batch in enumerate(itertools.chain([first], batches), start=1):
+        x, y = _split_batch(batch, t - 1)
+        b = len(y)
+        size = size or b
+        if b > size:
+            raise ValueError(
+                f"activation_fisher: batch {t - 1} has {b} examples, more than the first ({size})"
+            )
+        w = np.zeros(size, np.float32)
+        w[:b] = 1.0
+        if b < size:
+            x = np.concatenate([x, np.repeat(x[:1], size - b, 0)])
+            y = np.concatenate([y, np.repeat(y[:1], size - b, 0)])
+        tr, rg = step(jnp.asarray(x), jnp.asarray(y), jnp.asarray(w))
+        for p in paths:
+            total[p] += float(tr[p])
+            lo_sum[p] += float(rg[p][0])
+            hi_sum[p] += float(rg[p][1])
+        n += b
+        cur = np.array([total[p] / n for p in paths])
+        if prev is None:
+            changes.append(math.inf)
+        else:
+            denom = float(np.linalg.norm(cur))
+            changes.append(float(np.linalg.norm(cur - prev)) / denom if denom > 0 else 0.0)
+        prev = cur
+        if t >= min_batches and changes[-1] < tol:
+            converged = True
+            break
+        if t >= max_batches:
+            break
+    return ActFisher(
+        {p: total[p] / n for p in paths},
+        {p: lo_sum[p] / t for p in paths},
+        {p: hi_sum[p] / t for p in paths},
+        order,
+        t,
+        n,
+        converged,
+        changes,
+    )
+
+
+def _act_step(act: ActFisher, path: str, bits: int) -> float:
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 2 <= bits <= 16:
+        raise ValueError(
+            f"activation_fit: layer {path!r}: bits must be an int in 2..16, got {bits!r}"
+        )
+    lo, hi = min(act.lo[path], 0.0), max(act.hi[path], 0.0)
+    return (hi - lo) / (2**bits - 1)
+
+
+def activation_fit(act: ActFisher, bits: Mapping[str, int]) -> dict[str, float]:
+    """FIT's activation term per layer: ``Tr F(a)·Δ²/12`` with ``Δ = (hi − lo)/(2^b − 1)``.
+
+    Args:
+      act: :func:`activation_fisher`'s result. bits: ``{layer path: bits}`` (layers left out are
+        not quantized).
+
+    Example:
+        >>> sum(activation_fit(act, {p: 4 for p in act.trace}).values())
+    """
+    out = {}
+    for p, b in bits.items():
+        if p not in act.trace:
+            raise ValueError(
+                f"activation_fit: no activation Fisher for layer {p!r}; have {sorted(act.trace)}"
+            )
+        d = _act_step(act, p, b)
+        out[p] = act.trace[p] * d * d / 12.0
+    return out
+
+
+def activation_grids(act: ActFisher, bits: Mapping[str, int]) -> dict:
+    """``{path: obcjax.activations.ActQuant}`` asymmetric min-max grids on the ranges FIT models.
+
+    Use with :func:`obcjax.activations.activation_forward` to measure what ``activation_fit``
+    predicts.
+    """
+    from obcjax.activations import ActQuant
+
+    out = {}
+    for p, b in bits.items():
+        d = _act_step(act, p, b)
+        lo = min(act.lo[p], 0.0)
+        zero = float(np.round(-lo / d)) if d > 0 else 0.0
+        out[p] = ActQuant(jnp.asarray(d if d > 0 else 1.0), jnp.asarray(zero), int(b), False)
+    return out

@@ -195,21 +195,40 @@ def test_joint_prune_then_quantize():
 # ----------------------------------------------------------------------------- optax transform
 
 
-def test_state_is_a_pytree_and_survives_flatten_unflatten():
-    p = _params()
-    tx = A.admm([("fc", Unstructured(0.5)), ("conv", A.Binary())], update_every=2)
-    state = tx.init(p)
-    leaves, treedef = jax.tree.flatten(state)
-    again = jax.tree.unflatten(treedef, leaves)
-    assert isinstance(again, A.ADMMState)
-    grads = jax.tree.map(jnp.ones_like, p)
-    u1, s1 = jax.jit(tx.update)(grads, state, p)
-    u2, s2 = jax.jit(tx.update)(grads, again, p)
-    jax.tree.map(np.testing.assert_array_equal, (u1, s1), (u2, s2))
-    assert set(state.Z) == {"fc", "conv"}
-    np.testing.assert_array_equal(
-        np.asarray(state.Z["fc"]), np.asarray(A.project_topk(p["fc"]["kernel"], 24))
+def test_chained_state_checkpoints_through_flax_serialization():
+    from flax import serialization
+
+    p = _params(2)
+    tx = optax.chain(
+        A.admm([("fc", Unstructured(0.5)), ("conv", A.Uniform(3))], update_every=2),
+        optax.adam(1e-2),
+        A.mask_updates({"fc": np.asarray(p["fc"]["kernel"]) > 0}),
     )
+    step = jax.jit(tx.update)
+    grads = jax.tree.map(lambda x: jnp.full_like(x, 0.3), p)
+    state = tx.init(p)
+    adm = state[0]
+    assert isinstance(adm, A.ADMMState) and set(adm.Z) == {"fc", "conv"}
+    np.testing.assert_array_equal(  # Z starts at the projection of W, U at 0
+        np.asarray(adm.Z["fc"]), np.asarray(A.project_topk(p["fc"]["kernel"], 24))
+    )
+    assert not np.any(np.asarray(adm.U["conv"]))
+    leaves, treedef = jax.tree.flatten(state)  # a pytree: flattens and rebuilds
+    assert isinstance(jax.tree.unflatten(treedef, leaves)[0], A.ADMMState)
+    for _ in range(3):
+        upd, state = step(grads, state, p)
+        p = optax.apply_updates(p, upd)
+    blob = serialization.to_bytes(state)
+    restored = serialization.from_bytes(tx.init(_params(5)), blob)  # a template of other values
+    jax.tree.map(np.testing.assert_array_equal, restored, state)
+    a, b = p, p
+    sa, sb = state, restored
+    for _ in range(3):  # crosses the Z/U update of call 4: the restored state behaves the same
+        ua, sa = step(grads, sa, a)
+        ub, sb = step(grads, sb, b)
+        a, b = optax.apply_updates(a, ua), optax.apply_updates(b, ub)
+    jax.tree.map(np.testing.assert_array_equal, (a, sa), (b, sb))
+    assert int(sa[0].step) == 6 and float(sa[0].rho["fc"]) == pytest.approx(1e-3 * 1.3**2)
 
 
 def test_chain_with_sgd_matches_the_admm_equations():
@@ -316,12 +335,73 @@ def test_schedule_validation():
         A.check_schedule(p, [[("nope", Unstructured(0.5))]])
 
 
+# ----------------------------------------------------------------------------- retraining, hybrids
+
+
+@pytest.mark.parametrize("spec", [A.Uniform(3), A.Ternary(), (Unstructured(0.5), A.Binary())])
+def test_levels_snap_and_straight_through_gradient(spec):
+    p = _params(8)
+    new, masks, levels = A.hard_project(p, [("fc", spec)], with_levels=True)
+    lv = levels["fc"]
+    P = np.asarray(new["fc"]["kernel"], np.float64)
+    # the projection lies on its own levels: snapping it again changes nothing
+    np.testing.assert_allclose(np.asarray(A.snap(new["fc"]["kernel"], lv)), P, atol=1e-6)
+    # snap = nearest allowed level, entry by entry, for arbitrary weights (brute force)
+    W = np.asarray(_rng(9).normal(size=p["fc"]["kernel"].shape) * 1.5, np.float64)
+    q = float(lv.q)
+    codes = [c for c in range(-lv.hi, lv.hi + 1) if not (lv.nonzero and c == 0)]
+    grid = q * np.asarray(codes, np.float64)
+    want = grid[np.argmin(np.abs(W[..., None] - grid), axis=-1)]
+    want = np.where(np.asarray(lv.support), want, 0.0)
+    got = np.asarray(A.snap(jnp.asarray(W, jnp.float32), lv), np.float64)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # value snapped, gradient straight through
+    c = jnp.asarray(_rng(10).normal(size=W.shape), jnp.float32)
+    val = A.ste_apply({"fc": {"kernel": jnp.asarray(W, jnp.float32)}}, levels)["fc"]["kernel"]
+    np.testing.assert_allclose(np.asarray(val), got, atol=1e-6)
+    g = jax.grad(lambda k: jnp.sum(A.ste_apply({"fc": {"kernel": k}}, levels)["fc"]["kernel"] * c))(
+        jnp.asarray(W, jnp.float32)
+    )
+    np.testing.assert_allclose(np.asarray(g), np.asarray(c))
+    assert not np.any(np.asarray(masks["fc"]))  # hard masked retraining keeps quantized layers
+
+
+def test_obs_compensate_is_the_masked_least_squares_solution():
+    from obcjax.kernels import layer_loss
+    from obcjax.stats import hessian_init, hessian_update
+
+    r = _rng(11)
+    X = r.normal(size=(200, 8)) @ r.normal(size=(8, 8))  # correlated inputs
+    X = X.astype(np.float32)
+    p = _params(12)
+    st = hessian_update(hessian_init(8), jnp.asarray(X))
+    proj, masks = A.hard_project(p, [("fc", Unstructured(0.6))])
+    out = A.obs_compensate(p, {"fc": st}, masks, rel_damp=0.0)
+    W0 = np.asarray(p["fc"]["kernel"], np.float64).T  # (out, in) rows
+    M = np.asarray(masks["fc"]).T
+    got = np.asarray(out["fc"]["kernel"], np.float64).T
+    X64 = X.astype(np.float64)
+    for o in range(W0.shape[0]):
+        S = np.nonzero(M[o])[0]
+        ws, *_ = np.linalg.lstsq(X64[:, S], X64 @ W0[o], rcond=None)
+        want = np.zeros(8)
+        want[S] = ws
+        np.testing.assert_allclose(got[o], want, rtol=2e-3, atol=2e-4)
+    H = jnp.asarray(2 * X64.T @ X64 / 200, jnp.float32)
+    assert float(layer_loss(W0, got, H)) < 0.9 * float(
+        layer_loss(W0, np.asarray(proj["fc"]["kernel"], np.float64).T, H)
+    )
+    assert out["conv"] is p["conv"]  # other layers untouched, input not mutated
+    with pytest.raises(ValueError, match="statistics for layer 'fc'"):
+        A.obs_compensate(p, {}, masks)
+
+
 def test_progressive_driver_final_masks_and_levels_hold_exactly():
     r = _rng(7)
-    x = r.normal(size=(96, 8, 8, 1)).astype(np.float32)
-    y = (x[:, :4].sum(axis=(1, 2, 3)) > 0).astype(np.int32)
+    x = r.normal(size=(96, 4, 4, 1)).astype(np.float32)
+    y = (x[:, :2].sum(axis=(1, 2, 3)) > 0).astype(np.int32)
     data = {"train": Split(x[:64], y[:64]), "test": Split(x[64:], y[64:])}
-    v = init_variables("mlp", (8, 8, 1), num_classes=2)
+    v = init_variables("mlp", (4, 4, 1), num_classes=2)
     schedule = [
         [("fc1", Unstructured(0.5)), ("fc2", Unstructured(0.5))],
         [
@@ -332,7 +412,7 @@ def test_progressive_driver_final_masks_and_levels_hold_exactly():
     ]
     out, hist = A.progressive_admm(
         "mlp", v, data, schedule, rho=0.05, admm_epochs=1, updates_per_stage=2,
-        retrain_epochs=1, batch_size=32,
+        retrain_epochs=1, batch_size=32, lr=1e-2,
     )  # fmt: skip
     assert np.count_nonzero(v["params"]["fc1"]["kernel"]) == v["params"]["fc1"]["kernel"].size
     fc1 = np.asarray(out["params"]["fc1"]["kernel"])
@@ -340,6 +420,8 @@ def test_progressive_driver_final_masks_and_levels_hold_exactly():
     fc3 = np.asarray(out["params"]["fc3"]["kernel"])
     assert np.count_nonzero(fc1) == round(0.1 * fc1.size)
     assert np.count_nonzero(fc2) == round(0.25 * fc2.size)
+    # zeros of stage 0 stay zero in stage 1
+    assert hist[0]["fc2/sparsity"] == pytest.approx(0.5, abs=1e-3)
     mags = np.unique(np.abs(fc2[fc2 != 0]))
     assert 1 <= mags.size <= 3  # 3 bits, zero reserved for pruned: codes +-1..+-3
     on_grid = [
@@ -350,4 +432,8 @@ def test_progressive_driver_final_masks_and_levels_hold_exactly():
     assert np.unique(np.abs(fc3)).size == 1 and np.all(fc3 != 0)
     assert [h["stage"] for h in hist] == [0, 1]
     assert hist[-1]["fc3/levels"] == 1
-    assert 0.0 <= hist[-1]["acc"] <= 1.0
+    assert 0.0 <= hist[-1]["acc"] <= 1.0 and "acc_hard" in hist[0]
+    with pytest.raises(ValueError, match="quant_retrain"):
+        A.progressive_admm("mlp", v, data, schedule, quant_retrain="inq")
+    with pytest.raises(ValueError, match="calib"):
+        A.progressive_admm("mlp", v, data, schedule, mask_solver="obs")

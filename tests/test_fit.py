@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from obcjax import fit
-from obcjax.specs import Int, Unstructured
+from obcjax.specs import NM, Int, Unstructured
 from obcjax.transforms import LayerSpec, summarize
 
 
@@ -128,10 +128,12 @@ def _counted_size(params, plan):
     return sum(int(plan.masks[p].sum()) * plan.bits[p] for p in plan.masks) + 32 * other
 
 
-@pytest.mark.parametrize("ratio", [0.3, 0.15, 0.1, 0.07])
-def test_search_meets_target_from_stored_bits_and_masks(ratio):
+@pytest.mark.parametrize(
+    "ratio,rule", [(0.3, "ratio"), (0.15, "astar"), (0.1, "ratio"), (0.07, "astar")]
+)
+def test_search_meets_target_from_stored_bits_and_masks(ratio, rule):
     params, F = _search_setup()
-    plan = fit.fit_search(params, F, target_ratio=ratio)
+    plan = fit.fit_search(params, F, target_ratio=ratio, rule=rule)
     counted = _counted_size(params, plan)
     assert counted == plan.size_bits <= ratio * plan.dense_bits
     sizes = [t["size_bits"] for t in plan.trace]
@@ -182,6 +184,193 @@ def test_search_errors():
         fit.fit_search(params, F)
     with pytest.raises(ValueError, match="bit_schedule"):
         fit.fit_search(params, F, target_ratio=0.1, bit_schedule=(4, 6))
+    with pytest.raises(ValueError, match="rule"):
+        fit.fit_search(params, F, target_ratio=0.1, rule="beam")
     plan = fit.fit_search(params, F, target_ratio=0.1)
     with pytest.raises(ValueError, match="needs calibration stats"):
         fit.apply_plan(params, plan, solver="obc")
+    with pytest.raises(ValueError, match="unreachable"):
+        fit.fit_dp(params, F, target_ratio=0.001)
+    with pytest.raises(ValueError, match="only Unstructured"):
+        fit.fit_database(params, F, [LayerSpec(prune=NM(2, 4))])
+
+
+def _rtn(params, path, bits):
+    """Round-to-nearest kernel on the min-max grid (the public materialize, no mask)."""
+    spec = LayerSpec(quant=Int(bits=bits, search="minmax"))
+    return np.asarray(fit.materialize(params, {path: spec}).params[path]["kernel"], np.float64)
+
+
+def test_astar_steps_follow_the_paper_cost():
+    params, F = _search_setup(1)
+    sched = (8, 4, 2)
+    fr = fit.prune_schedule(12, -1.5)
+    plan = fit.fit_search(
+        params, F, target_ratio=0.08, bit_schedule=sched, pruned_fractions=fr, rule="astar", lam=0.7
+    )
+    paths = ["fc1", "fc2"]
+    w = {p: np.asarray(params[p]["kernel"], np.float64) for p in paths}
+    Fd = {p: np.asarray(F[p], np.float64) for p in paths}
+    n_all = sum(np.size(x) for x in jax.tree.leaves(params))
+    other = 32 * (n_all - sum(w[p].size for p in paths))
+    dense, target = 32 * n_all, 0.08 * 32 * n_all
+    sal = np.concatenate([(Fd[p] * w[p] ** 2).ravel() for p in paths])
+    order = np.argsort(sal, kind="stable")
+    N = sal.size
+
+    def node(bits, j):
+        keep = np.ones(N, bool)
+        keep[order[: int(np.floor(fr[j] * N + 1e-9))]] = False
+        th, off, size = {}, 0, other
+        for p in paths:
+            m = keep[off : off + w[p].size].reshape(w[p].shape)
+            off += w[p].size
+            th[p] = np.where(m, _rtn(params, p, bits[p]), 0.0)
+            size += int(m.sum()) * bits[p]
+        return th, size
+
+    bits, j, g = {p: sched[0] for p in paths}, 0, 0.0
+    theta, size = node(bits, j)
+    for t, rec in enumerate(plan.trace[1:], start=1):
+        kids = {}
+        for p in paths:
+            if bits[p] != sched[-1]:
+                kids[("quant", p)] = ({**bits, p: sched[sched.index(bits[p]) + 1]}, j)
+        kids[("prune", None)] = (bits, j + 1)
+        f = {}
+        for key, (b, jj) in kids.items():
+            th, sz = node(b, jj)
+            step = sum(np.sum(Fd[p] * (theta[p] - th[p]) ** 2) for p in paths)
+            selff = sum(np.sum(Fd[p] * th[p] ** 2) for p in paths)
+            f[key] = (g + np.sqrt(step) + 0.7 * abs(sz / dense - 0.08) * np.sqrt(selff), sz, step)
+        reach = {k: v for k, v in f.items() if v[1] <= target}
+        pool = reach or f
+        best = min(pool, key=lambda k: pool[k][0])
+        assert (rec["move"], rec["layer"]) == best, f"step {t}"
+        assert rec["f"] == pytest.approx(pool[best][0], rel=1e-4)
+        bits, j = kids[best]
+        g += np.sqrt(pool[best][2])
+        theta, size = node(bits, j)
+        assert rec["size_bits"] == size and rec["g"] == pytest.approx(g, rel=1e-4)
+        assert (t == len(plan.trace) - 1) == (size <= target)  # stops at the first node in budget
+
+
+def test_fit_dp_is_the_brute_force_optimum():
+    params, F = _search_setup(2)
+    grid = Int(bits=8, search="minmax")
+    levels = [
+        LayerSpec(prune=Unstructured(s) if s else None, quant=Int(bits=b, search="minmax"))
+        for s in (0.0, 0.5, 0.8)
+        for b in (8, 4, 2)
+    ]
+    n_all = sum(np.size(x) for x in jax.tree.leaves(params))
+    target = 0.09 * 32 * n_all
+    plan = fit.fit_dp(params, F, target_bits=target, levels=levels)
+    other = 32 * (n_all - params["fc1"]["kernel"].size - params["fc2"]["kernel"].size)
+    best = None
+    for a in levels:
+        for b in levels:
+            specs = {"fc1": a, "fc2": b}
+            size = other + sum(
+                (np.size(params[p]["kernel"]) - int(np.floor(
+                    (s.prune.sparsity if s.prune else 0) * np.size(params[p]["kernel"]) + 0.5
+                ))) * s.quant.bits
+                for p, s in specs.items()
+            )  # fmt: skip
+            if size <= target:
+                f = fit.fit_score(F, params, specs)
+                if best is None or f < best[0]:
+                    best = (f, specs)
+    assert plan.fit == pytest.approx(best[0], rel=1e-6)
+    assert {p: (s.prune, s.quant.bits) for p, s in plan.specs.items()} == {
+        p: (s.prune, s.quant.bits) for p, s in best[1].items()
+    }
+    assert _counted_size(params, plan) == plan.size_bits <= target
+    assert grid.bits == 8
+
+
+def _zoo_mlp(seed=0):
+    from obcjax.zoo.models import init_variables
+
+    return init_variables("mlp", (4, 4, 1), num_classes=3, seed=seed)
+
+
+def test_finetune_plan_keeps_mask_and_grid():
+    from obcjax.training import mask_tree, quantized_apply
+    from obcjax.zoo.data import Split
+
+    v = _zoo_mlp()
+    p = v["params"]
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(48, 4, 4, 1)).astype(np.float32)
+    y = rng.integers(0, 3, 48).astype(np.int32)
+    F = {k: jnp.asarray(rng.uniform(0.5, 1.0, p[k]["kernel"].shape)) for k in ("fc1", "fc3")}
+    n_sel = p["fc1"]["kernel"].size + p["fc3"]["kernel"].size
+    other = 32 * (sum(np.size(a) for a in jax.tree.leaves(p)) - n_sel)
+    target = other + 0.6 * 3 * n_sel  # needs both 3 bits and pruning
+    plan = fit.fit_search(p, F, target_bits=target, rules=("fc1", "fc3"), bit_schedule=(4, 3))
+    assert any(s.prune for s in plan.specs.values())
+    out = fit.apply_plan(p, plan)
+    cbs = fit.codebooks_of(out)
+    # the frozen codebooks reproduce the compressed kernels: fine-tuning starts where RTN ended
+    again = quantized_apply(out.params, cbs, mask_tree(p, out.masks))
+    for k in ("fc1", "fc3"):
+        np.testing.assert_array_equal(np.asarray(again[k]["kernel"]), out.params[k]["kernel"])
+    new, info = fit.finetune_plan("mlp", v, out, Split(x, y), 6, lr=0.05, batch_size=16)
+    assert len(info["losses"]) == 6
+    moved = 0
+    for k in ("fc1", "fc3"):
+        kern = np.asarray(new["params"][k]["kernel"], np.float64)
+        m = plan.masks[k]
+        assert np.all(kern[~m] == 0)
+        s, z = np.asarray(cbs[k].scale, np.float64), np.asarray(cbs[k].zero, np.float64)
+        codes = kern / s + z
+        np.testing.assert_allclose(codes, np.round(codes), atol=1e-3)
+        assert codes.min() >= -1e-3 and codes.max() <= 2 ** plan.bits[k] - 1 + 1e-3
+        moved += int(np.sum(kern != np.asarray(out.params[k]["kernel"])))
+    assert moved > 0
+
+
+def test_activation_fisher_matches_manual_gradients():
+    from obcjax.zoo.models import linen_model
+
+    v = _zoo_mlp(1)
+    p = v["params"]
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(10, 4, 4, 1)).astype(np.float32)
+    y = rng.integers(0, 3, 10).astype(np.int32)
+    batches = [(x[:6], y[:6]), (x[6:], y[6:])]
+    act = fit.activation_fisher(linen_model("mlp", 3), v, batches, tol=0.0)
+    assert act.order == ["fc1", "fc2", "fc3"] and set(act.trace) == {"fc2", "fc3"}
+    assert act.batches == 2 and act.examples == 10
+
+    def dense(name, h):
+        return h @ p[name]["kernel"] + p[name]["bias"]
+
+    def ce(logits, t):
+        return -jax.nn.log_softmax(logits)[t]
+
+    tr2 = tr3 = 0.0
+    for i in range(10):
+        h1 = jax.nn.relu(dense("fc1", jnp.asarray(x[i]).reshape(-1)))
+        h2 = jax.nn.relu(dense("fc2", h1))
+        g1 = jax.grad(lambda a, i=i: ce(dense("fc3", jax.nn.relu(dense("fc2", a))), y[i]))(h1)
+        g2 = jax.grad(lambda a, i=i: ce(dense("fc3", a), y[i]))(h2)
+        tr2 += float(np.sum(np.asarray(g1, np.float64) ** 2)) / 10
+        tr3 += float(np.sum(np.asarray(g2, np.float64) ** 2)) / 10
+    assert act.trace["fc2"] == pytest.approx(tr2, rel=1e-4)
+    assert act.trace["fc3"] == pytest.approx(tr3, rel=1e-4)
+    his = []
+    for xb in (x[:6], x[6:]):
+        h1 = jax.nn.relu(dense("fc1", jnp.asarray(xb).reshape(len(xb), -1)))
+        his.append(float(h1.max()))
+    assert act.hi["fc2"] == pytest.approx(np.mean(his), rel=1e-5) and act.lo["fc2"] == 0.0
+    got = fit.activation_fit(act, {"fc2": 4})["fc2"]
+    assert got == pytest.approx(tr2 * (np.mean(his) / 15) ** 2 / 12, rel=1e-4)
+    assert fit.activation_fit(act, {"fc2": 8})["fc2"] < got / 200
+    with pytest.raises(ValueError, match="no labels"):
+        fit.activation_fisher(linen_model("mlp", 3), v, [x])
+    with pytest.raises(ValueError, match="no layer input matched"):
+        fit.activation_fisher(linen_model("mlp", 3), v, batches, rules=("fc1",))
+    with pytest.raises(ValueError, match="'fc1'"):
+        fit.activation_fit(act, {"fc1": 4})
