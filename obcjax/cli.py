@@ -111,7 +111,10 @@ def cmd_compress(args) -> int:
 
     dense_acc = evaluate(variables)
     results = {}
-    if args.budget:
+    if args.budget and "," in args.abits:
+        results.update(_mixed_runs(args, model, variables, stats, keep, calib_batches, test,
+                                   has_bn, len(calib.y)))
+    elif args.budget:
         results.update(_budget_runs(args, variables, stats, keep, finish, evaluate, len(calib.y)))
     else:
         for solver in args.solvers.split(","):
@@ -259,7 +262,7 @@ def _budget_runs(args, variables, stats, keep, finish, evaluate, ncalib):
     metric, factor = _parse_budget(args.budget)
     levels = [_parse_level(t) for t in (args.levels.split(",") if args.levels else BUDGET_LEVELS)]
     positions = {p: max(1, round(int(s.count) / ncalib)) for p, s in stats.items()}
-    abits = 32 if metric != "bops" else (lambda level: args.abits)
+    abits = 32 if metric != "bops" else (lambda level: int(args.abits))
     t = time.perf_counter()
     db = A.build_database(variables["params"], stats, levels, rules=keep + [(".*", True)],
                           path=args.database, rel_damp=args.rel_damp, positions=positions,
@@ -280,6 +283,57 @@ def _budget_runs(args, variables, stats, keep, finish, evaluate, ncalib):
         out[name] = (res, evaluate(v), secs, v)
         print(f"{name}: " + ", ".join(f"{p}={a.name if a is not None else 'dense'}"
                                      for p, a in assignment.items()), flush=True)
+    return out
+
+
+def _mixed_runs(args, model, variables, stats, keep, calib_batches, test, has_bn, ncalib):
+    """OBC's mixed weight/activation levels + DP under a BOPs budget, in OBC's order (weights,
+    then activation ranges on the compressed model, then batch norm), vs the best uniform level."""
+    from obcjax import activations as ACT
+    from obcjax import allocation as A
+    from obcjax.transforms import compress
+    from obcjax.zoo import train as ztrain
+
+    metric, factor = _parse_budget(args.budget)
+    if metric != "bops":
+        raise SystemExit("--abits with several widths quantizes activations: use --budget bops=Nx")
+    abits = sorted({int(b) for b in args.abits.split(",")}, reverse=True)
+    levels = ([A.parse_level(t) for t in args.levels.split(",")] if args.levels
+              else A.mixed_levels(abits))
+    ev = {"train": False}
+    positions = {p: max(1, round(int(s.count) / ncalib)) for p, s in stats.items()}
+    t = time.perf_counter()
+    db = ACT.mixed_database(model, variables, calib_batches, stats, levels,
+                            rules=keep + [(".*", True)], apply_kwargs=ev, positions=positions,
+                            path=args.database, rel_damp=args.rel_damp, error="relative",
+                            progress=args.progress)
+    t_db = time.perf_counter() - t
+    dense = db.dense_cost("bops")
+    budget = dense / factor
+    print(f"database: {len(db.paths)} layers x {len(levels)} levels in {t_db:.1f}s; budget: BOPs "
+          f"/ {factor:g} of the compressed layers at 32w32a (all 8w8a = 16x, all 4w4a = 64x, "
+          f"cheapest reachable {dense / db.min_cost('bops'):.0f}x)", flush=True)
+    out = {}
+    for name, assign in (("obc-dp", lambda: A.solve(db, budget, metric="bops")),
+                         ("obc-uniform", lambda: A.uniform(db, budget, "bops", by="loss"))):
+        t = time.perf_counter()
+        try:
+            assignment = assign()
+        except ValueError as e:  # below the cheapest (uniform) configuration: the message says it
+            if name == "obc-dp":
+                raise SystemExit(f"--budget {args.budget}: {e}") from None
+            print(f"{name}: skipped ({e})", flush=True)
+            continue
+        res = compress(variables["params"], stats, keep + A.to_rules(assignment),
+                       rel_damp=args.rel_damp)
+        v, act, _ = ACT.calibrate_mixed(model, {**variables, "params": res.params}, calib_batches,
+                                        assignment, apply_kwargs=ev, batchnorm=has_bn)
+        acc = ztrain.evaluate_apply(ACT.quantized_apply(model, act, apply_kwargs=ev), v,
+                                    test)["accuracy"]
+        out[name] = (res, acc, time.perf_counter() - t + t_db, v)
+        print(f"{name}: " + ", ".join(f"{p}={lv.name}" for p, lv in assignment.items())
+              + f" ({dense / db.cost_of(assignment, 'bops'):.1f}x fewer BOPs than 32w32a)",
+              flush=True)
     return out
 
 
@@ -330,11 +384,37 @@ def _enable_compile_cache() -> None:
         print(f"note: compilation cache disabled ({e})", file=sys.stderr)
 
 
+def _minilm_argv(argv: list[str]) -> list[str] | None:
+    """The arguments after ``compress --model minilm`` (its own options), or None."""
+    args = list(argv)
+    if args and args[0] == "compress":
+        args = args[1:]
+    elif args and args[0] in ("evaluate", "train"):
+        return None
+    for i, a in enumerate(args):
+        if a == "--model" and i + 1 < len(args) and args[i + 1] == "minilm":
+            return args[:i] + args[i + 2 :]
+        if a == "--model=minilm":
+            return args[:i] + args[i + 1 :]
+    return None
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest = _minilm_argv(argv)
+    if rest is not None:
+        # the transformer has its own options (text calibration, group size, act-order)
+        from obcjax.zoo import minilm_compress
+
+        _enable_compile_cache()
+        return minilm_compress.run(rest)
     ap = argparse.ArgumentParser(prog="obcjax", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd")
     c = sub.add_parser("compress", help="calibrate and compress a zoo model (default: LeNet-5/digits)")
-    c.add_argument("--model", default="lenet5")
+    c.add_argument("--model", default="lenet5",
+                   help="zoo model (mlp, lenet5, resnet, cnn1d), or minilm: the pretrained "
+                        "sentence encoder, with its own options (obcjax compress --model minilm "
+                        "--help)")
     c.add_argument("--data", default="digits")
     c.add_argument("--prune", default="0.5", help="sparsity (0.5), N:M (2:4) or none")
     c.add_argument("--wbits", default="4", help="weight bits 2..8, or none")
@@ -363,7 +443,11 @@ def main(argv=None) -> int:
                         "and dynamic program against the best uniform level")
     c.add_argument("--levels", default=None,
                    help="comma list of database levels, e.g. none,0.5,0.9,w4,0.5+w4,2:4+w4")
-    c.add_argument("--abits", type=int, default=8, help="activation bits in the BOPs count")
+    c.add_argument("--abits", default="8",
+                   help="activation bits: one value is the activation width in the BOPs count of "
+                        "weight-only levels (default 8); a comma list such as 4,8 quantizes the "
+                        "activations too, and --budget bops=Nx then picks per layer among OBC's "
+                        "mixed levels 8w8a, 4w4a, 2:4+8w8a, 2:4+4w4a (or --levels 8w8a,6w6a,...)")
     c.add_argument("--database", default=None,
                    help="folder to keep the database in (resumable: an interrupted run goes on)")
     c.add_argument("--save", default=None,
@@ -378,7 +462,7 @@ def main(argv=None) -> int:
     t.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.cmd is None:
-        args = ap.parse_args(["compress", *(argv or sys.argv[1:])])
+        args = ap.parse_args(["compress", *argv])
     _enable_compile_cache()
     if args.cmd == "compress":
         return cmd_compress(args)
