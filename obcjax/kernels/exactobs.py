@@ -80,7 +80,7 @@ class Result(NamedTuple):
 
 def _engine_chunk(rows, cols, nsteps, method, item, chunk_rows, memory_bytes):
     method = _resolve(method, cols)
-    if method == "fast" and chunk_rows is None:
+    if method in ("fast", "blocked") and chunk_rows is None:
         memory_bytes = min(memory_bytes, CACHE_BYTES)
     return _chunk(rows, _engine_bytes(cols, nsteps, method, item), chunk_rows, memory_bytes)
 
@@ -95,14 +95,14 @@ def _chunk(rows: int, per_row_bytes: int, chunk_rows: int | None, memory_bytes: 
 
 def _resolve(method: str, cols: int) -> str:
     if method == "auto":
-        return "fast" if cols >= AUTO_FAST_COLS else "naive"
-    if method not in ("fast", "naive"):
-        raise ValueError(f"method must be 'auto', 'fast' or 'naive', got {method!r}")
+        return "blocked" if cols >= AUTO_FAST_COLS else "naive"
+    if method not in ("fast", "blocked", "naive"):
+        raise ValueError(f"method must be 'auto', 'fast', 'blocked' or 'naive', got {method!r}")
     return method
 
 
 def _engine_bytes(cols: int, nsteps: int, method: str, itemsize: int) -> int:
-    if method == "naive":
+    if method in ("naive", "blocked"):
         return 3 * cols * cols * itemsize
     return nsteps * cols * itemsize + 16 * cols * itemsize
 
@@ -577,8 +577,13 @@ def _block_row(w, Hinv, size: int):
         w = w - jnp.matmul(HB, z[b], precision=_HP)
         w = w.at[idx].set(0.0)
         Hi = Hi - jnp.matmul(jnp.matmul(HB, Minv, precision=_HP), HB.T, precision=_HP)
-        return (w, Hi, free.at[b].set(False), order.at[k].set(b.astype(jnp.int32)),
-                losses.at[k].set(score[b]))
+        return (
+            w,
+            Hi,
+            free.at[b].set(False),
+            order.at[k].set(b.astype(jnp.int32)),
+            losses.at[k].set(score[b]),
+        )
 
     st = (w, Hinv, jnp.ones((nb,), bool), jnp.zeros((nb,), jnp.int32), jnp.zeros((nb,), w.dtype))
     _, _, _, order, losses = jax.lax.fori_loop(0, nb, body, st)

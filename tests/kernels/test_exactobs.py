@@ -40,7 +40,7 @@ from obcjax.kernels import (
     prepare,
     rebuild_levels,
 )
-from obcjax.kernels._engine import PruneRule, greedy_row_naive, phase_plan
+from obcjax.kernels._engine import PruneRule, blocked_plan, greedy_row_naive, phase_plan
 from tests.kernels.reference import (
     allocate_ref,
     exactobs_block_ref,
@@ -113,7 +113,7 @@ def _check_against_reference(r, R, W, H, *, atol=1e-10, rtol=1e-9):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["naive", "fast"])
+@pytest.mark.parametrize("method", ["naive", "fast", "blocked"])
 def test_prune_single_level_matches_reference(method, monkeypatch):
     W, H = _problem(3)
     calls = _spy(monkeypatch, exactobs, "elimination_order")
@@ -124,7 +124,7 @@ def test_prune_single_level_matches_reference(method, monkeypatch):
     assert np.all(np.asarray(r.weights)[:, DEAD] == 0.0)
     assert int(np.asarray(r.mask)[ROWS // 3].sum()) == 0  # the tiny row is pruned entirely
     steps = [kw["nsteps"] for _, kw in calls]
-    if method == "fast":
+    if method != "naive":
         # an early-stopped pass (ceil(32 · (0.5 + 0.5/4)) = 20 steps), then the full re-run of the
         # rows the allocation emptied: the path whose counts must equal a full pass
         assert steps == [20, COLS]
@@ -144,7 +144,9 @@ def test_pruned_weights_are_the_optimal_reconstruction_of_their_mask():
         np.testing.assert_allclose(np.asarray(r.weights)[i], expected, rtol=0, atol=1e-9)
 
 
-@pytest.mark.parametrize("method, shape", [("naive", (ROWS, COLS)), ("fast", WIDE)])
+@pytest.mark.parametrize(
+    "method, shape", [("naive", (ROWS, COLS)), ("fast", WIDE), ("blocked", WIDE)]
+)
 def test_prune_levels_from_one_pass_match_reference(method, shape):
     levels = [0.25, 0.5, 0.9]
     if shape == WIDE:
@@ -153,6 +155,9 @@ def test_prune_levels_from_one_pass_match_reference(method, shape):
         W, H = _problem(3)
     if method == "fast":
         assert len(phase_plan(shape[1], shape[1])) >= 2  # the compaction between phases is run
+    if method == "blocked":
+        block, phases = blocked_plan(shape[1], shape[1])
+        assert len(phases) >= 2 and shape[1] // block >= 8  # compactions and many block updates
     r = exactobs_prune(W, H, levels, method=method)
     R = exactobs_prune_ref(W, H, levels)
     assert R.margin > 1e-6
@@ -253,7 +258,12 @@ def test_float32_prune_agrees_with_reference():
 
 @pytest.mark.parametrize(
     "n, m, method, shape",
-    [(2, 4, "naive", (ROWS, COLS)), (4, 8, "naive", (ROWS, COLS)), (3, 4, "fast", WIDE)],
+    [
+        (2, 4, "naive", (ROWS, COLS)),
+        (4, 8, "naive", (ROWS, COLS)),
+        (3, 4, "fast", WIDE),
+        (3, 4, "blocked", WIDE),
+    ],
 )
 def test_nm_matches_reference(n, m, method, shape):
     if shape == WIDE:
@@ -433,8 +443,8 @@ def test_other_bad_arguments():
     W, H = make_problem(ROWS, COLS, 7)
     with pytest.raises(ValueError, match="empty list"):
         exactobs_prune(W, H, [])
-    with pytest.raises(ValueError, match="method must be 'auto', 'fast' or 'naive'"):
-        exactobs_prune(W, H, 0.5, method="blocked")
+    with pytest.raises(ValueError, match="method must be 'auto', 'fast', 'blocked' or 'naive'"):
+        exactobs_prune(W, H, 0.5, method="left")
     with pytest.raises(ValueError, match="method must be"):
         exactobs_nm(W, H, 2, 4, method="slow")
     with pytest.raises(ValueError, match="size must be a positive int"):
@@ -450,6 +460,7 @@ def test_inputs_are_never_mutated():
     W, H = _problem(2)
     W0, H0 = W.copy(), H.copy()
     exactobs_prune(W, H, 0.5, method="fast")
+    exactobs_prune(W, H, 0.5, method="blocked")
     exactobs_prune(W, H, [0.25, 0.5, 0.9], method="naive")
     exactobs_nm(W, H, 2, 4, method="naive")
     exactobs_block(W, H, 0.5, 4)

@@ -112,9 +112,21 @@ CASES = {
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_obq_matches_reference(name):
+    _obq_vs_reference(name, "naive")
+
+
+@pytest.mark.parametrize(
+    "name", ["asym-lp-group16-greedy", "sym-lp-2bit-greedy", "sym-lp-group16-natural"]
+)
+def test_blocked_obq_matches_reference(name):
+    """The right-looking blocked kernel (blocks of 4 steps at 32 columns) gives the same codes."""
+    _obq_vs_reference(name, "blocked")
+
+
+def _obq_vs_reference(name, method):
     spec, order, rule, seed = CASES[name]
     W, H = make_problem(ROWS, COLS, seed, dead=DEAD)
-    r = obq_quantize(W, H, spec, order=order, outlier_rule=rule, method="naive")
+    r = obq_quantize(W, H, spec, order=order, outlier_rule=rule, method=method)
     assert r.mask is None
     scale, zero = find_params(prepare(W, H).W, spec)
     np.testing.assert_array_equal(np.asarray(r.qarray.scale), np.asarray(scale))
@@ -190,7 +202,8 @@ def test_prune_quantize_matches_reference(prune, seed):
     _check_joint(r, R, W, H, ASYM4, only)
 
 
-def test_fast_kernel_matches_reference_through_compaction():
+@pytest.mark.parametrize("method", ["fast", "blocked"])
+def test_fast_kernel_matches_reference_through_compaction(method):
     """The fast kernel compacts its free columns between phases (128 steps: two phases).
 
     Every per-column attribute must travel with the compaction: the grid of each group of 32
@@ -200,11 +213,11 @@ def test_fast_kernel_matches_reference_through_compaction():
     spec = Int(bits=4, sym=False, granularity="group", group_size=32)
     W, H = make_problem(*WIDE, WIDE_SEED, dead=WIDE_DEAD)
     assert len(phase_plan(WIDE[1], WIDE[1])) >= 2
-    r = obq_prune_quantize(W, H, NM(3, 4), spec, method="fast")
+    r = obq_prune_quantize(W, H, NM(3, 4), spec, method=method)
     R = obq_prune_quantize_ref(W, H, NM(3, 4), spec, params=_grid(r))
     assert R.margin > 1e-5
     assert r.qarray.scale.shape == (WIDE[0], 4)
-    _check_joint(r, R, W, H, spec, exactobs_nm(W, H, 3, 4, method="fast"))
+    _check_joint(r, R, W, H, spec, exactobs_nm(W, H, 3, 4, method=method))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ SOLVERS = {
     ),
     # one level with the fast kernel: an early-stopped pass, then a re-run of a padded row subset
     "prune-fast": lambda W, H, mesh: exactobs_prune(W, H, 0.5, method="fast", mesh=mesh),
+    "prune-blocked": lambda W, H, mesh: exactobs_prune(W, H, 0.5, method="blocked", mesh=mesh),
     "nm": lambda W, H, mesh: exactobs_nm(W, H, 2, 4, method="naive", mesh=mesh),
     "obq": lambda W, H, mesh: obq_quantize(W, H, ASYM4, method="naive", mesh=mesh),
     "prune-quantize": lambda W, H, mesh: obq_prune_quantize(
