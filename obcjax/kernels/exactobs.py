@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from obcjax.kernels._engine import AUTO_FAST_COLS, NMRule, PruneRule, QuantRule, run_rows
-from obcjax.kernels.prepare import Prepared, prepare
+from obcjax.kernels.prepare import Prepared, blas_one_thread, prepare
 from obcjax.quant import QArray, expand_params, find_params, make_qarray
 from obcjax.specs import NM, Block, Int, Unstructured, check_fits
 
@@ -203,25 +203,46 @@ def _rebuild_chol(W, Hinv, perm, counts, chunk):
     return jnp.swapaxes(out, 0, 1), rl.T
 
 
-@functools.partial(jax.jit, static_argnames=("nmax", "chunk"))
-def _rebuild_solve(W, Hinv, perm, n, nmax, chunk):
-    """One level: ``w' = w - Hinv[:, S] Hinv[S, S]⁻¹ w_S`` with ``|S| = n_i <= nmax``."""
+@functools.partial(jax.jit, static_argnames=("nmax", "chunk", "mesh"))
+def _rebuild_solve(W, Hinv, perm, n, nmax, chunk, mesh=None):
+    """One level: ``w' = w - Hinv[:, S] Hinv[S, S]⁻¹ w_S`` with ``|S| = n_i <= nmax``.
+
+    Rows run one at a time (``chunk == 1``, unbatched: batched gathers and Cholesky are several
+    times slower per row on the CPU) or ``chunk`` at a time (vmapped, for accelerators).
+    ``Hinv[:, S] z`` is formed as ``z Hinv[S, :]`` (``Hinv`` is symmetric): a gather of whole
+    rows instead of columns.
+    """
 
     def one(args):
         w, p, ni = args
         S = p[:nmax]
         valid = jnp.arange(nmax) < ni
         both = valid[:, None] & valid[None, :]
-        A = jnp.where(both, Hinv[S][:, S], jnp.eye(nmax, dtype=W.dtype))
+        HS = Hinv[S]
+        A = jnp.where(both, HS[:, S], jnp.eye(nmax, dtype=W.dtype))
         b = jnp.where(valid, w[S], 0.0)
         L = jnp.linalg.cholesky(A)
         z = jax.scipy.linalg.cho_solve((L, True), b)
         z = jnp.where(valid, z, 0.0)
-        wn = w - jnp.matmul(Hinv[:, S], z, precision=_HP)
+        wn = w - jnp.matmul(z, HS, precision=_HP)
         wn = wn.at[S].set(jnp.where(valid, 0.0, wn[S]))
         return wn, 0.5 * jnp.dot(b, z, precision=_HP)
 
-    return jax.lax.map(one, (W, perm, n), batch_size=chunk)
+    def run(W, Hinv, perm, n):
+        return jax.lax.map(one, (W, perm, n), batch_size=chunk if chunk > 1 else None)
+
+    if mesh is None:
+        return run(W, Hinv, perm, n)
+    from jax.sharding import PartitionSpec as PS
+
+    rows_spec = PS(mesh.axis_names[0])
+    return jax.shard_map(
+        run,
+        mesh=mesh,
+        in_specs=(rows_spec, PS(), rows_spec, rows_spec),
+        out_specs=rows_spec,
+        check_vma=False,
+    )(W, Hinv, perm, n)
 
 
 def rebuild_levels(
@@ -232,6 +253,7 @@ def rebuild_levels(
     *,
     chunk_rows: int | None = None,
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
+    mesh=None,
 ):
     """Exact weights after each row's first ``counts[l, i]`` eliminations in order ``perm``.
 
@@ -239,6 +261,8 @@ def rebuild_levels(
       W: ``(rows, cols)`` prepared weights. Hinv: ``(cols, cols)``.
       perm: ``(rows, cols)`` each row's elimination order (a permutation of the columns).
       counts: ``(L, rows)`` eliminations per row and level.
+      mesh: optional ``jax.sharding.Mesh``; rows are split over its first axis (one-level
+        solves; the all-levels Cholesky path runs on one device).
 
     Returns:
       ``(weights (L, rows, cols), row_loss (L, rows))``.
@@ -252,21 +276,35 @@ def rebuild_levels(
     cost_chol = cols**3 / 3 + 2 * L * cols**2
     cost_solve = sum(bucket(n) ** 3 / 3 + 2 * cols * bucket(n) for n in nmaxes)
     perm = jnp.asarray(perm, jnp.int32)
-    if cost_solve < cost_chol:
-        outs, losses = [], []
-        for l in range(L):
-            if nmaxes[l] == 0:
-                outs.append(jnp.asarray(W))
-                losses.append(jnp.zeros((rows,), W.dtype))
-                continue
-            nmax = bucket(nmaxes[l])
-            ch = _chunk(rows, 3 * nmax * nmax * item + 4 * cols * item, chunk_rows, memory_bytes)
-            wl, rl = _rebuild_solve(W, Hinv, perm, jnp.asarray(counts[l]), nmax, ch)
-            outs.append(wl)
-            losses.append(rl)
-        return jnp.stack(outs), jnp.stack(losses)
-    ch = _chunk(rows, (3 * cols * cols + 2 * L * cols) * item, chunk_rows, memory_bytes)
-    return _rebuild_chol(W, Hinv, perm, jnp.asarray(counts), ch)
+    with blas_one_thread():
+        if cost_solve < cost_chol:
+            ndev = 1 if mesh is None else mesh.shape[mesh.axis_names[0]]
+            pad = (-rows) % ndev
+            Wp, pp = W, perm
+            if pad:
+                Wp = jnp.concatenate([W, jnp.zeros((pad, cols), W.dtype)])
+                pp = jnp.concatenate([perm, jnp.tile(jnp.arange(cols, dtype=jnp.int32), (pad, 1))])
+            outs, losses = [], []
+            for l in range(L):
+                if nmaxes[l] == 0:
+                    outs.append(jnp.asarray(W))
+                    losses.append(jnp.zeros((rows,), W.dtype))
+                    continue
+                nmax = bucket(nmaxes[l])
+                per_row = 3 * nmax * nmax * item + 4 * cols * item
+                # unbatched rows on the CPU (see _rebuild_solve), vmapped chunks elsewhere
+                default = 1 if jax.default_backend() == "cpu" else None
+                ch = _chunk(rows, per_row, chunk_rows if chunk_rows else default, memory_bytes)
+                ch = max(1, min(ch, (rows + pad) // ndev))
+                n = jnp.asarray(np.concatenate([counts[l], np.zeros(pad, np.int32)]))
+                wl, rl = _rebuild_solve(Wp, Hinv, pp, n, nmax, ch, mesh)
+                outs.append(wl[:rows])
+                losses.append(rl[:rows])
+            out = jnp.stack(outs), jnp.stack(losses)
+        else:
+            ch = _chunk(rows, (3 * cols * cols + 2 * L * cols) * item, chunk_rows, memory_bytes)
+            out = _rebuild_chol(W, Hinv, perm, jnp.asarray(counts), ch)
+        return jax.block_until_ready(out)
 
 
 def _prep(W, H, rel_damp, layer, prepared):
@@ -387,7 +425,7 @@ def exactobs_prune(
     kw = dict(method=method, chunk_rows=chunk_rows, memory_bytes=memory_bytes, mesh=mesh)
     order, counts = _partial_allocation(P, ks, max(levels), **kw)
     weights, row_loss = rebuild_levels(
-        P.W, P.Hinv, order, counts, chunk_rows=chunk_rows, memory_bytes=memory_bytes
+        P.W, P.Hinv, order, counts, chunk_rows=chunk_rows, memory_bytes=memory_bytes, mesh=mesh
     )
     t = np.arange(cols)
     masks = []
