@@ -13,7 +13,9 @@ The database error is the summed OBS loss (``--error obs``) or OBC's per-layer n
 (``--error relative``). The database is stored under ``<out>/db`` and resumes when re-run.
 Writes ``<out>/dp_budget.json`` and ``<out>/dp_budget.png``.
 
-    python experiments/dp_budget.py --out runs/dp_budget [--quick] [--model lenet5 --data digits]
+    python experiments/dp_budget.py --out runs/dp_budget [--quick|--smoke] [--model lenet5 --data digits]
+
+``--smoke`` (4 levels, 2 budgets) is what CI runs (tests/test_experiments.py).
 """
 
 from __future__ import annotations
@@ -24,10 +26,13 @@ import time
 from pathlib import Path
 
 
-def _levels(quick: bool):
+def _levels(quick: bool, smoke: bool = False):
     from obcjax.specs import Int, Unstructured
     from obcjax.transforms import LayerSpec
 
+    if smoke:
+        return [None, LayerSpec(quant=Int(8)), LayerSpec(quant=Int(4)),
+                LayerSpec(prune=Unstructured(0.6), quant=Int(4))]
     sparsities = (0.3, 0.5, 0.7) if quick else (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
     bits = (4, 3) if quick else (5, 4, 3, 2)
     levels = [None] + [LayerSpec(quant=Int(b)) for b in (8, *bits)]
@@ -41,6 +46,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="lenet5")
     ap.add_argument("--data", default="digits")
     ap.add_argument("--quick", action="store_true", help="fewer levels and budgets")
+    ap.add_argument("--smoke", action="store_true",
+                    help="4 levels, 2 budgets, OBS error only (what CI runs)")
     ap.add_argument("--budgets", default=None, help="comma list of reduction factors")
     ap.add_argument("--error", default="obs,relative", help="database errors to try")
     ap.add_argument("--keep-first", action=argparse.BooleanOptionalAction, default=True)
@@ -78,9 +85,11 @@ def main(argv=None) -> int:
     dense_acc, dense_loss = score(variables["params"])
     print(f"{args.model}/{args.data}: dense accuracy {100 * dense_acc:.2f}, loss {dense_loss:.4f}",
           flush=True)
-    levels = _levels(args.quick)
-    factors = [float(f) for f in (args.budgets or ("12,16,20" if args.quick else
-                                                    "8,12,16,20,24,28")).split(",")]
+    levels = _levels(args.quick, args.smoke)
+    default_budgets = "8,12" if args.smoke else "12,16,20" if args.quick else "8,12,16,20,24,28"
+    factors = [float(f) for f in (args.budgets or default_budgets).split(",")]
+    if args.smoke and args.error == "obs,relative":
+        args.error = "obs"
     result = {"model": args.model, "data": args.data, "dense": {"accuracy": dense_acc,
               "loss": dense_loss}, "levels": [A._as_level(lv).name if lv is not None else "dense"
                                                for lv in levels], "kept_dense": [r for r, _ in keep],
@@ -95,8 +104,8 @@ def main(argv=None) -> int:
         for f in factors:
             budget = dense_cost / f
             row = {"factor": f}
-            for name, pick in (("dp", lambda b=budget: A.solve(db, b, metric="size")),
-                               ("uniform", lambda b=budget: A.uniform(db, b, "size", by="loss"))):
+            for name, pick in (("dp", lambda b=budget, db=db: A.solve(db, b, metric="size")),
+                               ("uniform", lambda b=budget, db=db: A.uniform(db, b, "size", by="loss"))):
                 try:
                     assignment = pick()
                 except ValueError as e:  # the budget is below what this allocator can reach

@@ -10,10 +10,11 @@ Claims checked, each written to ``<out>/obc_claims.json`` and plotted in ``<out>
 5. Batch-norm re-estimation recovers accuracy after pruning (models with batch norm).
 6. One-pass (OBC) against sequential (GPTQ-style) compression.
 
-The first layer is kept dense everywhere, as in the OBC paper's experiments. ``--quick`` runs the
-smallest settings (what CI runs); the default runs LeNet-5 and the ResNet on digits.
+The first layer is kept dense everywhere, as in the OBC paper's experiments. ``--quick`` runs
+LeNet-5 with fewer levels; ``--smoke`` (what CI runs, tests/test_experiments.py) one level of each
+claim; the default runs LeNet-5 and the ResNet on digits.
 
-    python experiments/obc_claims.py --out runs/obc_claims [--quick] [--models lenet5,resnet]
+    python experiments/obc_claims.py --out runs/obc_claims [--quick|--smoke] [--models lenet5,resnet]
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def _acc(ztrain, name, variables, test):
     return float(ztrain.evaluate(name, variables, test)["accuracy"])
 
 
-def run_model(name: str, dataset: str, *, quick: bool, log) -> dict:
+def run_model(name: str, dataset: str, *, quick: bool, log, smoke: bool = False) -> dict:
     from obcjax.calibration import calibrate
     from obcjax.pipeline import compress_sequential, reestimate_batchnorm
     from obcjax.specs import NM, Int, Unstructured
@@ -63,7 +64,7 @@ def run_model(name: str, dataset: str, *, quick: bool, log) -> dict:
     log(f"{name}/{dataset}: dense {100 * dense:.2f}%")
 
     # 1. pruning sweep, every level from one elimination pass per layer
-    levels = [0.5, 0.7, 0.9] if quick else [0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
+    levels = [0.7] if smoke else [0.5, 0.7, 0.9] if quick else [0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
     sweep = {}
     for solver in ("obc", "magnitude"):
         t = time.perf_counter()
@@ -76,7 +77,7 @@ def run_model(name: str, dataset: str, *, quick: bool, log) -> dict:
     out["prune"] = {"sparsity": levels, "accuracy": sweep}
 
     # 2. quantization
-    bits = [3, 4] if quick else [2, 3, 4]
+    bits = [4] if smoke else [3, 4] if quick else [2, 3, 4]
     quant = {}
     for solver in ("obc", "magnitude"):
         quant[solver] = [
@@ -109,7 +110,7 @@ def run_model(name: str, dataset: str, *, quick: bool, log) -> dict:
     if allocation is not None and hasattr(allocation, "build_database"):
         try:
             out["dp_vs_uniform"] = _dp_vs_uniform(allocation, variables, stats, keep, finish, acc,
-                                                  quick=quick, log=log)
+                                                  quick=quick, log=log, smoke=smoke)
         except Exception as e:  # report, do not lose the other claims
             out["dp_vs_uniform"] = {"error": f"{type(e).__name__}: {e}"}
             log(f"  dp vs uniform failed: {e}")
@@ -137,10 +138,11 @@ def run_model(name: str, dataset: str, *, quick: bool, log) -> dict:
     return out
 
 
-def _dp_vs_uniform(allocation, variables, stats, keep, finish, acc, *, quick, log):
+def _dp_vs_uniform(allocation, variables, stats, keep, finish, acc, *, quick, log, smoke=False):
     from obcjax.specs import Unstructured
 
-    sparsities = [0.0, 0.5, 0.7, 0.8, 0.9] if quick else [0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
+    sparsities = ([0.0, 0.5, 0.7, 0.9] if smoke else [0.0, 0.5, 0.7, 0.8, 0.9] if quick
+                  else [0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95])
     levels = [Unstructured(s) for s in sparsities if s > 0]
     db = allocation.build_database(variables["params"], stats, levels,
                                    rules=keep + [(".*", True)], progress=False)
@@ -189,15 +191,17 @@ def plot(results: list[dict], path: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/obc_claims")
-    ap.add_argument("--quick", action="store_true", help="smallest settings (CI)")
+    ap.add_argument("--quick", action="store_true", help="LeNet-5, fewer levels")
+    ap.add_argument("--smoke", action="store_true", help="one level per claim (what CI runs)")
     ap.add_argument("--models", default=None,
                     help="comma list of zoo models on digits (default lenet5,resnet; quick: lenet5)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    names = (args.models or ("lenet5" if args.quick else "lenet5,resnet")).split(",")
-    results = [run_model(n, "digits", quick=args.quick, log=lambda s: print(s, flush=True))
-               for n in names]
+    small = args.quick or args.smoke
+    names = (args.models or ("lenet5" if small else "lenet5,resnet")).split(",")
+    results = [run_model(n, "digits", quick=small, smoke=args.smoke,
+                         log=lambda s: print(s, flush=True)) for n in names]
     (out / "obc_claims.json").write_text(json.dumps(results, indent=2))
     plot(results, out / "obc_claims.png")
     print(f"wrote {out / 'obc_claims.json'} and {out / 'obc_claims.png'}")
