@@ -181,8 +181,12 @@ def allocate_counts(losses: np.ndarray, ks: Sequence[int]) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnames=("chunk",))
-def _rebuild_chol(W, Hinv, perm, counts, chunk):
-    """All levels at once: one Cholesky per row of ``Hinv`` in pivot order."""
+@functools.partial(jax.jit, static_argnames=("chunk", "mesh"))
+def _rebuild_chol(W, Hinv, perm, counts, chunk, mesh=None):
+    """All levels at once: one Cholesky per row of ``Hinv`` in pivot order.
+
+    ``counts`` is ``(rows, L)``; rows unbatched when ``chunk == 1`` (see :func:`_rebuild_solve`).
+    """
     cols = W.shape[1]
     t = jnp.arange(cols)
 
@@ -199,8 +203,21 @@ def _rebuild_chol(W, Hinv, perm, counts, chunk):
         rl = 0.5 * jnp.sum(jnp.where(M, e[None, :] ** 2, 0.0), axis=1)
         return out, rl
 
-    out, rl = jax.lax.map(one, (W, perm, counts.T), batch_size=chunk)
-    return jnp.swapaxes(out, 0, 1), rl.T
+    def run(W, Hinv, perm, counts):
+        return jax.lax.map(one, (W, perm, counts), batch_size=chunk if chunk > 1 else None)
+
+    if mesh is None:
+        return run(W, Hinv, perm, counts)
+    from jax.sharding import PartitionSpec as PS
+
+    rows_spec = PS(mesh.axis_names[0])
+    return jax.shard_map(
+        run,
+        mesh=mesh,
+        in_specs=(rows_spec, PS(), rows_spec, rows_spec),
+        out_specs=rows_spec,
+        check_vma=False,
+    )(W, Hinv, perm, counts)
 
 
 @functools.partial(jax.jit, static_argnames=("nmax", "chunk", "mesh"))
@@ -261,8 +278,7 @@ def rebuild_levels(
       W: ``(rows, cols)`` prepared weights. Hinv: ``(cols, cols)``.
       perm: ``(rows, cols)`` each row's elimination order (a permutation of the columns).
       counts: ``(L, rows)`` eliminations per row and level.
-      mesh: optional ``jax.sharding.Mesh``; rows are split over its first axis (one-level
-        solves; the all-levels Cholesky path runs on one device).
+      mesh: optional ``jax.sharding.Mesh``; rows are split over its first axis.
 
     Returns:
       ``(weights (L, rows, cols), row_loss (L, rows))``.
@@ -276,14 +292,22 @@ def rebuild_levels(
     cost_chol = cols**3 / 3 + 2 * L * cols**2
     cost_solve = sum(bucket(n) ** 3 / 3 + 2 * cols * bucket(n) for n in nmaxes)
     perm = jnp.asarray(perm, jnp.int32)
+    ndev = 1 if mesh is None else mesh.shape[mesh.axis_names[0]]
+    pad = (-rows) % ndev
+    Wp, pp, cp = W, perm, counts
+    if pad:
+        Wp = jnp.concatenate([W, jnp.zeros((pad, cols), W.dtype)])
+        pp = jnp.concatenate([perm, jnp.tile(jnp.arange(cols, dtype=jnp.int32), (pad, 1))])
+        cp = np.concatenate([counts, np.zeros((L, pad), np.int32)], axis=1)
+    # unbatched rows on the CPU (see _rebuild_solve), vmapped chunks elsewhere
+    default = 1 if jax.default_backend() == "cpu" else None
+    want = chunk_rows if chunk_rows else default
+
+    def chunk_for(per_row):
+        return max(1, min(_chunk(rows, per_row, want, memory_bytes), (rows + pad) // ndev))
+
     with blas_one_thread():
         if cost_solve < cost_chol:
-            ndev = 1 if mesh is None else mesh.shape[mesh.axis_names[0]]
-            pad = (-rows) % ndev
-            Wp, pp = W, perm
-            if pad:
-                Wp = jnp.concatenate([W, jnp.zeros((pad, cols), W.dtype)])
-                pp = jnp.concatenate([perm, jnp.tile(jnp.arange(cols, dtype=jnp.int32), (pad, 1))])
             outs, losses = [], []
             for l in range(L):
                 if nmaxes[l] == 0:
@@ -291,19 +315,15 @@ def rebuild_levels(
                     losses.append(jnp.zeros((rows,), W.dtype))
                     continue
                 nmax = bucket(nmaxes[l])
-                per_row = 3 * nmax * nmax * item + 4 * cols * item
-                # unbatched rows on the CPU (see _rebuild_solve), vmapped chunks elsewhere
-                default = 1 if jax.default_backend() == "cpu" else None
-                ch = _chunk(rows, per_row, chunk_rows if chunk_rows else default, memory_bytes)
-                ch = max(1, min(ch, (rows + pad) // ndev))
-                n = jnp.asarray(np.concatenate([counts[l], np.zeros(pad, np.int32)]))
-                wl, rl = _rebuild_solve(Wp, Hinv, pp, n, nmax, ch, mesh)
+                ch = chunk_for(3 * nmax * nmax * item + 4 * cols * item)
+                wl, rl = _rebuild_solve(Wp, Hinv, pp, jnp.asarray(cp[l]), nmax, ch, mesh)
                 outs.append(wl[:rows])
                 losses.append(rl[:rows])
             out = jnp.stack(outs), jnp.stack(losses)
         else:
-            ch = _chunk(rows, (3 * cols * cols + 2 * L * cols) * item, chunk_rows, memory_bytes)
-            out = _rebuild_chol(W, Hinv, perm, jnp.asarray(counts), ch)
+            ch = chunk_for((3 * cols * cols + 2 * L * cols) * item)
+            wl, rl = _rebuild_chol(Wp, Hinv, pp, jnp.asarray(cp.T), ch, mesh)
+            out = jnp.swapaxes(wl[:rows], 0, 1), rl[:rows].T
         return jax.block_until_ready(out)
 
 
