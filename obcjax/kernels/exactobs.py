@@ -180,7 +180,6 @@ def allocate_counts(losses: np.ndarray, ks: Sequence[int]) -> np.ndarray:
     return np.stack([np.bincount(rowid[: int(k)], minlength=rows) for k in ks]).astype(np.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk",))
 @functools.partial(jax.jit, static_argnames=("chunk", "mesh"))
 def _rebuild_chol(W, Hinv, perm, counts, chunk, mesh=None):
     """All levels at once: one Cholesky per row of ``Hinv`` in pivot order.
