@@ -162,6 +162,21 @@ def _step_update(j, target, row_j, dj, w, d, free):
     return u, e, w, d, free
 
 
+def _init_state(w, Hinv, col, row, rule, nsteps):
+    """Start of a row's elimination: diagonal, free set, column ids, rule state, empty records."""
+    cols, dtype = w.shape[0], w.dtype
+    col = dict(col, idx=jnp.arange(cols, dtype=jnp.int32))
+    order = jnp.zeros((nsteps,), jnp.int32)
+    records = (order, jnp.zeros((nsteps,), dtype), jnp.zeros((nsteps,), dtype))
+    return (
+        jnp.diag(Hinv).astype(dtype),
+        jnp.ones((cols,), bool),
+        col,
+        rule.init(col, row),
+        *records,
+    )
+
+
 def greedy_row_fast(w, Hinv, col, row, rule, nsteps: int, nphases: int = 8):
     """Left-looking greedy elimination of one row (see module docstring).
 
@@ -175,15 +190,8 @@ def greedy_row_fast(w, Hinv, col, row, rule, nsteps: int, nphases: int = 8):
       (original column indices, the value fixed, the step loss ``e²/2``); ``w_final`` is the
       full row after ``nsteps`` eliminations.
     """
-    cols = w.shape[0]
-    dtype = w.dtype
-    d = jnp.diag(Hinv).astype(dtype)
-    free = jnp.ones((cols,), bool)
-    col = dict(col, idx=jnp.arange(cols, dtype=jnp.int32))
-    run = rule.init(col, row)
-    order = jnp.zeros((nsteps,), jnp.int32)
-    targets = jnp.zeros((nsteps,), dtype)
-    losses = jnp.zeros((nsteps,), dtype)
+    cols, dtype = w.shape[0], w.dtype
+    d, free, col, run, order, targets, losses = _init_state(w, Hinv, col, row, rule, nsteps)
     U = jnp.zeros((nsteps, cols), dtype)  # rows of the pivoted Cholesky factor (active slots)
 
     for start, end in _phase_bounds(nsteps, cols, nphases):
@@ -244,15 +252,8 @@ def greedy_row_blocked(w, Hinv, col, row, rule, nsteps: int, nphases: int = 4, b
     form's memory-bound ``k × active`` matrix-vector product, so it wins on wide layers.
     Same arguments and results as :func:`greedy_row_fast`.
     """
-    cols = w.shape[0]
-    dtype = w.dtype
-    d = jnp.diag(Hinv).astype(dtype)
-    free = jnp.ones((cols,), bool)
-    col = dict(col, idx=jnp.arange(cols, dtype=jnp.int32))
-    run = rule.init(col, row)
-    order = jnp.zeros((nsteps,), jnp.int32)
-    targets = jnp.zeros((nsteps,), dtype)
-    losses = jnp.zeros((nsteps,), dtype)
+    cols, dtype = w.shape[0], w.dtype
+    d, free, col, run, order, targets, losses = _init_state(w, Hinv, col, row, rule, nsteps)
     S = Hinv.astype(dtype)
     block, phases = blocked_plan(nsteps, cols, nphases, block)
 

@@ -180,6 +180,22 @@ def allocate_counts(losses: np.ndarray, ks: Sequence[int]) -> np.ndarray:
     return np.stack([np.bincount(rowid[: int(k)], minlength=rows) for k in ks]).astype(np.int32)
 
 
+def _over_rows(run, mesh, W, Hinv, *per_row):
+    """``run(W, Hinv, *per_row)``, with rows split over the mesh's first axis when one is given."""
+    if mesh is None:
+        return run(W, Hinv, *per_row)
+    from jax.sharding import PartitionSpec as PS
+
+    rows_spec = PS(mesh.axis_names[0])
+    return jax.shard_map(
+        run,
+        mesh=mesh,
+        in_specs=(rows_spec, PS(), *(rows_spec,) * len(per_row)),
+        out_specs=rows_spec,
+        check_vma=False,
+    )(W, Hinv, *per_row)
+
+
 @functools.partial(jax.jit, static_argnames=("chunk", "mesh"))
 def _rebuild_chol(W, Hinv, perm, counts, chunk, mesh=None):
     """All levels at once: one Cholesky per row of ``Hinv`` in pivot order.
@@ -205,18 +221,7 @@ def _rebuild_chol(W, Hinv, perm, counts, chunk, mesh=None):
     def run(W, Hinv, perm, counts):
         return jax.lax.map(one, (W, perm, counts), batch_size=chunk if chunk > 1 else None)
 
-    if mesh is None:
-        return run(W, Hinv, perm, counts)
-    from jax.sharding import PartitionSpec as PS
-
-    rows_spec = PS(mesh.axis_names[0])
-    return jax.shard_map(
-        run,
-        mesh=mesh,
-        in_specs=(rows_spec, PS(), rows_spec, rows_spec),
-        out_specs=rows_spec,
-        check_vma=False,
-    )(W, Hinv, perm, counts)
+    return _over_rows(run, mesh, W, Hinv, perm, counts)
 
 
 @functools.partial(jax.jit, static_argnames=("nmax", "chunk", "mesh"))
@@ -247,18 +252,7 @@ def _rebuild_solve(W, Hinv, perm, n, nmax, chunk, mesh=None):
     def run(W, Hinv, perm, n):
         return jax.lax.map(one, (W, perm, n), batch_size=chunk if chunk > 1 else None)
 
-    if mesh is None:
-        return run(W, Hinv, perm, n)
-    from jax.sharding import PartitionSpec as PS
-
-    rows_spec = PS(mesh.axis_names[0])
-    return jax.shard_map(
-        run,
-        mesh=mesh,
-        in_specs=(rows_spec, PS(), rows_spec, rows_spec),
-        out_specs=rows_spec,
-        check_vma=False,
-    )(W, Hinv, perm, n)
+    return _over_rows(run, mesh, W, Hinv, perm, n)
 
 
 def rebuild_levels(
