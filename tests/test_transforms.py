@@ -80,16 +80,21 @@ def test_compress_equals_kernel_calls_per_layer(setup):
     # conv (HWIO): columns (kh, kw, cin)
     Hc = hessian_finalize(stats["conv"])[0]
     rc = K.exactobs_prune(kernel_to_matrices(v["params"]["conv"]["kernel"])[0], Hc, 0.5)
-    np.testing.assert_allclose(out.params["conv"]["kernel"],
-                               matrices_to_kernel([rc.weights], (3, 3, 2, 8)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        out.params["conv"]["kernel"],
+        matrices_to_kernel([rc.weights], (3, 3, 2, 8)),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     # depthwise: one Hessian per group, each output channel quantized on its own grid
     Hd = hessian_finalize(stats["dw"])
     assert Hd.shape == (8, 9, 9)
     mats = kernel_to_matrices(v["params"]["dw"]["kernel"], 8)
     for g in (0, 5):
         rq = K.obq_quantize(mats[g], Hd[g], Int(4))
-        np.testing.assert_allclose(kernel_to_matrices(out.params["dw"]["kernel"], 8)[g],
-                                   rq.weights, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            kernel_to_matrices(out.params["dw"]["kernel"], 8)[g], rq.weights, rtol=1e-5, atol=1e-6
+        )
     assert len(out.qarrays["dw"]) == 8
     # skipped layer is untouched, structure and dtypes preserved
     np.testing.assert_array_equal(out.params["head"]["kernel"], v["params"]["head"]["kernel"])
@@ -136,8 +141,9 @@ def test_prune_levels_equals_compress(setup):
     for s, p in zip(levels, many):
         one = compress(v["params"], stats, [("dw", None), (".*", Unstructured(s))])
         for path in ("conv", "fc", "head"):
-            np.testing.assert_allclose(p[path]["kernel"], one.params[path]["kernel"], rtol=1e-5,
-                                       atol=1e-6)
+            np.testing.assert_allclose(
+                p[path]["kernel"], one.params[path]["kernel"], rtol=1e-5, atol=1e-6
+            )
         np.testing.assert_array_equal(p["dw"]["kernel"], v["params"]["dw"]["kernel"])
 
 
@@ -156,3 +162,193 @@ def test_errors_name_the_layer(setup):
         compress(v["params"], stats, [("head", NM(2, 3))])
     with pytest.raises(ValueError, match="no layer"):
         compress({"a": {"b": jnp.zeros(3)}}, stats, [(".*", Int(4))])
+
+
+# ------------------------------------------------------------------ grouped / depthwise batching
+
+
+class Grouped(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(12, (3, 3), padding="SAME", name="conv")(x))
+        x = nn.relu(nn.Conv(12, (3, 3), feature_group_count=12, padding="SAME", name="dw")(x))
+        x = nn.relu(nn.Conv(16, (3, 3), feature_group_count=4, padding="SAME", name="gc")(x))
+        x = nn.Conv(16, (1, 1), feature_group_count=4, name="gc1")(x)
+        return nn.Dense(3, name="head")(x.reshape(x.shape[0], -1))
+
+
+@pytest.fixture(scope="module")
+def grouped():
+    model = Grouped()
+    rng = np.random.default_rng(1)
+    xs = [rng.normal(size=(8, 6, 6, 2)).astype(np.float32) for _ in range(2)]
+    v = model.init(jax.random.key(1), jnp.asarray(xs[0]))
+    return v, calibrate(model, v, xs)
+
+
+def _per_group_loop(monkeypatch):
+    import obcjax.transforms as T
+
+    monkeypatch.setattr(T, "_solve_groups", lambda *a, **k: None)
+
+
+def _same(a, b, rtol=1e-5, atol=1e-6):
+    assert set(a.specs) == set(b.specs)
+    for path in a.specs:
+        np.testing.assert_allclose(
+            a.params[path]["kernel"], b.params[path]["kernel"], rtol=rtol, atol=atol, err_msg=path
+        )
+        assert a.losses[path] == pytest.approx(b.losses[path], rel=1e-4, abs=1e-9), path
+        assert (path in a.masks) == (path in b.masks)
+        if path in a.masks:
+            np.testing.assert_array_equal(a.masks[path], b.masks[path], err_msg=path)
+        if path in a.qarrays:
+            assert len(a.qarrays[path]) == len(b.qarrays[path])
+            for qa, qb in zip(a.qarrays[path], b.qarrays[path]):
+                np.testing.assert_array_equal(qa.codes, qb.codes, err_msg=path)
+                np.testing.assert_allclose(qa.scale, qb.scale, rtol=1e-6, err_msg=path)
+                np.testing.assert_array_equal(qa.zero, qb.zero, err_msg=path)
+                assert (qa.bits, qa.group_size) == (qb.bits, qb.group_size)
+
+
+def _ls(solver, prune=None, quant=None):
+    return LayerSpec(prune=prune, quant=quant, solver=solver)
+
+
+# (depthwise "dw", grouped "gc", grouped 1x1 "gc1") specs: every batched solver path once --
+# GPTQ with static and dynamic (group-wise) grids, SparseGPT unstructured and N:M with joint
+# quantization, OBQ, ExactOBS unstructured and N:M with OBQ, magnitude / RTN, alone and joint.
+CASES = [
+    (
+        _ls("gptq", Unstructured(0.5), Int(8)),
+        _ls("gptq", quant=Int(3, sym=False, granularity="group", group_size=9)),
+        _ls("gptq", NM(2, 4), Int(4)),
+    ),
+    (_ls("obc", quant=Int(4)), _ls("obc", Unstructured(0.5), Int(8)), _ls("obc", NM(2, 4))),
+    (
+        _ls("magnitude", Unstructured(0.5), Int(8)),
+        _ls("magnitude", quant=Int(4)),
+        _ls("magnitude", NM(2, 4), Int(4)),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "case", CASES, ids=lambda c: "-".join(f"{s.solver}:{s.name}" for s in c if s is not None)
+)
+def test_grouped_batches_equal_per_group_loop(grouped, case, monkeypatch):
+    import obcjax.transforms as T
+
+    v, stats = grouped
+    rules = [("dw", case[0]), ("gc", case[1]), ("gc1", case[2]), (".*", None)]
+    # small chunks: 12 depthwise groups run as 8 + 4 (padded to 8) in two compiled calls
+    monkeypatch.setattr(T, "_GROUP_CHUNK", 8)
+    calls = []
+    solve = T._solve
+    monkeypatch.setattr(T, "_solve", lambda *a, **k: calls.append(k["layer"]) or solve(*a, **k))
+    batched = compress(v["params"], stats, rules)
+    assert calls == []  # no group fell back to the per-matrix path
+    _per_group_loop(monkeypatch)
+    loop = compress(v["params"], stats, rules)
+    assert len(calls) == 12 + 4 + (4 if case[2] is not None else 0)
+    _same(batched, loop)
+    if case[2] is not None:
+        m = np.asarray(batched.masks["gc1"]).reshape(4, 4, 4)  # (cin/G, G, out/G): 2 of 4 kept
+        assert (m.sum(axis=0) == 2).all()
+    # and the loop itself is the kernel on group g's matrix and Hessian
+    if case[0].solver == "gptq":
+        H = hessian_finalize(stats["dw"])
+        W5 = kernel_to_matrices(v["params"]["dw"]["kernel"], 12)[5]
+        r = K.sparsegpt_prune(W5, H[5], case[0].prune, quant=case[0].quant)
+        got = kernel_to_matrices(batched.params["dw"]["kernel"], 12)[5]
+        np.testing.assert_allclose(got, r.weights, rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_fallback_retry_and_errors(grouped, monkeypatch):
+    from obcjax.stats import HessianState
+
+    v, stats = grouped
+    # Group 3 of the depthwise conv gets a singular H (all ones): with rel_damp=0 its Cholesky
+    # fails and the kernel retries with more damping; the batched path hands it to the kernel.
+    st = stats["dw"]
+    ones = jnp.ones((9, 9), jnp.float32) * st.count.astype(jnp.float32) / 2
+    bad = {**stats, "dw": HessianState(st.sum.at[3].set(ones), st.count)}
+    rules = [("dw", LayerSpec(quant=Int(4), solver="gptq")), (".*", None)]
+    batched = compress(v["params"], bad, rules, rel_damp=0.0)
+    assert np.isfinite(np.asarray(batched.params["dw"]["kernel"])).all()
+    _per_group_loop(monkeypatch)
+    _same(batched, compress(v["params"], bad, rules, rel_damp=0.0))
+    monkeypatch.undo()
+    # Errors name the group, the first bad one as the loop would.
+    k = np.array(v["params"]["dw"]["kernel"])
+    k[..., 5] = np.nan
+    k[0, 0, 0, 7] = np.inf
+    params = {**v["params"], "dw": {**v["params"]["dw"], "kernel": jnp.asarray(k)}}
+    for solver in ("gptq", "obc", "magnitude"):
+        with pytest.raises(ValueError, match=r"'dw\[group 5\]'.*non-finite"):
+            compress(params, stats, [("dw", LayerSpec(quant=Int(4), solver=solver)), (".*", None)])
+    with pytest.raises(ValueError, match=r"'dw\[group 0\]'.*2:4.*multiple of 4"):
+        compress(v["params"], stats, [("dw", LayerSpec(prune=NM(2, 4))), (".*", None)])
+
+
+def test_prune_levels_grouped_equals_per_group_loop(grouped, monkeypatch):
+    v, stats = grouped
+    rules = [("dw|gc", True), (".*", None)]
+    for solver in ("obc", "magnitude"):
+        batched = prune_levels(v["params"], stats, [0.25, 0.5], rules=rules, solver=solver)
+        with monkeypatch.context() as m:
+            import obcjax.transforms as T
+
+            m.setattr(T, "_prune_levels_groups", lambda *a, **k: None)
+            loop = prune_levels(v["params"], stats, [0.25, 0.5], rules=rules, solver=solver)
+        for b, lp in zip(batched, loop):
+            for path in ("dw", "gc"):
+                np.testing.assert_allclose(
+                    b[path]["kernel"], lp[path]["kernel"], rtol=1e-5, atol=1e-6
+                )
+                np.testing.assert_array_equal(
+                    np.asarray(b[path]["kernel"]) == 0, np.asarray(lp[path]["kernel"]) == 0
+                )
+
+
+@pytest.mark.parametrize("solver", ["gptq", "magnitude"])
+def test_dead_inputs_zero_or_keep(grouped, solver):
+    from obcjax.quant import quantize
+    from obcjax.stats import HessianState
+
+    v, stats = grouped
+    # input 2 of group 1 of "gc" never fired: its row and column of the statistics are zero
+    st = stats["gc"]
+    s1 = st.sum[1].at[2, :].set(0.0).at[:, 2].set(0.0)
+    dead = {**stats, "gc": HessianState(st.sum.at[1].set(s1), st.count)}
+    rules = [("gc", LayerSpec(quant=Int(8), solver=solver)), (".*", None)]
+    W1 = kernel_to_matrices(v["params"]["gc"]["kernel"], 4)[1]
+    zero = compress(v["params"], dead, rules)
+    np.testing.assert_array_equal(kernel_to_matrices(zero.params["gc"]["kernel"], 4)[1][:, 2], 0)
+    keep = compress(v["params"], dead, rules, dead_inputs="keep")
+    got = kernel_to_matrices(keep.params["gc"]["kernel"], 4)[1]
+    qa = keep.qarrays["gc"][1]
+    # the dead input is rounded to its row's grid, not zeroed...
+    np.testing.assert_allclose(
+        got[:, 2], quantize(W1[:, 2], qa.scale[:, 0], qa.zero[:, 0], 8), rtol=1e-6, atol=1e-7
+    )
+    assert np.abs(np.asarray(got[:, 2])).max() > 0
+    # ...and, coupled to nothing, it does not matter which curvature it is given: the kernel on
+    # the same problem with a much larger one gives the same matrix
+    H1 = hessian_finalize(dead["gc"])[1]
+    H1 = H1.at[2, 2].set(jnp.mean(jnp.diag(H1)))
+    if solver == "gptq":
+        r = K.gptq_quantize(W1, H1, Int(8))
+    elif solver == "obc":
+        r = K.obq_quantize(W1, H1, Int(8))
+    else:
+        r = K.rtn_quantize(W1, Int(8), H=H1)
+    np.testing.assert_allclose(got, r.weights, rtol=1e-5, atol=1e-6)
+    # other groups are the same either way
+    for g in (0, 2, 3):
+        np.testing.assert_array_equal(
+            kernel_to_matrices(keep.params["gc"]["kernel"], 4)[g],
+            kernel_to_matrices(zero.params["gc"]["kernel"], 4)[g],
+        )
+    with pytest.raises(ValueError, match="dead_inputs"):
+        compress(v["params"], dead, rules, dead_inputs="drop")

