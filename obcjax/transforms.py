@@ -602,6 +602,18 @@ def _group_kernel(S, shape, dtype=None):
     return k.astype(dtype) if dtype is not None else k
 
 
+def _layer_problem(path, kernel, state, dead_inputs, where: str):
+    """Hessians ``(G, cols, cols)`` and float32 weight matrices ``(G, out/G, cols)`` of a layer."""
+    H = _hessians(state, path, dead_inputs)
+    G, cols = H.shape[0], H.shape[-1]
+    if kernel.shape[-1] % G or math.prod(kernel.shape[:-1]) != cols:
+        raise ValueError(
+            f"{where}layer {path!r}: kernel of shape {tuple(kernel.shape)} does not match its "
+            f"statistics ({G} group(s) of width {cols}); the statistics come from another model"
+        )
+    return H, _group_matrices(kernel, G).astype(jnp.float32)
+
+
 def _check_dead_inputs(dead_inputs, where: str) -> None:
     if dead_inputs not in ("zero", "keep"):
         raise ValueError(f"{where}: dead_inputs must be 'zero' or 'keep', got {dead_inputs!r}")
@@ -690,14 +702,8 @@ def compress(
         items = tqdm(items, desc="compress", unit="layer")
     for path, spec in items:
         kernel = jnp.asarray(layers[path])
-        H = _hessians(stats[path], path, dead_inputs)
-        G, cols = H.shape[0], H.shape[-1]
-        if kernel.shape[-1] % G or math.prod(kernel.shape[:-1]) != cols:
-            raise ValueError(
-                f"layer {path!r}: kernel of shape {tuple(kernel.shape)} does not match its "
-                f"statistics ({G} group(s) of width {cols}); the statistics come from another model"
-            )
-        mats = _group_matrices(kernel, G).astype(jnp.float32)  # (G, out/G, cols)
+        H, mats = _layer_problem(path, kernel, stats[path], dead_inputs, "")
+        G = H.shape[0]
         kw = dict(rel_damp=rel_damp, method=method)
         res = _solve_groups(mats, H, spec, path=path, **kw) if G > 1 else None
         if res is None:
@@ -804,14 +810,8 @@ def prune_levels(
     out = [params for _ in levels]
     for path in chosen:
         kernel = jnp.asarray(layers[path])
-        H = _hessians(stats[path], path, dead_inputs)
-        G, cols = H.shape[0], H.shape[-1]
-        if kernel.shape[-1] % G or math.prod(kernel.shape[:-1]) != cols:
-            raise ValueError(
-                f"prune_levels: layer {path!r}: kernel of shape {tuple(kernel.shape)} does not "
-                f"match its statistics ({G} group(s) of width {cols})"
-            )
-        mats = _group_matrices(kernel, G).astype(jnp.float32)
+        H, mats = _layer_problem(path, kernel, stats[path], dead_inputs, "prune_levels: ")
+        G = H.shape[0]
         per_level = None
         if G > 1:
             per_level = _prune_levels_groups(mats, H, levels, solver, rel_damp, method, path)
