@@ -189,6 +189,15 @@ def _split_batch(batch, i: int):
     return x, y
 
 
+def _relative_change(cur, prev) -> float:
+    """``||cur - prev|| / ||cur||`` of a running estimate (inf for the first batch), the early-stop
+    signal of the Fisher estimates."""
+    if prev is None:
+        return math.inf
+    denom = float(np.linalg.norm(cur))
+    return float(np.linalg.norm(cur - prev)) / denom if denom > 0 else 0.0
+
+
 def fisher_diagonal(
     loss_fn: Callable[[Any, Any, Any], jax.Array],
     params,
@@ -255,11 +264,7 @@ def fisher_diagonal(
             total[p] += np.asarray(out[p], np.float64)
         n += b
         cur = np.concatenate([total[p].ravel() for p in paths]) / n
-        if prev is None:
-            changes.append(math.inf)
-        else:
-            denom = float(np.linalg.norm(cur))
-            changes.append(float(np.linalg.norm(cur - prev)) / denom if denom > 0 else 0.0)
+        changes.append(_relative_change(cur, prev))
         prev = cur
         if t >= min_batches and changes[-1] < tol:
             converged = True
@@ -1137,11 +1142,7 @@ def activation_fisher(
             hi_sum[p] += float(rg[p][1])
         n += b
         cur = np.array([total[p] / n for p in paths])
-        if prev is None:
-            changes.append(math.inf)
-        else:
-            denom = float(np.linalg.norm(cur))
-            changes.append(float(np.linalg.norm(cur - prev)) / denom if denom > 0 else 0.0)
+        changes.append(_relative_change(cur, prev))
         prev = cur
         if t >= min_batches and changes[-1] < tol:
             converged = True
