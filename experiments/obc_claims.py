@@ -78,16 +78,15 @@ def run_model(name: str, dataset: str, *, quick: bool, log, smoke: bool = False)
 
     # 2. quantization
     bits = [4] if smoke else [3, 4] if quick else [2, 3, 4]
-    quant = {}
+    quant, quant_loss = {}, {}
     for solver in ("obc", "magnitude"):
-        quant[solver] = [
-            acc(finish(compress(variables["params"], stats, keep + [(".*", Int(b))],
-                                solver=solver).params))
-            for b in bits
-        ]
+        runs = [compress(variables["params"], stats, keep + [(".*", Int(b))], solver=solver)
+                for b in bits]
+        quant[solver] = [acc(finish(r.params)) for r in runs]
+        quant_loss[solver] = [float(r.summary["total/loss"]) for r in runs]
         log(f"  quant {solver}: " + " ".join(f"w{b}:{100 * a:.1f}"
                                              for b, a in zip(bits, quant[solver])))
-    out["quant"] = {"bits": bits, "accuracy": quant}
+    out["quant"] = {"bits": bits, "accuracy": quant, "loss": quant_loss}
 
     # 3. joint 2:4 + 4-bit where 2:4 fits the layer width (input channels per tap % 4 == 0)
     widths = {p: s.sum.shape[-1] for p, s in stats.items()}
@@ -95,11 +94,12 @@ def run_model(name: str, dataset: str, *, quick: bool, log, smoke: bool = False)
     if nm_layers:
         joint_rules = keep + [(re.escape(p), LayerSpec(prune=NM(2, 4), quant=Int(4)))
                               for p in nm_layers] + [(".*", Int(4))]
-        joint = {}
+        joint, joint_loss = {}, {}
         for solver in ("obc", "magnitude"):
             r = compress(variables["params"], stats, joint_rules, solver=solver)
             joint[solver] = acc(finish(r.params))
-        out["joint_2of4_w4"] = {"layers_2of4": nm_layers, "accuracy": joint}
+            joint_loss[solver] = float(r.summary["total/loss"])
+        out["joint_2of4_w4"] = {"layers_2of4": nm_layers, "accuracy": joint, "loss": joint_loss}
         log(f"  2:4+w4: obc {100 * joint['obc']:.1f}  magnitude {100 * joint['magnitude']:.1f}")
 
     # 4. non-uniform (database + DP) vs uniform at equal size budget

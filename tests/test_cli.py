@@ -19,7 +19,10 @@ def test_compress_end_to_end(tmp_path, capsys):
     obc, mag = summary["methods"]["obc"], summary["methods"]["magnitude"]
     assert summary["kept_dense"]  # the first layer stays dense by default
     assert obc["summary"]["total/compression"] > 2
-    assert obc["accuracy"] >= mag["accuracy"]
+    # Accuracies on one test set of a model trained on this machine differ from machine to
+    # machine by an image or two, so the ranking is checked on the deterministic layer losses,
+    # where OBC's margin over magnitude + round-to-nearest is more than 10x.
+    assert obc["summary"]["total/loss"] * 4 < mag["summary"]["total/loss"]
     assert obc["accuracy"] > summary["dense_accuracy"] - 0.05
     assert summary["sweep"]["sparsity"] == [0.5, 0.8]
     assert len(summary["sweep"]["accuracy"]["obc"]) == 2
