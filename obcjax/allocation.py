@@ -52,12 +52,12 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import math
 import os
 import re
-import tempfile
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -67,6 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from obcjax import kernels as K
+from obcjax.fileio import CorruptedFileError, atomic_write
 from obcjax.specs import NM, Block, Int, Unstructured, check_fits, spec_name
 from obcjax.stats import HessianState
 from obcjax.transforms import (
@@ -598,9 +599,7 @@ class Database:
         if r.weights is not None:
             return r.weights[i]
         if r.weights_file is not None:
-            with np.load(r.weights_file, allow_pickle=False) as z:
-                if "weights" in z.files:
-                    return np.asarray(z["weights"][r.slot(i)])
+            return _load_weights(r.weights_file, r.slot(i), path)
         return None
 
     def summary(self) -> list[dict[str, Any]]:
@@ -854,19 +853,47 @@ def _layer_file(root: str, path: str) -> str:
     return os.path.join(root, urllib.parse.quote(path, safe="") + ".npz")
 
 
-def _atomic_savez(fname: str, arrays: Mapping[str, np.ndarray]) -> None:
-    d = os.path.dirname(fname) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, fname)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def _atomic_savez(
+    fname: str, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any] | None = None
+) -> dict[str, str]:
+    """Write ``arrays`` as an ``.npz`` file atomically (:func:`obcjax.fileio.atomic_write`).
+
+    Each member is the ``.npy`` serialisation ``np.savez`` writes, hashed while it is written.
+    With ``meta``, a JSON member ``meta`` follows, holding ``meta`` plus ``"checksums"``:
+    ``{member: SHA-256 of its .npy bytes}``, and a member ``meta_sha256`` with the SHA-256 of
+    that JSON text, so a reader can verify every member (:func:`_verify_members`).
+
+    Returns:
+      ``{member: SHA-256 hex}`` of the array members.
+    """
+    import zipfile
+
+    sums: dict[str, str] = {}
+
+    def write(f):
+        with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+
+            def member(name, arr):
+                h = hashlib.sha256()
+                with zf.open(name + ".npy", mode="w", force_zip64=True) as m:
+
+                    class _Tee:
+                        def write(self, b):
+                            h.update(b)
+                            return m.write(b)
+
+                    np.lib.format.write_array(_Tee(), np.asanyarray(arr), allow_pickle=False)
+                return h.hexdigest()
+
+            for name, arr in arrays.items():
+                sums[name] = member(name, arr)
+            if meta is not None:
+                text = json.dumps({**meta, "checksums": sums})
+                member("meta", np.asarray(text))
+                member("meta_sha256", np.asarray(hashlib.sha256(text.encode()).hexdigest()))
+
+    atomic_write(fname, write, what="database file")
+    return sums
 
 
 def _write_record(fname: str, rec: LayerRecord) -> None:
@@ -879,35 +906,223 @@ def _write_record(fname: str, rec: LayerRecord) -> None:
         "fingerprint": dict(rec.fingerprint),
         "levels": [lv.name for lv in rec.levels],
     }
-    arrays = {
-        "meta": np.asarray(json.dumps(meta)),
-        "loss": rec.loss,
-        "nnz": rec.nnz,
-        "overhead": rec.overhead,
-    }
+    arrays = {"loss": rec.loss, "nnz": rec.nnz, "overhead": rec.overhead}
     if rec.weights is not None:
         arrays["weights"] = rec.weights
-    _atomic_savez(fname, arrays)
+    _atomic_savez(fname, arrays, meta)
 
 
-def _read_record(fname: str, levels) -> tuple[LayerRecord, bool]:
-    with np.load(fname, allow_pickle=False) as z:
-        meta = json.loads(str(z["meta"]))
-        has_w = "weights" in z.files
+_DB_READ_ERRORS = (OSError, ValueError, KeyError, TypeError, EOFError, IndexError, OverflowError)
+
+
+def _db_corrupted(fname: str, layer: str, why: str) -> CorruptedFileError:
+    return CorruptedFileError(
+        f"layer {layer!r}: the database file {fname!r} is corrupted: {why}; delete it or pass "
+        f"on_mismatch='recompute' to rebuild the layer"
+    )
+
+
+def _npy_member(z, name: str) -> np.ndarray:
+    import io
+
+    return np.lib.format.read_array(io.BytesIO(z.read(name + ".npy")), allow_pickle=False)
+
+
+def _member_header(z, name: str) -> tuple[tuple[int, ...], np.dtype]:
+    """``(shape, dtype)`` from a member's ``.npy`` header, without reading its data."""
+    fmt = np.lib.format
+    with z.open(name + ".npy") as m:
+        version = fmt.read_magic(m)
+        if version == (1, 0):
+            shape, _, dtype = fmt.read_array_header_1_0(m)
+        else:
+            shape, _, dtype = fmt.read_array_header_2_0(m)
+    return tuple(shape), dtype
+
+
+def _json_text(z, name: str, fname: str, layer: str) -> str:
+    import zipfile
+
+    try:
+        a = _npy_member(z, name)
+    except (zipfile.BadZipFile, *_DB_READ_ERRORS) as e:
+        raise _db_corrupted(fname, layer, f"member {name!r} is damaged ({e})") from None
+    if a.ndim != 0 or a.dtype.kind != "U":
+        raise _db_corrupted(fname, layer, f"member {name!r} is not a text member")
+    return str(a)
+
+
+def _verify_members(fname: str, layer: str) -> dict[str, Any]:
+    """The record's meta dict, once every member of ``fname`` has been verified.
+
+    Files written with checksums: the meta text must match ``meta_sha256``, the members must be
+    exactly those the meta lists, and each member's bytes must match its SHA-256. Older files
+    without checksums: every member is read through, which checks its zip CRC-32.
+
+    Raises:
+      CorruptedFileError: naming the layer, the file and the member that fails.
+    """
+    import zipfile
+
+    chunk = 1 << 20
+    try:
+        with zipfile.ZipFile(fname) as z:
+            names = z.namelist()
+            members = [n[: -len(".npy")] for n in names if n.endswith(".npy")]
+            if len(set(names)) != len(names) or len(members) != len(names):
+                raise _db_corrupted(fname, layer, f"unexpected members {sorted(names)}")
+            if "meta" not in members:
+                raise _db_corrupted(fname, layer, "the member 'meta' is missing")
+            text = _json_text(z, "meta", fname, layer)
+            if "meta_sha256" in members:
+                want_sha = _json_text(z, "meta_sha256", fname, layer)
+                if hashlib.sha256(text.encode()).hexdigest() != want_sha:
+                    raise _db_corrupted(fname, layer, "the member 'meta' fails its checksum")
+            meta = json.loads(text)
+            if not isinstance(meta, dict):
+                raise _db_corrupted(fname, layer, "the member 'meta' is not a JSON object")
+            sums = meta.get("checksums")
+            if "meta_sha256" in members:
+                if not isinstance(sums, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in sums.items()
+                ):
+                    raise _db_corrupted(fname, layer, "the meta has no valid 'checksums' table")
+                want = set(sums) | {"meta", "meta_sha256"}
+            else:  # written before members had checksums: the zip CRC-32 is what there is
+                sums = None
+                want = set(members) & {"meta", "loss", "nnz", "overhead", "weights"}
+            if set(members) != want or not {"loss", "nnz", "overhead"} <= want:
+                missing = sorted(({"loss", "nnz", "overhead"} | want) - set(members))
+                extra = sorted(set(members) - want)
+                raise _db_corrupted(
+                    fname, layer, f"members missing {missing}, members not expected {extra}"
+                )
+            for name in sorted(set(members) - {"meta", "meta_sha256"}):
+                h = hashlib.sha256()
+                try:
+                    with z.open(name + ".npy") as m:
+                        while block := m.read(chunk):
+                            h.update(block)
+                except (zipfile.BadZipFile, OSError, EOFError) as e:
+                    raise _db_corrupted(fname, layer, f"member {name!r} is damaged ({e})") from None
+                if sums is not None and h.hexdigest() != sums[name]:
+                    raise _db_corrupted(fname, layer, f"member {name!r} fails its checksum")
+    except CorruptedFileError:
+        raise
+    except zipfile.BadZipFile as e:
+        raise _db_corrupted(fname, layer, f"not a readable .npz file ({e})") from None
+    except _DB_READ_ERRORS as e:
+        raise _db_corrupted(fname, layer, f"{type(e).__name__}: {e}") from None
+    return meta
+
+
+def _read_record(fname: str, levels, layer: str | None = None) -> tuple[LayerRecord, bool]:
+    """The stored record of a layer, every member verified first (see :func:`_verify_members`).
+
+    Raises:
+      CorruptedFileError: the file or one of its members does not verify, or its fields do not
+        fit one another; the message names the layer, the file and the member or field.
+    """
+    import zipfile
+
+    layer = fname if layer is None else layer
+    meta = _verify_members(fname, layer)
+    try:
+        with zipfile.ZipFile(fname) as z:
+            members = {n[: -len(".npy")] for n in z.namelist()}
+            loss, nnz, overhead = (_npy_member(z, k) for k in ("loss", "nnz", "overhead"))
+            has_w = "weights" in members
+            wshape, wdtype = _member_header(z, "weights") if has_w else ((), None)
+        shape = tuple(int(s) for s in meta["shape"])
+        n = len(meta["levels"])
+        for key, arr, kinds in (
+            ("loss", loss, "f"),
+            ("nnz", nnz, "iu"),
+            ("overhead", overhead, "iu"),
+        ):
+            if arr.shape != (n,) or arr.dtype.kind not in kinds:
+                raise _db_corrupted(
+                    fname, layer, f"member {key!r} is {arr.dtype} {arr.shape}, expected ({n},)"
+                )
+        if has_w and (wshape != (n, *shape) or wdtype.kind != "f"):
+            raise _db_corrupted(
+                fname, layer, f"member 'weights' is {wdtype} {wshape}, expected ({n}, *{shape})"
+            )
+        fingerprint = meta["fingerprint"]
+        if not isinstance(fingerprint, dict):
+            raise TypeError("the field 'fingerprint' is not a dict")
         rec = LayerRecord(
-            meta["path"],
-            tuple(meta["shape"]),
+            str(meta["path"]),
+            shape,
             int(meta["groups"]),
             levels,
-            np.asarray(z["loss"]),
-            np.asarray(z["nnz"]),
-            np.asarray(z["overhead"]),
+            np.asarray(loss),
+            np.asarray(nnz),
+            np.asarray(overhead),
             float(meta["energy"]),
-            meta["fingerprint"],
+            fingerprint,
             None,
             fname if has_w else None,
         )
+    except CorruptedFileError:
+        raise
+    except (zipfile.BadZipFile, *_DB_READ_ERRORS) as e:
+        raise _db_corrupted(fname, layer, f"a field of the meta is invalid ({e!r})") from None
     return rec, has_w
+
+
+def _load_weights(fname: str, slot: int | None, layer: str) -> np.ndarray | None:
+    """Level ``slot`` of the ``weights`` member of ``fname`` (all levels if None), or None.
+
+    Raises:
+      CorruptedFileError: the file changed or was damaged since it was loaded (its zip CRC or
+        ``.npy`` header no longer reads), naming the layer and the file.
+      FileNotFoundError: the file was removed.
+    """
+    import zipfile
+
+    try:
+        with np.load(fname, allow_pickle=False) as z:
+            if "weights" not in z.files:
+                return None
+            w = z["weights"]
+            return np.asarray(w if slot is None else w[slot])
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            errno.ENOENT,
+            f"layer {layer!r}: the database file {fname!r} was removed after the database was "
+            f"loaded; run build_database again",
+        ) from None
+    except (zipfile.BadZipFile, *_DB_READ_ERRORS) as e:
+        raise CorruptedFileError(
+            f"layer {layer!r}: cannot read the weights of the database file {fname!r}: it "
+            f"changed or was damaged after it was loaded ({type(e).__name__}: {e}); rebuild it "
+            f"with build_database(..., on_mismatch='recompute')"
+        ) from None
+
+
+def _database_folder(path) -> str:
+    """``path`` as a str, once it is a folder (created if missing) that can hold the database."""
+    try:
+        root = os.fspath(path)
+    except TypeError:
+        raise TypeError(
+            f"build_database: path must be a str or os.PathLike folder, got {type(path).__name__}"
+        ) from None
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise NotADirectoryError(
+            errno.ENOTDIR,
+            f"build_database: path {root!r} is an existing file, not a folder; the database is a "
+            f"folder with one .npz file per layer: give a folder path (created if missing)",
+        )
+    try:
+        os.makedirs(root, exist_ok=True)
+    except OSError as e:
+        raise OSError(
+            e.errno,
+            f"build_database: cannot create the database folder {root!r}: {e.strerror or e}",
+        ) from e
+    return root
 
 
 def _check_act_errors(act_errors, path: str, levels, kernel) -> None:
@@ -967,8 +1182,7 @@ def _expand(rec: LayerRecord, levels, act_errors, path: str) -> LayerRecord:
             if rec.weights is not None:
                 cache[j] = rec.weights[j]
             else:
-                with np.load(rec.weights_file, allow_pickle=False) as z:
-                    cache[j] = np.asarray(z["weights"][rec.slot(j)])
+                cache[j] = _load_weights(rec.weights_file, rec.slot(j), path)
         return cache[j]
 
     for i, lv in enumerate(levels):
@@ -1046,7 +1260,11 @@ def build_database(
         own levels; None: the layer is left out of the database.
       path: directory of a resumable database: each finished layer is written atomically to
         ``<path>/<quoted layer path>.npz`` with a fingerprint of (kernel, Hessian, levels,
-        rel_damp); a re-run reads finished layers back and computes only the rest.
+        rel_damp) and a SHA-256 of every member; a re-run reads finished layers back, every
+        member verified (a damaged file raises :class:`obcjax.fileio.CorruptedFileError`
+        naming the layer, the file and the member, or is recomputed with
+        ``on_mismatch='recompute'``), and computes only the rest. An existing file at ``path``
+        raises ``NotADirectoryError``.
       rel_damp: relative damping of every Hessian.
       mesh: optional ``jax.sharding.Mesh``; each layer's rows are split over its first axis
         (ExactOBS, N:M, OBQ and joint levels; block and non-OBC solvers run on one device).
@@ -1122,8 +1340,7 @@ def build_database(
             raise ValueError(f"build_database: positions[{p!r}] must be a positive int, got {n!r}")
     root = None
     if path is not None:
-        root = os.fspath(path)
-        os.makedirs(root, exist_ok=True)
+        root = _database_folder(path)
 
     items = list(plan.items())
     if progress:
@@ -1150,11 +1367,13 @@ def build_database(
         }
         fname = _layer_file(root, lpath) if root is not None else None
         if fname is not None and os.path.exists(fname):
-            try:
-                rec, has_w = _read_record(fname, lvls)
+            try:  # every member verified: a damaged file is an error here, not at materialize
+                rec, has_w = _read_record(fname, lvls, lpath)
             except Exception as e:  # a foreign or damaged file: atomic writes never leave one
                 if on_mismatch == "raise":
-                    raise ValueError(
+                    if isinstance(e, CorruptedFileError):
+                        raise
+                    raise CorruptedFileError(
                         f"layer {lpath!r}: cannot read the stored database file {fname!r} ({e}); "
                         "delete it or pass on_mismatch='recompute'"
                     ) from e

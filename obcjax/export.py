@@ -34,11 +34,20 @@ nothing for a few packed numpy tensors that must land atomically as one file.
 
 The manifest (header key ``"obcjax.manifest"``) records the format name, ``FORMAT_VERSION``, the
 obcjax version and, per layer: kind, shape, value dtype, bits, group size, granularity, N:M,
-number of kept weights, theoretical bits, and per tensor its key, dtype, shape, byte count and
-packing, plus a SHA-256 checksum over the layer's record and tensors. Files are written
-atomically (temporary file in the same directory, fsync, ``os.replace``). :func:`load` refuses,
-with ``ValueError``, a truncated or corrupted file, a newer format version, or a manifest that
-does not describe the tensors; nothing is returned half-loaded.
+number of kept weights, theoretical bits, and per tensor its key, dtype, shape, byte count,
+packing and SHA-256, plus a SHA-256 checksum over the layer's record. The header key
+``"obcjax.digest"`` holds one SHA-256 digest over the canonical JSON (sorted keys) of the whole
+manifest (layer records with their checksums, the params section with each leaf's layout, shape
+and dtype) and of the user metadata. :func:`load` checks every one of them before it returns
+anything, so a flipped bit anywhere in the header or the data is an error, never a different
+model: it raises :class:`obcjax.fileio.CorruptedFileError` (a ``ValueError``) naming the file and
+the field for a truncated or damaged file, and ``ValueError`` for a newer format version or a
+file that is not ours; nothing is returned half-loaded.
+
+Files are written with :func:`obcjax.fileio.atomic_write` (temporary file in the same folder,
+fsync, ``os.replace``): a crash leaves the old file or the new one; a read-only target is refused
+unless ``overwrite_readonly=True``; a directory, a missing folder or a full disk give one error
+naming the path given.
 
 Example:
     >>> from obcjax import export
@@ -48,23 +57,23 @@ Example:
     >>> W, mask, qarray = export.unpack_layer(layers["dense1"])
 
 Whole Flax models: ``save_params(path, params, packed)`` stores the packed kernels and every other
-leaf as is; ``load_params(path)`` gives back nested dicts with dense float32 kernels.
+leaf as is; ``load_params(path)`` gives back nested dicts with every leaf in its original dtype
+(bfloat16 and float16 included), bit for bit.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import os
-import secrets
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from obcjax.fileio import CorruptedFileError, atomic_write, check_readable, check_writable
 from obcjax.quant import QArray
 from obcjax.specs import NM
 
@@ -84,14 +93,18 @@ __all__ = [
     "save_params",
     "load_params",
     "pack_compressed",
+    "CorruptedFileError",
 ]
 
 FORMAT_NAME = "obcjax-packed"
-FORMAT_VERSION = 1
+# 2: per-tensor SHA-256 and one digest over the manifest and metadata (version 1 files still load)
+FORMAT_VERSION = 2
 KINDS = ("dense", "quantized", "sparse", "sparse_quantized", "nm", "nm_quantized")
 
 _MANIFEST_KEY = "obcjax.manifest"
 _METADATA_KEY = "obcjax.metadata"
+_DIGEST_KEY = "obcjax.digest"
+_LAYOUTS = ("kernel", "identity")
 _QUANT_KINDS = ("quantized", "sparse_quantized", "nm_quantized")
 # 1 Mi groups of 8 codes per chunk keeps the uint64 scratch of pack/unpack at 8 MiB per 1 Mi codes
 _CHUNK_GROUPS = 1 << 20
@@ -296,6 +309,21 @@ def _float_dtype(dtype, name: str, fallback: np.dtype) -> np.dtype:
             f"layer {name!r}: dtype must be 'float32', 'float16' or None (keep as is), got {dtype!r}"
         )
     return np.dtype(dtype)
+
+
+def _np_dtype(name, what: str) -> np.dtype:
+    """The numpy dtype named ``name`` (bfloat16 & co. through ml_dtypes); numeric kinds only."""
+    import ml_dtypes  # noqa: F401  (registers bfloat16 and the float8 types with numpy)
+
+    if not isinstance(name, str):
+        raise TypeError(f"{what}: dtype must be a dtype name, got {name!r}")
+    try:
+        dt = np.dtype(name)
+    except TypeError:
+        raise ValueError(f"{what}: unknown dtype {name!r}") from None
+    if dt.kind not in "biufc" and not dt.type.__module__.startswith("ml_dtypes"):
+        raise ValueError(f"{what}: dtype {name!r} is not numeric")
+    return dt
 
 
 def _grid_shape(layer: PackedLayer) -> tuple[int, int]:
@@ -566,7 +594,8 @@ def pack_layer(
                 f"a quarter grid step; pass the weights the qarray was made from"
             )
 
-    vdt = _float_dtype(dtype, name, W.dtype if W.dtype.kind == "f" else np.dtype(np.float32))
+    floating = W.dtype.kind == "f" or W.dtype.name == "bfloat16"
+    vdt = _float_dtype(dtype, name, W.dtype if floating else np.dtype(np.float32))
     common = dict(qmeta) if qmeta is not None else {}
 
     if nm is not None:
@@ -753,15 +782,36 @@ def _packing(layer: PackedLayer, part: str) -> str:
     )
 
 
-def _checksum(record: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> str:
+def _canonical(obj) -> bytes:
+    """Canonical JSON bytes: sorted keys, no whitespace, ASCII only."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def _tensor_sha(t: np.ndarray) -> str:
+    t = np.require(t, requirements="C")
+    return hashlib.sha256(t.reshape(-1).view(np.uint8)).hexdigest()
+
+
+def _checksum(record: Mapping[str, Any], tensors: Mapping[str, np.ndarray] | None = None) -> str:
+    """SHA-256 of a layer's record without its ``checksum`` (plus its tensors in version 1 files).
+
+    From format version 2 every tensor record holds the SHA-256 of its bytes, so the record's
+    checksum covers the tensors without hashing them twice.
+    """
     h = hashlib.sha256()
     rec = {k: v for k, v in record.items() if k != "checksum"}
     h.update(json.dumps(rec, sort_keys=True, separators=(",", ":")).encode())
-    for part in sorted(tensors):
+    for part in sorted(tensors or {}):
         t = np.require(tensors[part], requirements="C")
         h.update(f"{part}|{t.dtype.name}|{t.shape}|".encode())
         h.update(t.reshape(-1).view(np.uint8))
     return "sha256:" + h.hexdigest()
+
+
+def _digest(manifest, metadata) -> str:
+    """The file's digest: SHA-256 of the canonical manifest and user metadata (None if absent)."""
+    body = _canonical({"manifest": manifest, "metadata": metadata})
+    return "sha256:" + hashlib.sha256(b"obcjax-packed digest\n" + body).hexdigest()
 
 
 def _record(layer: PackedLayer, name: str) -> dict[str, Any]:
@@ -775,10 +825,11 @@ def _record(layer: PackedLayer, name: str) -> dict[str, Any]:
             "shape": list(t.shape),
             "nbytes": int(t.nbytes),
             "packing": _packing(layer, part),
+            "sha256": _tensor_sha(t),
         }
         for part, t in sorted(layer.tensors.items())
     }
-    rec["checksum"] = _checksum(rec, layer.tensors)
+    rec["checksum"] = _checksum(rec)
     return rec
 
 
@@ -788,37 +839,33 @@ def _check_name(name, what="layer name") -> str:
     return name
 
 
-def _atomic_write(path: str, data: bytes) -> None:
+def _atomic_write(path, data: bytes, *, overwrite_readonly: bool = False) -> None:
     """Write ``data`` to ``path`` so that a crash leaves the old file or the new one, whole."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
-    # O_EXCL: never clobber a stranger's file; 0o666 lets the umask set the final permissions.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    # The rename is durable only once the directory entry is on disk.
-    with contextlib.suppress(OSError):
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    atomic_write(path, data, overwrite_readonly=overwrite_readonly, what="packed file")
 
 
-def _write(path, layers: Mapping[str, PackedLayer], metadata, params_section) -> None:
+def _write(
+    path,
+    layers: Mapping[str, PackedLayer],
+    metadata,
+    params_section,
+    *,
+    overwrite_readonly: bool = False,
+) -> None:
     import safetensors.numpy as stn
 
     from obcjax import __version__
 
+    # refuse a directory, a missing folder or a read-only file before any packing work
+    check_writable(path, overwrite_readonly=overwrite_readonly, what="packed file")
+    meta_json = None
+    if metadata is not None:
+        if not isinstance(metadata, Mapping):
+            raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
+        try:
+            meta_json = json.dumps(dict(metadata))
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"metadata must be JSON-serialisable: {e}") from None
     records = {}
     tensors = {}
     for name, layer in layers.items():
@@ -834,24 +881,36 @@ def _write(path, layers: Mapping[str, PackedLayer], metadata, params_section) ->
         "layers": records,
         "params": params_section,
     }
-    header = {_MANIFEST_KEY: json.dumps(manifest)}
-    if metadata is not None:
-        if not isinstance(metadata, Mapping):
-            raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
-        try:
-            header[_METADATA_KEY] = json.dumps(dict(metadata))
-        except TypeError as e:
-            raise TypeError(f"metadata must be JSON-serialisable: {e}") from None
-    _atomic_write(path, stn.save(tensors, metadata=header))
+    manifest_json = json.dumps(manifest)
+    header = {_MANIFEST_KEY: manifest_json}
+    if meta_json is not None:
+        header[_METADATA_KEY] = meta_json
+    # the digest covers what a reader parses back, so it is computed from the JSON text
+    header[_DIGEST_KEY] = _digest(
+        json.loads(manifest_json), None if meta_json is None else json.loads(meta_json)
+    )
+    _atomic_write(path, stn.save(tensors, metadata=header), overwrite_readonly=overwrite_readonly)
 
 
-def save(path, layers: Mapping[str, PackedLayer | Any], *, metadata: dict | None = None) -> None:
+def save(
+    path,
+    layers: Mapping[str, PackedLayer | Any],
+    *,
+    metadata: dict | None = None,
+    overwrite_readonly: bool = False,
+) -> None:
     """Write packed layers to one safetensors file, atomically.
 
     Args:
-      path: destination file (replaced atomically if it exists).
+      path: destination file (replaced atomically if it exists; its folder must exist).
       layers: ``{name: PackedLayer or array}``; arrays are stored as dense layers as they are.
       metadata: optional JSON-serialisable dict stored in the header and returned by :func:`load`.
+      overwrite_readonly: replace a read-only (no write bit) file; refused by default.
+
+    Raises:
+      IsADirectoryError, FileNotFoundError, PermissionError, OSError: ``path`` is a directory,
+        its folder is missing, it is read-only, or the write failed (e.g. a full disk); the
+        message names ``path`` and the old file is left as it was.
 
     Example:
       >>> save("w.safetensors", {"fc1": pack_layer(W, qarray=q), "fc1/bias": b})
@@ -866,110 +925,196 @@ def save(path, layers: Mapping[str, PackedLayer | Any], *, metadata: dict | None
         packed[name] = (
             layer if isinstance(layer, PackedLayer) else pack_layer(layer, dtype=None, name=name)
         )
-    _write(path, packed, metadata, None)
+    _write(path, packed, metadata, None, overwrite_readonly=overwrite_readonly)
+
+
+# the manifest errors that malformed (corrupted) records can raise while they are interpreted
+_MALFORMED = (KeyError, TypeError, ValueError, AttributeError, OverflowError, IndexError)
+
+
+def _json_field(header: Mapping[str, str], key: str, path: str):
+    try:
+        return json.loads(header[key])
+    except (ValueError, RecursionError) as e:
+        raise CorruptedFileError(
+            f"{path!r}: corrupted file: the header field {key!r} is not valid JSON ({e})"
+        ) from None
+
+
+def _parse_header(header: Mapping[str, str], path: str):
+    """``(manifest, metadata or None, digest or None)`` of a safetensors header."""
+    ours = [k for k in (_MANIFEST_KEY, _METADATA_KEY, _DIGEST_KEY) if k in header]
+    if _MANIFEST_KEY not in header:
+        if ours:
+            raise CorruptedFileError(
+                f"{path!r}: corrupted file: the header has {ours} but no manifest (field "
+                f"{_MANIFEST_KEY!r} missing)"
+            )
+        raise ValueError(
+            f"{path!r}: not an {FORMAT_NAME} file (a safetensors file without an obcjax "
+            f"manifest); use safetensors.numpy.load_file for plain tensors"
+        )
+    manifest = _json_field(header, _MANIFEST_KEY, path)
+    metadata = _json_field(header, _METADATA_KEY, path) if _METADATA_KEY in header else None
+    if metadata is not None and not isinstance(metadata, dict):
+        raise CorruptedFileError(
+            f"{path!r}: corrupted file: the header field {_METADATA_KEY!r} is not a JSON object"
+        )
+    digest = header.get(_DIGEST_KEY)
+    return manifest, metadata, digest
+
+
+def _check_manifest_head(manifest, path, verified=lambda: False) -> int:
+    """The manifest's format version, once its head (format, version, layer table) is sound.
+
+    ``verified()`` tells whether the file's digest verifies: a version newer than ours is
+    reported as such only then (otherwise it is as likely a damaged digit).
+    """
+    if not isinstance(manifest, dict):
+        raise CorruptedFileError(f"{path!r}: corrupted file: the manifest is not a JSON object")
+    if manifest.get("format") != FORMAT_NAME:
+        raise CorruptedFileError(
+            f"{path!r}: not an {FORMAT_NAME} file: the manifest's field 'format' is "
+            f"{manifest.get('format')!r} (a corrupted header, or another tool's manifest)"
+        )
+    version = manifest.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CorruptedFileError(
+            f"{path!r}: corrupted file: invalid format_version {version!r} (field 'format_version')"
+        )
+    if version > FORMAT_VERSION:
+        if verified():
+            raise ValueError(
+                f"{path!r}: written with format version {version} (obcjax "
+                f"{manifest.get('obcjax_version')}), newer than the version {FORMAT_VERSION} "
+                f"this obcjax reads; upgrade obcjax to load it"
+            )
+        raise CorruptedFileError(
+            f"{path!r}: corrupted file: the field 'format_version' says {version}, newer than "
+            f"the version {FORMAT_VERSION} this obcjax reads, and the digest does not verify; if "
+            f"a newer obcjax wrote it, upgrade obcjax"
+        )
+    if not isinstance(manifest.get("layers"), dict):
+        raise CorruptedFileError(
+            f"{path!r}: corrupted file: the manifest has no layer table (field 'layers')"
+        )
+    return version
+
+
+def _tensor_table(records: Mapping[str, Any], path: str) -> dict[str, tuple[str, str, dict]]:
+    """``{safetensors key: (layer, part, tensor record)}`` of the manifest."""
+    expected: dict[str, tuple[str, str, dict]] = {}
+    for name, rec in records.items():
+        tens = rec.get("tensors") if isinstance(rec, dict) else None
+        try:
+            for part, trec in tens.items():
+                key = trec["key"]
+                if not isinstance(key, str) or key in expected:
+                    raise ValueError(key)
+                expected[key] = (name, part, trec)
+        except (AttributeError, KeyError, TypeError, ValueError):
+            raise CorruptedFileError(
+                f"{path!r}: manifest record of layer {name!r} is malformed (field "
+                f"'layers.{name}.tensors'): the file is corrupted"
+            ) from None
+    return expected
+
+
+def _layer_from_record(rec, tensors, name: str, path: str) -> PackedLayer:
+    try:
+        layer = PackedLayer(
+            kind=rec["kind"],
+            shape=tuple(int(s) for s in rec["shape"]),
+            tensors=tensors,
+            dtype=rec["dtype"],
+            bits=rec["bits"],
+            group_size=rec["group_size"],
+            granularity=rec["granularity"],
+            nm=tuple(rec["nm"]) if rec["nm"] is not None else None,
+            nnz=int(rec["nnz"]),
+            zero_dtype=rec["zero_dtype"],
+        )
+        _check_layer(layer, name)
+        if layer.zero_dtype is not None:
+            _np_dtype(layer.zero_dtype, f"layer {name!r}: zero_dtype")
+    except _MALFORMED as e:
+        raise CorruptedFileError(
+            f"{path!r}: the manifest does not match the tensors of layer {name!r} (corrupted): {e}"
+        ) from None
+    return layer
 
 
 def _read(path):
-    """``(manifest, {name: PackedLayer}, metadata)``, every check done before returning."""
+    """``(manifest, {name: PackedLayer}, metadata)``, every check done before returning.
+
+    Checks, in order: the header parses and is ours; the manifest's head; every tensor the
+    manifest names is in the file (and nothing else) with its dtype, shape, byte count and
+    SHA-256; every layer record describes its tensors and matches its checksum; the digest over
+    the whole manifest and the user metadata. Any failure raises :class:`CorruptedFileError`.
+    """
     from safetensors import SafetensorError, safe_open
 
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such file: {path!r}")
+    path = check_readable(path, what="packed file")
     try:
         with safe_open(path, framework="np") as f:
             header = f.metadata() or {}
             keys = set(f.keys())
-            if _MANIFEST_KEY not in header:
-                raise ValueError(
-                    f"{path!r}: not an {FORMAT_NAME} file (a safetensors file without an obcjax "
-                    f"manifest); use safetensors.numpy.load_file for plain tensors"
-                )
-            try:
-                manifest = json.loads(header[_MANIFEST_KEY])
-                metadata = json.loads(header.get(_METADATA_KEY, "{}"))
-            except json.JSONDecodeError as e:
-                raise ValueError(
-                    f"{path!r}: the manifest is not valid JSON (corrupted): {e}"
-                ) from None
-            _check_manifest_head(manifest, path)
+            manifest, metadata, digest = _parse_header(header, path)
+            version = _check_manifest_head(
+                manifest, path, lambda: digest == _digest(manifest, metadata)
+            )
             records = manifest["layers"]
-            expected = {}
-            for name, rec in records.items():
-                tens = rec.get("tensors") if isinstance(rec, dict) else None
-                try:
-                    for part, trec in tens.items():
-                        expected[str(trec["key"])] = (name, part, trec)
-                except (AttributeError, KeyError, TypeError):
-                    raise ValueError(
-                        f"{path!r}: manifest record of layer {name!r} is malformed (corrupted)"
-                    ) from None
+            expected = _tensor_table(records, path)
             missing = sorted(set(expected) - keys)
             extra = sorted(keys - set(expected))
             if missing or extra:
-                raise ValueError(
-                    f"{path!r}: the manifest does not match the tensors: missing {missing[:5]}, "
-                    f"not in the manifest {extra[:5]}"
+                raise CorruptedFileError(
+                    f"{path!r}: the manifest does not match the tensors (corrupted): missing "
+                    f"{missing[:5]}, not in the manifest {extra[:5]}"
                 )
             raw = {key: f.get_tensor(key) for key in expected}
-    except SafetensorError as e:
-        raise ValueError(f"{path!r}: truncated or corrupted file ({e})") from None
+    except (SafetensorError, UnicodeDecodeError, OverflowError) as e:
+        raise CorruptedFileError(f"{path!r}: truncated or corrupted file ({e})") from None
     layers = {}
     for name, rec in records.items():
         tensors = {}
         for part, trec in rec["tensors"].items():
-            t = raw[str(trec["key"])]
+            key = trec["key"]
+            t = raw[key]
             if (
                 t.dtype.name != trec.get("dtype")
                 or list(t.shape) != list(trec.get("shape", []))
                 or t.nbytes != trec.get("nbytes")
             ):
-                raise ValueError(
-                    f"{path!r}: the manifest does not match tensor {part!r} of layer {name!r}: "
-                    f"manifest {trec.get('dtype')} {trec.get('shape')} {trec.get('nbytes')} B, file "
-                    f"{t.dtype.name} {list(t.shape)} {t.nbytes} B"
+                raise CorruptedFileError(
+                    f"{path!r}: the manifest does not match tensor {part!r} of layer {name!r} "
+                    f"(corrupted): manifest {trec.get('dtype')} {trec.get('shape')} "
+                    f"{trec.get('nbytes')} B, file {t.dtype.name} {list(t.shape)} {t.nbytes} B"
+                )
+            if version >= 2 and trec.get("sha256") != _tensor_sha(t):
+                raise CorruptedFileError(
+                    f"{path!r}: checksum mismatch in layer {name!r}, tensor {part!r} (key "
+                    f"{key!r}, field 'layers.{name}.tensors.{part}.sha256'): the file is corrupted"
                 )
             tensors[part] = t
-        try:
-            layer = PackedLayer(
-                kind=rec["kind"],
-                shape=tuple(int(s) for s in rec["shape"]),
-                tensors=tensors,
-                dtype=rec["dtype"],
-                bits=rec["bits"],
-                group_size=rec["group_size"],
-                granularity=rec["granularity"],
-                nm=tuple(rec["nm"]) if rec["nm"] is not None else None,
-                nnz=int(rec["nnz"]),
-                zero_dtype=rec["zero_dtype"],
-            )
-            _check_layer(layer, name)
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(
-                f"{path!r}: the manifest does not match the tensors of layer {name!r}: {e}"
-            ) from None
-        if _checksum(rec, tensors) != rec.get("checksum"):
-            raise ValueError(
-                f"{path!r}: checksum mismatch in layer {name!r}: the file is corrupted"
+        layer = _layer_from_record(rec, tensors, name, path)
+        if _checksum(rec, None if version >= 2 else tensors) != rec.get("checksum"):
+            raise CorruptedFileError(
+                f"{path!r}: checksum mismatch in layer {name!r} (field "
+                f"'layers.{name}.checksum'): the file is corrupted"
             )
         layers[name] = layer
-    return manifest, layers, metadata
-
-
-def _check_manifest_head(manifest, path) -> None:
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise ValueError(f"{path!r}: not an {FORMAT_NAME} file")
-    version = manifest.get("format_version")
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ValueError(f"{path!r}: invalid format_version {version!r}")
-    if version > FORMAT_VERSION:
-        raise ValueError(
-            f"{path!r}: written with format version {version} (obcjax "
-            f"{manifest.get('obcjax_version')}), newer than the version {FORMAT_VERSION} this "
-            f"obcjax reads; upgrade obcjax to load it"
+    if digest is None and version >= 2:
+        raise CorruptedFileError(
+            f"{path!r}: corrupted file: the header has no digest (field {_DIGEST_KEY!r} missing)"
         )
-    if not isinstance(manifest.get("layers"), dict):
-        raise ValueError(f"{path!r}: the manifest has no layer table (corrupted)")
+    if digest is not None and digest != _digest(manifest, metadata):
+        raise CorruptedFileError(
+            f"{path!r}: corrupted file: the digest over the manifest and the metadata does not "
+            f"verify (field {_DIGEST_KEY!r}): the params section (a layout, shape or dtype), the "
+            f"user metadata or another manifest field was altered"
+        )
+    return manifest, layers, metadata if metadata is not None else {}
 
 
 def load(path) -> tuple[dict[str, PackedLayer], dict]:
@@ -979,8 +1124,11 @@ def load(path) -> tuple[dict[str, PackedLayer], dict]:
       ``(layers, metadata)``: ``{name: PackedLayer}`` and the metadata dict (``{}`` if none).
 
     Raises:
-      ValueError: truncated or corrupted file, checksum mismatch, a newer ``FORMAT_VERSION``, or
-        a manifest that does not match the tensors. Nothing is returned half-loaded.
+      CorruptedFileError: a truncated or damaged file: a checksum, the digest, or a manifest
+        field that does not match the tensors (a ``ValueError``; the message names the file
+        and the field). Nothing is returned half-loaded.
+      ValueError: a newer ``FORMAT_VERSION``, or not an obcjax file.
+      IsADirectoryError, FileNotFoundError: ``path`` is a directory / does not exist.
     """
     _, layers, metadata = _read(path)
     return layers, metadata
@@ -1028,17 +1176,23 @@ def save_params(
     packed: Mapping[str, PackedLayer] | None = None,
     *,
     metadata: dict | None = None,
+    overwrite_readonly: bool = False,
 ) -> None:
     """Save a whole Flax params pytree: packed layers where given, every other leaf as is.
 
     Args:
-      path: destination file (written atomically).
+      path: destination file (written atomically; its folder must exist).
       params: nested dicts of arrays (the ``"params"`` collection).
       packed: ``{'/'-joined leaf path: PackedLayer}``. A leaf named ``kernel`` is packed as its
         weight matrix ``W = kernel.reshape(-1, out).T`` of shape ``(out, prod(kernel.shape[:-1]))``
         (``kernel.T`` for Dense; a grouped conv's groups stacked along the rows), the layout of
-        the solvers; any other leaf as an array of its own shape.
+        the solvers; any other leaf as an array of its own shape. Each leaf's dtype is recorded,
+        and :func:`load_params` gives it back in that dtype.
       metadata: optional JSON-serialisable dict.
+      overwrite_readonly: replace a read-only (no write bit) file; refused by default.
+
+    Raises:
+      IsADirectoryError, FileNotFoundError, PermissionError, OSError: as :func:`save`.
 
     Example:
       >>> save_params("model.safetensors", out.params, pack_compressed(out))
@@ -1076,6 +1230,7 @@ def save_params(
                 )
         else:
             layer, layout = pack_layer(arr, dtype=None, name=p), "identity"
+        _np_dtype(arr.dtype.name, f"param {p!r}")
         layers[p] = layer
         section[p] = {
             "layout": layout,
@@ -1083,7 +1238,36 @@ def save_params(
             "dtype": arr.dtype.name,
             "packed": p in packed,
         }
-    _write(path, layers, metadata, section)
+    _write(path, layers, metadata, section, overwrite_readonly=overwrite_readonly)
+
+
+def _param_record(rec, p: str, path: str) -> tuple[str, tuple[int, ...], np.dtype, bool]:
+    """``(layout, shape, dtype, packed)`` of one params-section entry, each field checked."""
+
+    def bad(field, value):
+        return CorruptedFileError(
+            f"{path!r}: corrupted file: params entry {p!r} has an invalid {field!r} ({value!r}; "
+            f"field 'params.{p}.{field}')"
+        )
+
+    if not isinstance(rec, dict):
+        raise bad("record", rec)
+    layout = rec.get("layout")
+    if layout not in _LAYOUTS:
+        raise bad("layout", layout)
+    shape = rec.get("shape")
+    if not isinstance(shape, list) or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
+    ):
+        raise bad("shape", shape)
+    try:
+        dtype = _np_dtype(rec.get("dtype"), f"param {p!r}")
+    except (TypeError, ValueError):
+        raise bad("dtype", rec.get("dtype")) from None
+    packed = rec.get("packed")
+    if not isinstance(packed, bool):
+        raise bad("packed", packed)
+    return layout, tuple(shape), dtype, packed
 
 
 def load_params(path, *, like=None) -> dict:
@@ -1095,18 +1279,28 @@ def load_params(path, *, like=None) -> dict:
         the same shapes, or ``ValueError`` lists what differs.
 
     Returns:
-      Nested dicts of numpy arrays: packed layers decoded to dense float32 arrays of the
-      original shape (kernels in Flax layout), every other leaf as stored, with its dtype.
+      Nested dicts of numpy arrays, every leaf in the dtype it was saved with (float32,
+      bfloat16, float16, integers): packed layers decoded to dense arrays of the original shape
+      (kernels in Flax layout), every other leaf as stored. A leaf packed without loss (the
+      kernels of :func:`pack_compressed`) comes back bit for bit.
+
+    Raises:
+      CorruptedFileError: a damaged file (see :func:`load`), naming the file and the field.
+      ValueError: the file does not match ``like``, holds no params tree, or is not ours.
     """
     manifest, layers, _ = _read(path)
+    path = os.fspath(path)
     section = manifest.get("params")
-    if not isinstance(section, dict):
+    if section is None:
         raise ValueError(f"{path!r}: holds packed layers but no params tree; use load()")
-    if set(section) != set(layers):
-        raise ValueError(f"{path!r}: the params table does not match the layers (corrupted)")
+    if not isinstance(section, dict) or set(section) != set(layers):
+        raise CorruptedFileError(
+            f"{path!r}: the params table does not match the layers (corrupted; field 'params')"
+        )
+    recs = {p: _param_record(r, p, path) for p, r in section.items()}
     if like is not None:
         want = {p: tuple(np.shape(v)) for p, v in _flatten_params(like, "like").items()}
-        have = {p: tuple(r["shape"]) for p, r in section.items()}
+        have = {p: r[1] for p, r in recs.items()}
         missing = sorted(set(want) - set(have))
         extra = sorted(set(have) - set(want))
         shapes = [
@@ -1120,19 +1314,27 @@ def load_params(path, *, like=None) -> dict:
                 f"{missing[:5]}, not in the model {extra[:5]}, shape mismatches {shapes[:5]}"
             )
     tree: dict = {}
-    for p, rec in section.items():
+    for p, (layout, shape, dtype, packed) in recs.items():
         layer = layers[p]
-        if rec.get("packed"):
-            value = unpack_layer(layer, name=p)[0]
-        else:  # a leaf stored as is keeps its dtype
-            value = layer.tensors["values"]
-        shape = tuple(rec["shape"])
-        if rec["layout"] == "kernel":
-            if tuple(value.shape) != _kernel_matrix_shape(shape):
-                raise ValueError(f"{path!r}: layer {p!r} does not fit its kernel shape {shape}")
-            value = np.ascontiguousarray(value.T).reshape(shape)
-        elif tuple(value.shape) != shape:
-            raise ValueError(f"{path!r}: layer {p!r} has shape {value.shape}, param {shape}")
+        try:
+            if packed:
+                value = unpack_layer(layer, name=p)[0]
+            elif layer.kind == "dense":  # a leaf stored as is
+                value = layer.tensors["values"]
+            else:
+                raise ValueError(f"a leaf stored as is must be kind 'dense', got {layer.kind!r}")
+            if layout == "kernel":
+                if len(shape) < 2 or tuple(value.shape) != _kernel_matrix_shape(shape):
+                    raise ValueError(f"{tuple(value.shape)} does not fit its kernel shape {shape}")
+                value = np.ascontiguousarray(value.T).reshape(shape)
+            elif tuple(value.shape) != shape:
+                raise ValueError(f"it has shape {tuple(value.shape)}, the param {shape}")
+        except ValueError as e:
+            raise CorruptedFileError(
+                f"{path!r}: layer {p!r} cannot be decoded (corrupted; field 'params.{p}'): {e}"
+            ) from None
+        if value.dtype != dtype:
+            value = value.astype(dtype)
         node = tree
         *parents, leaf = p.split("/")
         for k in parents:
@@ -1141,12 +1343,19 @@ def load_params(path, *, like=None) -> dict:
     return tree
 
 
-def pack_compressed(compressed, *, dtype: str | None = "float32") -> dict[str, PackedLayer]:
+def pack_compressed(compressed, *, dtype: str | None = None) -> dict[str, PackedLayer]:
     """Packed kernels of a :class:`obcjax.transforms.Compressed` result, ready for save_params.
 
     Each compressed layer's kernel becomes one :class:`PackedLayer` of ``W = kernel.reshape(-1,
     out).T``, using ``compressed.masks``, ``compressed.qarrays`` (a grouped conv's per-group
     QArrays stacked along the rows) and the N:M pattern of ``compressed.specs``.
+
+    Args:
+      compressed: the result of :func:`obcjax.transforms.compress`.
+      dtype: dtype of stored float values (dense, sparse and N:M kinds): None (default) keeps
+        the kernel's own dtype (float32, bfloat16, float16), so what was compressed is what is
+        stored and :func:`load_params` gives it back bit for bit; ``"float16"`` or
+        ``"float32"`` to convert.
 
     Returns:
       ``{"<layer path>/kernel": PackedLayer}``.
@@ -1161,7 +1370,9 @@ def pack_compressed(compressed, *, dtype: str | None = "float32") -> dict[str, P
         if key not in leaves:
             raise ValueError(f"pack_compressed: layer {layer_path!r} has no kernel in params")
         kernel = np.asarray(leaves[key])
-        W = np.asarray(kernel, np.float32).reshape(-1, kernel.shape[-1]).T
+        if kernel.dtype.kind != "f" and kernel.dtype.name != "bfloat16":
+            kernel = kernel.astype(np.float32)
+        W = kernel.reshape(-1, kernel.shape[-1]).T
         mask = compressed.masks.get(layer_path)
         if mask is not None:
             mask = np.asarray(mask).reshape(-1, kernel.shape[-1]).T

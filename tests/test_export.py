@@ -787,3 +787,7 @@ def test_manifest_records_the_layout(tmp_dir):
     assert a["tensors"]["codes"]["nbytes"] == 8 * 8 * 4 // 8
     assert a["checksum"].startswith("sha256:")
     assert a["nbytes"] == sum(t["nbytes"] for t in a["tensors"].values())
+    # every tensor carries its own SHA-256; one digest covers the manifest and the metadata
+    assert all(len(t["sha256"]) == 64 for t in a["tensors"].values())
+    with safe_open(path, framework="np") as f:
+        assert f.metadata()[E._DIGEST_KEY] == E._digest(manifest, None)
