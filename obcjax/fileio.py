@@ -63,7 +63,7 @@ def _temp_pattern(base: str) -> re.Pattern:
 
 
 def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
+    if pid == os.getpid() or os.name != "posix":  # os.kill(pid, 0) only probes on POSIX
         return True
     try:
         os.kill(pid, 0)
@@ -251,7 +251,7 @@ def atomic_write(
                 f.write(data)
             f.flush()
             os.fsync(f.fileno())
-            if mode is not None:
+            if mode is not None and hasattr(os, "fchmod"):
                 os.fchmod(f.fileno(), mode)
         os.replace(tmp, path)
     except BaseException as e:
