@@ -1,4 +1,4 @@
-"""Command line: ``obcjax compress`` (and ``obcjax train``).
+"""Command line: ``obcjax compress`` (and ``obcjax evaluate``, ``obcjax train``).
 
 ``obcjax compress`` with no arguments is the built-in default: LeNet-5 trained on scikit-learn's
 bundled digits (trained in seconds the first time, then cached), calibrated on the calibration
@@ -6,12 +6,19 @@ split, compressed with OBC (ExactOBS 50% unstructured + OBQ 4-bit, jointly) next
 magnitude + round-to-nearest baseline at the same target; it prints a before/after table and a
 per-layer table, sweeps sparsity for a plot of accuracy against compression, and writes
 ``summary.json`` and ``accuracy_vs_sparsity.png`` to ``--out``.
+
+Every option is checked before any work starts (training, calibration, compression): a bad
+value is one line on stderr that names the option and the form it accepts, with exit status 2
+and no traceback (``--debug`` shows the traceback of such errors too). The output folder is made
+only once the options are valid, and is removed again if the run fails before writing into it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import re
 import sys
@@ -20,20 +27,466 @@ from pathlib import Path
 
 from obcjax.specs import NM, Int, Unstructured
 
+# obcjax.transforms.SOLVERS, repeated here so that reading the options imports no JAX
+# (tests/test_cli_errors.py checks that the two agree).
+SOLVERS = ("obc", "magnitude", "gptq")
+_NONE = ("none", "dense")
+
+
+class UsageError(Exception):
+    """A bad option value: printed as one line ``obcjax: error: <flag>: <message>``, exit 2."""
+
+    def __init__(self, flag: str, message: str):
+        super().__init__(f"{flag}: {message}")
+        self.flag = flag
+
+
+def _one_line(message: str) -> str:
+    # argparse says "argument --prune: ..."; the flag alone reads better
+    message = re.sub(r"^argument ([^:]+): ", r"\1: ", str(message))
+    return " ".join(message.split())
+
+
+def _usage_exit(message: str):
+    sys.stderr.write(f"obcjax: error: {_one_line(message)}\n")
+    raise SystemExit(2)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line (no usage block) and exit status 2."""
+
+    def error(self, message):  # noqa: D102 - argparse's hook
+        _usage_exit(message)
+
+
+# ----------------------------------------------------------------------------------------------
+# Option values: argparse ``type=`` converters (ArgumentTypeError names the accepted form)
+# ----------------------------------------------------------------------------------------------
+
 
 def _parse_prune(text: str | None):
-    if text is None or text.lower() in ("none", "0", "dense"):
+    """``"0.5"``/``"50%"`` -> Unstructured, ``"2:4"`` -> NM, ``"none"``/``"0"`` -> None.
+
+    Raises ValueError or TypeError for anything else (an N:M pattern needs 0 < N < M).
+    """
+    if text is None:
+        return None
+    text = str(text).strip()
+    if text.lower() in (*_NONE, "0"):
         return None
     if ":" in text:
-        n, m = text.split(":")
+        n, m = text.split(":")  # "2:4:8" fails here
         return NM(int(n), int(m))
+    if text.endswith("%"):
+        return Unstructured(float(text[:-1]) / 100)
     return Unstructured(float(text))
 
 
-def _parse_bits(text: str | None):
-    if text is None or str(text).lower() in ("none", "32", "0"):
+PRUNE_FORM = ("a sparsity in [0, 1) such as 0.5 (or 50%), an N:M pattern with 0 < N < M such as "
+              "2:4, or none")
+
+
+def _prune_arg(text: str):
+    try:
+        return _parse_prune(text)
+    except (ValueError, TypeError):
+        raise argparse.ArgumentTypeError(f"expected {PRUNE_FORM}; got {text!r}") from None
+
+
+def _parse_bits(text: str | None) -> int | None:
+    """``"4"`` -> 4; ``"none"``/``"32"``/``"0"`` -> None. ValueError outside 2..8."""
+    if text is None or str(text).strip().lower() in (*_NONE, "32", "0"):
         return None
-    return int(text)
+    bits = int(str(text).strip())
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits {bits} outside 2..8")
+    return bits
+
+
+def _wbits_arg(text: str) -> int | None:
+    try:
+        return _parse_bits(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer number of weight bits 2..8, or none; got {text!r}") from None
+
+
+def _int_arg(minimum: int, what: str):
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}; got {text!r}")
+        return value
+
+    return convert
+
+
+def _rel_damp_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(
+            f"expected a number >= 0 (damping relative to the mean Hessian diagonal, e.g. 0.01); "
+            f"got {text!r}")
+    return value
+
+
+def _solvers_arg(text: str) -> list[str]:
+    items = [s.strip() for s in text.split(",")]
+    bad = [s for s in items if s not in SOLVERS]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma list of {', '.join(SOLVERS)}; got {text!r}")
+    return list(dict.fromkeys(items))
+
+
+def _regex_arg(text: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(
+            f"expected a regular expression for layer paths (whole path, re.fullmatch), such as "
+            f"fc3 or 'block.*'; got {text!r} ({e})") from None
+    return text
+
+
+def _sweep_arg(text: str) -> list[float]:
+    if text.strip().lower() in ("", *_NONE):
+        return []
+    form = f"a comma list of sparsities in [0, 1) such as 0.5,0.7,0.9, or '' to skip; got {text!r}"
+    levels = []
+    for item in text.split(","):
+        try:
+            levels.append(Unstructured(float(item)).sparsity)
+        except (ValueError, TypeError):
+            raise argparse.ArgumentTypeError(f"expected {form}") from None
+    return levels
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """A parsed ``--budget``: the metric and the reduction factor against dense."""
+
+    text: str
+    metric: str
+    factor: float
+
+    def __str__(self):
+        return self.text
+
+
+def _parse_budget(text: str) -> Budget:
+    form = (f"expected a reduction factor >= 1 against dense, optionally after a metric size, bops "
+            f"or flops: 16x, size=16x, bops=8x or flops=2x; got {text!r}")
+    metric, _, value = text.strip().lower().rpartition("=")
+    metric = metric or "size"
+    try:
+        factor = float(value.removesuffix("x"))
+    except ValueError:
+        factor = math.nan
+    if metric not in ("size", "bops", "flops") or not (math.isfinite(factor) and factor >= 1):
+        raise argparse.ArgumentTypeError(form)
+    return Budget(text, metric, factor)
+
+
+@dataclasses.dataclass(frozen=True)
+class ABits:
+    """A parsed ``--abits``: one width (BOPs count only) or a list (activations quantized)."""
+
+    text: str
+    widths: tuple[int, ...]
+    mixed: bool
+
+    def __str__(self):
+        return self.text
+
+
+def _abits_arg(text: str) -> ABits:
+    mixed = "," in text
+    form = ("expected activation bits: one integer 1..32 (the width in the BOPs count), or a "
+            f"comma list of integers 4..8 such as 4,8 (activations quantized); got {text!r}")
+    try:
+        widths = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(form) from None
+    lo, hi = (4, 8) if mixed else (1, 32)
+    if not all(lo <= b <= hi for b in widths):
+        raise argparse.ArgumentTypeError(form)
+    return ABits(text, tuple(sorted(set(widths), reverse=True)), mixed)
+
+
+# one weight-only database level: none, 0.5, 2:4, w4, 0.5+w4, 2:4+w4
+_MIXED_LEVEL = re.compile(r"^(?:[^+]+\+)?\d+w\d+a$")
+LEVELS_FORM = ("a comma list of levels such as none,0.5,0.9,w4,0.5+w4,2:4+w4 (with a list of "
+               "--abits: 8w8a,4w4a,2:4+8w8a,...)")
+
+
+def _weight_level(text: str):
+    """``(prune, bits)`` of a weight-only database level: ``none``, ``0.5``, ``2:4``, ``w4``,
+    ``0.5+w4``, ``2:4+w4``; ValueError or TypeError for anything else."""
+    if text.strip().lower() == "none":
+        return None, None
+    parts = text.split("+")
+    widths = [p for p in parts if p.startswith("w")]
+    prunes = [p for p in parts if not p.startswith("w")]
+    if len(widths) > 1 or len(prunes) > 1:
+        raise ValueError(f"one pruning part and one width at most: {text!r}")
+    prune = _parse_prune(prunes[0]) if prunes else None
+    bits = _parse_bits(widths[0][1:]) if widths else None
+    if (prunes and prune is None) or (widths and bits is None):
+        raise ValueError(f"'none' inside {text!r}")
+    return prune, bits
+
+
+def _parse_level(text: str):
+    """A weight-only database level as a ``LayerSpec`` (None for ``none``)."""
+    from obcjax.transforms import LayerSpec
+
+    prune, bits = _weight_level(text)
+    if prune is None and bits is None:
+        return None
+    return LayerSpec(prune=prune, quant=Int(bits) if bits else None)
+
+
+def _levels_arg(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",")]
+    for item in items:
+        if _MIXED_LEVEL.match(item.lower()):
+            continue
+        try:
+            _weight_level(item)
+        except (ValueError, TypeError):
+            raise argparse.ArgumentTypeError(
+                f"expected {LEVELS_FORM}; got {item!r}" + (f" in {text!r}" if item != text else "")
+            ) from None
+    return items
+
+
+BUDGET_LEVELS = ("none", "0.5", "0.6", "0.7", "0.8", "0.9", "0.95", "w8", "w4", "w3", "w2",
+                 "0.5+w4", "0.5+w3", "0.7+w4", "0.7+w3", "0.8+w4", "2:4+w4")
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks that need the zoo or the file system (still before any work)
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_model_data(model: str, data: str | None, *, cmd: str) -> tuple[str, str | None]:
+    """The model and data set names, checked; for compress/train the pair needs a recipe, and a
+    missing ``--data`` is the model's own data set (digits where it has a recipe)."""
+    from obcjax.zoo import data as zdata
+    from obcjax.zoo import models as zmodels
+
+    names = list(zmodels.MODEL_NAMES) + (["minilm"] if cmd == "compress" else [])
+    if model not in names:
+        raise UsageError("--model", f"expected one of {', '.join(names)}; got {model!r}")
+    if data is not None and data not in zdata.DATASET_NAMES:
+        raise UsageError("--data", f"expected one of {', '.join(zdata.DATASET_NAMES)}; got {data!r}")
+    if cmd == "evaluate":
+        return model, data
+    from obcjax.zoo import train as ztrain
+
+    known = [d for m, d in ztrain.DEFAULT_CONFIGS if m == model]
+    if not known:
+        raise UsageError("--model", f"{model!r} has no training recipe")
+    if data is None:
+        return model, "digits" if "digits" in known else known[0]
+    if data not in known:
+        raise UsageError("--data", f"model {model} is trained on {' or '.join(known)}; got {data!r}")
+    return model, data
+
+
+@dataclasses.dataclass
+class _Layers:
+    """A zoo model's compressible layers: paths in forward order, input widths, the variables'
+    shapes (``jax.ShapeDtypeStruct`` leaves)."""
+
+    order: list[str]
+    cols: dict[str, int]
+    abstract: dict
+
+
+def _zoo_layers(model: str, ds) -> _Layers:
+    # shapes only (jax.eval_shape): nothing is trained, initialised on device or compiled
+    import flax.linen as nn
+    import jax
+
+    from obcjax.zoo import models as zmodels
+
+    shape = tuple(ds["train"].x.shape[1:])
+    classes = int(ds["train"].y.max()) + 1
+    abstract = jax.eval_shape(
+        lambda: zmodels.init_variables(model, shape, num_classes=classes, seed=0))
+    module = zmodels.linen_model(model, num_classes=classes)
+    order: list[str] = []
+
+    def spy(f, a, kw, context):
+        if context.method_name == "__call__" and isinstance(context.module, (nn.Dense, nn.Conv)):
+            order.append("/".join(context.module.path))
+        return f(*a, **kw)
+
+    x = jax.ShapeDtypeStruct((1, *shape), ds["train"].x.dtype)
+    with nn.intercept_methods(spy):
+        jax.eval_shape(lambda v, x: module.apply(v, x, train=False), abstract, x)
+    order = list(dict.fromkeys(order))
+    cols = {}
+    for p in order:
+        node = abstract["params"]
+        for k in p.split("/"):
+            node = node[k]
+        cols[p] = math.prod(node["kernel"].shape[:-1])
+    return _Layers(order, cols, abstract)
+
+
+def _missing_dirs(flag: str, path: Path) -> list[Path]:
+    """The folders that writing into ``path`` (a folder) would create, deepest first; raises
+    UsageError if the nearest existing one is a file or not writable."""
+    missing, q = [], path
+    while not q.exists() and q != q.parent:
+        missing.append(q)
+        q = q.parent
+    if q.exists() and not q.is_dir():
+        raise UsageError(flag, f"expected a folder; {str(q)!r} is a file")
+    if not os.access(q, os.W_OK | os.X_OK):
+        raise UsageError(flag, f"cannot write into the folder {str(q)!r}")
+    return missing
+
+
+def _check_save(save: Path, out_missing: list[Path]) -> None:
+    if save.is_dir():
+        raise UsageError("--save", f"expected a file path such as runs/m.safetensors; "
+                                   f"{str(save)!r} is a folder")
+    parent = save.parent
+    if parent.exists():
+        if not parent.is_dir():
+            raise UsageError("--save", f"{str(parent)!r} is a file, not a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise UsageError("--save", f"cannot write into the folder {str(parent)!r}")
+        return
+    if Path(os.path.abspath(parent)) not in {Path(os.path.abspath(d)) for d in out_missing}:
+        raise UsageError("--save", f"the folder {str(parent)!r} does not exist; create it first "
+                                   f"(or save into the --out folder)")
+
+
+@dataclasses.dataclass
+class _Plan:
+    """What ``compress`` will do, from options that passed every check."""
+
+    ds: dict
+    prune: object
+    quant: object
+    keep_list: list[str]
+    levels: list | None
+    out_missing: list[Path]
+
+
+def _check_compress(args) -> _Plan:
+    """Every check of ``compress`` that argparse cannot do alone, before any work starts."""
+    from obcjax.zoo import data as zdata
+
+    args.model, args.data = _check_model_data(args.model, args.data, cmd="compress")
+    prune, bits = args.prune, args.wbits
+    quant = Int(bits, sym=not args.asym) if bits else None
+    budget, abits = args.budget, args.abits
+    if budget is None:
+        if prune is None and quant is None:
+            raise UsageError("--prune/--wbits", "nothing to do: give --prune and/or --wbits "
+                                                "(or --budget)")
+        for flag, value in (("--levels", args.levels), ("--database", args.database)):
+            if value is not None:
+                raise UsageError(flag, "only used with --budget (e.g. --budget 16x)")
+        if abits.mixed:
+            raise UsageError("--abits", f"a list of widths ({abits}) quantizes activations, "
+                                        "which needs --budget bops=Nx")
+    elif abits.mixed and budget.metric != "bops":
+        raise UsageError("--budget", f"with a list of --abits ({abits}) activations are quantized "
+                                     f"and the budget must count BOPs: bops=Nx; got {budget}")
+    out_missing = _missing_dirs("--out", Path(args.out))
+    if args.save is not None:
+        _check_save(Path(args.save), out_missing)
+    if args.database is not None:
+        _missing_dirs("--database", Path(args.database))
+
+    levels = None
+    if budget is not None:
+        levels = _budget_levels(args.levels, abits)
+
+    ds = zdata.load_dataset(args.data)
+    layers = _zoo_layers(args.model, ds)
+    keep_list = list(args.keep)
+    for pattern in keep_list:
+        if not any(re.fullmatch(pattern, p) for p in layers.order):
+            raise UsageError("--keep", f"{pattern!r} matches no layer of {args.model} (the whole "
+                                       f"path must match); its layers: {', '.join(layers.order)}")
+    if args.keep_first:
+        keep_list.insert(0, re.escape(layers.order[0]))  # the first layer in forward order
+    if budget is None and isinstance(prune, NM):
+        for p in layers.order:
+            if not any(re.fullmatch(k, p) for k in keep_list) and layers.cols[p] % prune.m:
+                raise UsageError(
+                    "--prune", f"{prune.n}:{prune.m} needs the input width of every compressed "
+                    f"layer to be a multiple of {prune.m}, but {p} has {layers.cols[p]}; leave it "
+                    f"dense with --keep {p}, or choose another N:M")
+    return _Plan(ds, prune, quant, keep_list, levels, out_missing)
+
+
+def _budget_levels(texts: list[str] | None, abits: ABits) -> list:
+    """The database levels of ``--budget``: weight-only (one ``--abits`` width) or mixed."""
+    from obcjax import allocation as A
+
+    if abits.mixed:
+        if texts is None:
+            return A.mixed_levels(abits.widths)
+        out = []
+        for t in texts:
+            try:
+                if not _MIXED_LEVEL.match(t.lower()):
+                    raise ValueError
+                out.append(A.parse_level(t))
+            except (ValueError, TypeError):
+                raise UsageError("--levels", f"with a list of --abits ({abits}) each level is "
+                                             f"<w>w<a>a with a pruning prefix or not (activation "
+                                             f"bits 4..8), such as 8w8a,4w4a,2:4+8w8a; got {t!r}"
+                                 ) from None
+        return out
+    out = []
+    for t in texts or BUDGET_LEVELS:
+        try:
+            out.append(_parse_level(t))
+        except (ValueError, TypeError):
+            raise UsageError("--levels", f"with one --abits width each level is weight-only, such "
+                                         f"as none,0.5,w4,0.5+w4,2:4+w4 (8w8a-style levels need a "
+                                         f"list of --abits such as 4,8); got {t!r}") from None
+    return out
+
+
+class _OutDir:
+    """``--out``: made once the options are valid; on failure, the folders this run made are
+    removed again if they are still empty (a folder that existed before is never touched)."""
+
+    def __init__(self, path: Path, missing: list[Path]):
+        self.path, self.missing = path, missing
+
+    def make(self) -> Path:
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self.path
+
+    def clean(self) -> None:
+        for d in self.missing:  # deepest first
+            try:
+                d.rmdir()  # only an empty folder
+            except OSError:
+                return
+
+
+# ----------------------------------------------------------------------------------------------
+# Commands
+# ----------------------------------------------------------------------------------------------
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -49,6 +502,21 @@ def _kb(bits: float) -> str:
 
 
 def cmd_compress(args) -> int:
+    """``obcjax compress``: every option is checked first; then the run, into ``--out``."""
+    plan = _check_compress(args)
+    out = _OutDir(Path(args.out), plan.out_missing)
+    out.make()
+    done = False
+    try:
+        rc = _compress(args, plan, out.path)
+        done = rc == 0
+        return rc
+    finally:
+        if not done:
+            out.clean()
+
+
+def _compress(args, plan: _Plan, out_dir: Path) -> int:
     import jax
     import numpy as np
 
@@ -59,10 +527,8 @@ def cmd_compress(args) -> int:
     from obcjax.zoo import models as zmodels
     from obcjax.zoo import train as ztrain
 
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    ds = zdata.load_dataset(args.data)
+    ds = plan.ds
     variables, info = ztrain.pretrained(args.model, args.data, seed=args.seed)
     model = zmodels.linen_model(args.model, num_classes=zmodels.num_classes_of(args.model, variables))
     test = ds["test"]
@@ -79,15 +545,8 @@ def cmd_compress(args) -> int:
     calib_batches = [x for x, _ in zdata.batches(calib, 128)]
     stats = calibrate(model, variables, calib_batches, apply_kwargs={"train": False},
                       progress=args.progress)
-    prune = _parse_prune(args.prune)
-    bits = _parse_bits(args.wbits)
-    quant = Int(bits, sym=not args.asym) if bits else None
-    if prune is None and quant is None:
-        print("nothing to do: give --prune and/or --wbits", file=sys.stderr)
-        return 2
-    keep_list = list(args.keep)
-    if args.keep_first:
-        keep_list.insert(0, re.escape(next(iter(stats))))  # the first layer in forward order
+    prune, quant, bits = plan.prune, plan.quant, args.wbits
+    keep_list = plan.keep_list
     keep = [(r, None) for r in keep_list]
     has_bn = bool(variables.get("batch_stats")) and not args.no_bn
 
@@ -111,13 +570,14 @@ def cmd_compress(args) -> int:
 
     dense_acc = evaluate(variables)
     results = {}
-    if args.budget and "," in args.abits:
-        results.update(_mixed_runs(args, model, variables, stats, keep, calib_batches, test,
-                                   has_bn, len(calib.y)))
+    if args.budget and args.abits.mixed:
+        results.update(_mixed_runs(args, plan.levels, model, variables, stats, keep,
+                                   calib_batches, test, has_bn, len(calib.y)))
     elif args.budget:
-        results.update(_budget_runs(args, variables, stats, keep, finish, evaluate, len(calib.y)))
+        results.update(_budget_runs(args, plan.levels, variables, stats, keep, finish, evaluate,
+                                    len(calib.y)))
     else:
-        for solver in args.solvers.split(","):
+        for solver in args.solvers:
             t = time.perf_counter()
             res, v = run(solver)
             secs = time.perf_counter() - t
@@ -185,10 +645,10 @@ def cmd_compress(args) -> int:
         summary["saved"] = {"path": str(save_path), "bytes_on_disk": on_disk,
                             "bytes_theoretical": theory, "bytes_dense_float32": 4 * n_all}
     if args.sweep:
-        levels = [float(v) for v in args.sweep.split(",")]
+        levels = args.sweep
         sweep = {}
         keep_rules = keep + [(".*", True)]
-        for solver in [s for s in args.solvers.split(",") if s in ("obc", "magnitude")]:
+        for solver in [s for s in args.solvers if s in ("obc", "magnitude")]:
             plist = prune_levels(variables["params"], stats, levels, rules=keep_rules,
                                  solver=solver, rel_damp=args.rel_damp)
             accs = [evaluate(finish(p)) for p in plist]
@@ -221,48 +681,28 @@ def cmd_compress(args) -> int:
     return 0
 
 
-def _parse_budget(text: str) -> tuple[str, float]:
-    metric, _, value = text.rpartition("=")
-    metric = metric or "size"
-    if metric not in ("size", "bops", "flops"):
-        raise SystemExit(f"--budget: metric must be size, bops or flops, got {metric!r}")
-    value = value.lower().rstrip("x")
+def _solve_or_explain(args, name, assign):
+    """Run an allocation; a budget out of reach is the user's error for the DP, a skip for the
+    uniform baseline (None)."""
     try:
-        factor = float(value)
-    except ValueError:
-        raise SystemExit(f"--budget: expected e.g. 16x, size=16x or bops=8x, got {text!r}") from None
-    if factor < 1:
-        raise SystemExit(f"--budget: the reduction factor must be >= 1, got {factor}")
-    return metric, factor
-
-
-BUDGET_LEVELS = ("none", "0.5", "0.6", "0.7", "0.8", "0.9", "0.95", "w8", "w4", "w3", "w2",
-                 "0.5+w4", "0.5+w3", "0.7+w4", "0.7+w3", "0.8+w4", "2:4+w4")
-
-
-def _parse_level(text: str):
-    from obcjax.transforms import LayerSpec
-
-    if text == "none":
+        return assign()
+    except ValueError as e:  # below the cheapest configuration, or no level fits a layer
+        if name == "obc-dp":
+            raise UsageError("--budget", f"{args.budget} cannot be met with these levels: {e}; "
+                                         f"ask for a smaller factor or add cheaper --levels"
+                             ) from e
+        print(f"{name}: skipped ({e})", flush=True)
         return None
-    prune = quant = None
-    for part in text.split("+"):
-        if part.startswith("w"):
-            quant = Int(int(part[1:]))
-        else:
-            prune = _parse_prune(part)
-    return LayerSpec(prune=prune, quant=quant)
 
 
-def _budget_runs(args, variables, stats, keep, finish, evaluate, ncalib):
+def _budget_runs(args, levels, variables, stats, keep, finish, evaluate, ncalib):
     """OBC's database of levels + dynamic program against the best uniform level, same budget."""
     from obcjax import allocation as A
     from obcjax.transforms import compress
 
-    metric, factor = _parse_budget(args.budget)
-    levels = [_parse_level(t) for t in (args.levels.split(",") if args.levels else BUDGET_LEVELS)]
+    metric, factor = args.budget.metric, args.budget.factor
     positions = {p: max(1, round(int(s.count) / ncalib)) for p, s in stats.items()}
-    abits = 32 if metric != "bops" else (lambda level: int(args.abits))
+    abits = 32 if metric != "bops" else (lambda level: args.abits.widths[0])
     t = time.perf_counter()
     db = A.build_database(variables["params"], stats, levels, rules=keep + [(".*", True)],
                           path=args.database, rel_damp=args.rel_damp, positions=positions,
@@ -275,7 +715,9 @@ def _budget_runs(args, variables, stats, keep, finish, evaluate, ncalib):
     for name, assign in (("obc-dp", lambda: A.solve(db, budget, metric=metric)),
                          ("obc-uniform", lambda: A.uniform(db, budget, metric, by="loss"))):
         t = time.perf_counter()
-        assignment = assign()
+        assignment = _solve_or_explain(args, name, assign)
+        if assignment is None:
+            continue
         res = compress(variables["params"], stats, keep + A.to_rules(assignment),
                        rel_damp=args.rel_damp)
         secs = time.perf_counter() - t + t_db
@@ -286,7 +728,7 @@ def _budget_runs(args, variables, stats, keep, finish, evaluate, ncalib):
     return out
 
 
-def _mixed_runs(args, model, variables, stats, keep, calib_batches, test, has_bn, ncalib):
+def _mixed_runs(args, levels, model, variables, stats, keep, calib_batches, test, has_bn, ncalib):
     """OBC's mixed weight/activation levels + DP under a BOPs budget, in OBC's order (weights,
     then activation ranges on the compressed model, then batch norm), vs the best uniform level."""
     from obcjax import activations as ACT
@@ -294,12 +736,7 @@ def _mixed_runs(args, model, variables, stats, keep, calib_batches, test, has_bn
     from obcjax.transforms import compress
     from obcjax.zoo import train as ztrain
 
-    metric, factor = _parse_budget(args.budget)
-    if metric != "bops":
-        raise SystemExit("--abits with several widths quantizes activations: use --budget bops=Nx")
-    abits = sorted({int(b) for b in args.abits.split(",")}, reverse=True)
-    levels = ([A.parse_level(t) for t in args.levels.split(",")] if args.levels
-              else A.mixed_levels(abits))
+    factor = args.budget.factor
     ev = {"train": False}
     positions = {p: max(1, round(int(s.count) / ncalib)) for p, s in stats.items()}
     t = time.perf_counter()
@@ -317,12 +754,8 @@ def _mixed_runs(args, model, variables, stats, keep, calib_batches, test, has_bn
     for name, assign in (("obc-dp", lambda: A.solve(db, budget, metric="bops")),
                          ("obc-uniform", lambda: A.uniform(db, budget, "bops", by="loss"))):
         t = time.perf_counter()
-        try:
-            assignment = assign()
-        except ValueError as e:  # below the cheapest (uniform) configuration: the message says it
-            if name == "obc-dp":
-                raise SystemExit(f"--budget {args.budget}: {e}") from None
-            print(f"{name}: skipped ({e})", flush=True)
+        assignment = _solve_or_explain(args, name, assign)
+        if assignment is None:
             continue
         res = compress(variables["params"], stats, keep + A.to_rules(assignment),
                        rel_damp=args.rel_damp)
@@ -337,21 +770,45 @@ def _mixed_runs(args, model, variables, stats, keep, calib_batches, test, has_bn
     return out
 
 
-def cmd_evaluate(args) -> int:
+def _check_evaluate(args):
+    """``evaluate``: the file, its model and data, and that they fit, before evaluating."""
     from obcjax import export
     from obcjax.zoo import data as zdata
-    from obcjax.zoo import train as ztrain
 
     path = Path(args.load)
-    variables = export.load_params(path)
-    _, meta = export.load(path)
+    if not path.exists():
+        raise UsageError("--load", f"no such file {str(path)!r}; expected a model written by "
+                                   f"obcjax compress --save")
+    if not path.is_file():
+        raise UsageError("--load", f"{str(path)!r} is not a file; expected a model written by "
+                                   f"obcjax compress --save")
+    not_ours = f"{str(path)!r} is not a model written by obcjax compress --save"
+    try:
+        _, meta = export.load(path)
+    except (OSError, ValueError) as e:
+        why = str(e).replace(f"{str(path)!r}: ", "").replace(f"{path!r}: ", "")
+        raise UsageError("--load", f"{not_ours} ({why})") from e
     meta = meta or {}
-    model = args.model or meta.get("model")
-    data = args.data or meta.get("data")
+    model, data = args.model or meta.get("model"), args.data or meta.get("data")
     if not model or not data:
-        print("evaluate: the file names no model/data; give --model and --data", file=sys.stderr)
-        return 2
+        raise UsageError("--model/--data", f"{str(path)!r} names no model or data set; give "
+                                           f"--model and --data")
+    model, data = _check_model_data(model, data, cmd="evaluate")
     ds = zdata.load_dataset(data)
+    like = _zoo_layers(model, ds).abstract
+    try:
+        variables = export.load_params(path, like=like)
+    except (OSError, ValueError) as e:  # --debug shows which parameters differ
+        raise UsageError("--load", f"{str(path)!r} does not hold a {model} model for {data} (its "
+                                   f"parameters differ in names or shapes); give the --model and "
+                                   f"--data it was made with, or neither") from e
+    return path, meta, model, data, ds, variables
+
+
+def cmd_evaluate(args) -> int:
+    from obcjax.zoo import train as ztrain
+
+    path, meta, model, data, ds, variables = _check_evaluate(args)
     acc = ztrain.evaluate(model, variables, ds["test"])["accuracy"]
     print(_table([[str(path), model, data, meta.get("target", "?"), f"{100 * acc:.2f}",
                    f"{path.stat().st_size / 1024:.1f}"]],
@@ -362,6 +819,7 @@ def cmd_evaluate(args) -> int:
 def cmd_train(args) -> int:
     from obcjax.zoo import train as ztrain
 
+    args.model, args.data = _check_model_data(args.model, args.data, cmd="train")
     _, info = ztrain.pretrained(args.model, args.data, seed=args.seed)
     print(f"{args.model} on {args.data}: test accuracy {100 * info['test_accuracy']:.2f}% "
           f"({info.get('source')}; {info.get('path')})")
@@ -399,29 +857,47 @@ def _minilm_argv(argv: list[str]) -> list[str] | None:
     return None
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    rest = _minilm_argv(argv)
-    if rest is not None:
-        # the transformer has its own options (text calibration, group size, act-order)
-        from obcjax.zoo import minilm_compress
+def _run_minilm(rest: list[str]) -> int:
+    """``compress --model minilm``: the transformer job, its option errors as one line too."""
+    from obcjax.zoo import minilm_compress
 
-        _enable_compile_cache()
+    build = minilm_compress.build_parser
+
+    def build_one_line():
+        ap = build()
+        ap.error = _usage_exit  # its errors (argparse's and its own checks) as one line, exit 2
+        return ap
+
+    _enable_compile_cache()
+    minilm_compress.build_parser = build_one_line
+    try:
         return minilm_compress.run(rest)
-    ap = argparse.ArgumentParser(prog="obcjax", description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="cmd")
-    c = sub.add_parser("compress", help="calibrate and compress a zoo model (default: LeNet-5/digits)")
+    finally:
+        minilm_compress.build_parser = build
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The options of ``obcjax`` (``--model minilm`` has its own, in ``minilm_compress``)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true",
+                        help="show the traceback of errors in the options too")
+    ap = _Parser(prog="obcjax", description=__doc__.splitlines()[0], parents=[common])
+    sub = ap.add_subparsers(dest="cmd", metavar="command")
+    c = sub.add_parser("compress", parents=[common],
+                       help="calibrate and compress a zoo model (default: LeNet-5/digits)")
     c.add_argument("--model", default="lenet5",
                    help="zoo model (mlp, lenet5, resnet, cnn1d), or minilm: the pretrained "
                         "sentence encoder, with its own options (obcjax compress --model minilm "
                         "--help)")
-    c.add_argument("--data", default="digits")
-    c.add_argument("--prune", default="0.5", help="sparsity (0.5), N:M (2:4) or none")
-    c.add_argument("--wbits", default="4", help="weight bits 2..8, or none")
+    c.add_argument("--data", default=None,
+                   help="data set: digits or mnist1d (default: digits, or the model's own)")
+    c.add_argument("--prune", type=_prune_arg, default="0.5",
+                   help="sparsity (0.5), N:M (2:4) or none")
+    c.add_argument("--wbits", type=_wbits_arg, default="4", help="weight bits 2..8, or none")
     c.add_argument("--asym", action="store_true", help="asymmetric weight grid")
-    c.add_argument("--solvers", default="obc,magnitude",
+    c.add_argument("--solvers", type=_solvers_arg, default="obc,magnitude",
                    help="comma list of obc, magnitude, gptq (GPTQ/SparseGPT)")
-    c.add_argument("--keep", action="append", default=[],
+    c.add_argument("--keep", type=_regex_arg, action="append", default=[],
                    help="regex of layers to leave dense (repeatable)")
     c.add_argument("--keep-first", action=argparse.BooleanOptionalAction, default=True,
                    help="leave the first layer dense (default; the usual practice, as in OBC)")
@@ -430,20 +906,22 @@ def main(argv=None) -> int:
                         "sequential: recalibrate on the compressed prefix (GPTQ/SparseGPT)")
     c.add_argument("--no-bn", action="store_true",
                    help="skip batch-norm re-estimation of models with batch norm")
-    c.add_argument("--rel-damp", type=float, default=0.01)
-    c.add_argument("--nsamples", type=int, default=0, help="calibration examples (0 = all)")
-    c.add_argument("--sweep", default="0.5,0.6,0.7,0.8,0.9",
+    c.add_argument("--rel-damp", type=_rel_damp_arg, default=0.01)
+    c.add_argument("--nsamples", type=_int_arg(0, "an integer >= 0 (calibration examples; 0 = "
+                                                  "all)"),
+                   default=0, help="calibration examples (0 = all)")
+    c.add_argument("--sweep", type=_sweep_arg, default="0.5,0.6,0.7,0.8,0.9",
                    help="sparsity levels for the accuracy plot ('' to skip)")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=_int_arg(0, "an integer >= 0"), default=0)
     c.add_argument("--out", default="runs/compress")
     c.add_argument("--progress", action="store_true")
-    c.add_argument("--budget", default=None,
+    c.add_argument("--budget", type=_parse_budget, default=None,
                    help="global budget instead of one target: e.g. 16x (model size), "
                         "bops=8x or flops=2x (reduction vs dense); OBC's database of levels "
                         "and dynamic program against the best uniform level")
-    c.add_argument("--levels", default=None,
+    c.add_argument("--levels", type=_levels_arg, default=None,
                    help="comma list of database levels, e.g. none,0.5,0.9,w4,0.5+w4,2:4+w4")
-    c.add_argument("--abits", default="8",
+    c.add_argument("--abits", type=_abits_arg, default="8",
                    help="activation bits: one value is the activation width in the BOPs count of "
                         "weight-only levels (default 8); a comma list such as 4,8 quantizes the "
                         "activations too, and --budget bops=Nx then picks per layer among OBC's "
@@ -452,23 +930,44 @@ def main(argv=None) -> int:
                    help="folder to keep the database in (resumable: an interrupted run goes on)")
     c.add_argument("--save", default=None,
                    help="write the first solver's compressed model, packed, to this file")
-    e = sub.add_parser("evaluate", help="evaluate a packed model written by compress --save")
+    e = sub.add_parser("evaluate", parents=[common],
+                       help="evaluate a packed model written by compress --save")
     e.add_argument("--load", required=True)
     e.add_argument("--model", default=None, help="zoo model (default: from the file)")
     e.add_argument("--data", default=None, help="data set (default: from the file)")
-    t = sub.add_parser("train", help="train (or load from cache) a zoo model")
+    t = sub.add_parser("train", parents=[common], help="train (or load from cache) a zoo model")
     t.add_argument("--model", default="lenet5")
-    t.add_argument("--data", default="digits")
-    t.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    if args.cmd is None:
-        args = ap.parse_args(["compress", *argv])
-    _enable_compile_cache()
-    if args.cmd == "compress":
-        return cmd_compress(args)
-    if args.cmd == "evaluate":
-        return cmd_evaluate(args)
-    return cmd_train(args)
+    t.add_argument("--data", default=None,
+                   help="data set: digits or mnist1d (default: digits, or the model's own)")
+    t.add_argument("--seed", type=_int_arg(0, "an integer >= 0"), default=0)
+    return ap
+
+
+def main(argv=None) -> int:
+    """``obcjax``: 0 on success; 2 for a bad option (one line on stderr; errors that argparse
+    finds raise ``SystemExit(2)``); a traceback only for a bug, or with ``--debug``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        rest = _minilm_argv(argv)
+        if rest is not None:
+            # the transformer has its own options (text calibration, group size, act-order)
+            return _run_minilm([a for a in rest if a != "--debug"])
+        first = next((a for a in argv if a != "--debug"), "-")
+        if first.startswith("-") and first not in ("-h", "--help"):
+            argv = ["compress", *argv]  # compress is the default command
+        args = build_parser().parse_args(argv)
+        _enable_compile_cache()
+        if args.cmd == "compress":
+            return cmd_compress(args)
+        if args.cmd == "evaluate":
+            return cmd_evaluate(args)
+        return cmd_train(args)
+    except UsageError as e:
+        if debug:
+            raise
+        sys.stderr.write(f"obcjax: error: {_one_line(str(e))}\n")
+        return 2
 
 
 if __name__ == "__main__":
