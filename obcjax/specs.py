@@ -18,7 +18,23 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-__all__ = ["Unstructured", "NM", "Block", "Int", "PruneSpec", "check_fits", "spec_name"]
+__all__ = [
+    "Unstructured",
+    "NM",
+    "Block",
+    "Int",
+    "PruneSpec",
+    "check_fits",
+    "spec_name",
+    "as_prune",
+    "as_quant",
+    "ExactOBS",
+    "OBQ",
+    "GPTQ",
+    "SparseGPT",
+    "Magnitude",
+    "SolverSpec",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,3 +174,153 @@ def spec_name(spec) -> str:
         g = {"channel": "", "tensor": "t", "group": f"g{spec.group_size}"}[spec.granularity]
         return f"w{spec.bits}{'' if spec.sym else 'a'}{g}"
     raise TypeError(f"not a compression spec: {spec!r}")
+
+
+def _where(layer: str | None, what: str) -> str:
+    return f"layer {layer!r}: {what}" if layer else what
+
+
+def as_prune(value, *, what: str = "prune", layer: str | None = None):
+    """A pruning spec from a spec or a shorthand, the same everywhere (Python, rules, CLI).
+
+    A float in ``[0, 1)`` (or ``"0.5"``, ``"50%"``) is :class:`Unstructured`; ``"2:4"`` or a pair
+    ``(2, 4)`` is :class:`NM`; specs pass through; None stays None.
+
+    Example:
+        >>> as_prune(0.5), as_prune("2:4"), as_prune("75%")
+        (Unstructured(sparsity=0.5), NM(n=2, m=4), Unstructured(sparsity=0.75))
+    """
+    if value is None or isinstance(value, (Unstructured, NM, Block)):
+        return value
+    if isinstance(value, bool):
+        raise TypeError(_where(layer, f"{what}: expected a sparsity in [0, 1) (0.5, '50%'), an "
+                               f"N:M pattern ('2:4') or a spec, got {value!r}"))
+    try:
+        if isinstance(value, tuple) and len(value) == 2:
+            return NM(int(value[0]), int(value[1]))
+        if isinstance(value, str):
+            text = value.strip()
+            if ":" in text:
+                n, m = text.split(":")
+                return NM(int(n), int(m))
+            if text.endswith("%"):
+                return Unstructured(float(text[:-1]) / 100)
+            return Unstructured(float(text))
+        if hasattr(value, "__float__") and getattr(value, "ndim", 0) == 0:
+            return Unstructured(float(value))
+    except (TypeError, ValueError) as e:
+        detail = f" ({e})" if str(e) else ""
+        raise ValueError(
+            _where(layer, f"{what}: expected a sparsity in [0, 1) (0.5, '50%'), an N:M pattern "
+                   f"('2:4') or a spec (Unstructured, NM, Block), got {value!r}{detail}")
+        ) from None
+    raise TypeError(
+        _where(layer, f"{what}: expected a sparsity in [0, 1) (0.5, '50%'), an N:M pattern "
+               f"('2:4') or a spec (Unstructured, NM, Block), got {value!r}")
+    )
+
+
+def as_quant(value, *, what: str = "quant", layer: str | None = None):
+    """A quantization spec from an :class:`Int` or a shorthand: an int (or ``"4"``, ``"w4"``) of
+    bits is ``Int(bits)``; None stays None.
+
+    Example:
+        >>> as_quant(4) == Int(4), as_quant("w8") == Int(8)
+        (True, True)
+    """
+    if value is None or isinstance(value, Int):
+        return value
+    if isinstance(value, bool):
+        raise TypeError(_where(layer, f"{what}: expected a number of bits in 2..8 (4, 'w4') or "
+                               f"an Int spec, got {value!r}"))
+    try:
+        if isinstance(value, str):
+            text = value.strip().lower().removeprefix("w")
+            return Int(int(text))
+        if hasattr(value, "__index__"):
+            return Int(int(value))
+        if isinstance(value, float) and value.is_integer():
+            return Int(int(value))
+    except (TypeError, ValueError) as e:
+        detail = f" ({e})" if str(e) else ""
+        raise ValueError(
+            _where(layer, f"{what}: expected a number of bits in 2..8 (4, 'w4') or an Int spec, "
+                   f"got {value!r}{detail}")
+        ) from None
+    raise TypeError(
+        _where(layer, f"{what}: expected a number of bits in 2..8 (4, 'w4') or an Int spec, "
+               f"got {value!r}")
+    )
+
+
+_METHODS = ("auto", "blocked", "fast", "naive")
+
+
+def _check_method(name, method):
+    if method not in _METHODS:
+        raise ValueError(f"{name}: method must be one of {_METHODS}, got {method!r}")
+
+
+def _check_block(name, blocksize):
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
+        raise ValueError(f"{name}: blocksize must be a positive int, got {blocksize!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExactOBS:
+    """Options of ExactOBS pruning (OBC): the engine formulation (all give the same result)."""
+
+    method: str = "auto"
+
+    def __post_init__(self):
+        _check_method("ExactOBS", self.method)
+
+
+@dataclasses.dataclass(frozen=True)
+class OBQ:
+    """Options of the Optimal Brain Quantizer (OBC), also used for joint prune + quantize.
+
+    Attributes:
+      method: engine formulation (``"auto"``, ``"blocked"``, ``"fast"``, ``"naive"``).
+      outlier_rule: quantize the worst out-of-range weight first (OBC §4).
+      order: ``"greedy"`` (OBQ) or ``"natural"`` (columns left to right).
+    """
+
+    method: str = "auto"
+    outlier_rule: bool = True
+    order: str = "greedy"
+
+    def __post_init__(self):
+        _check_method("OBQ", self.method)
+        if self.order not in ("greedy", "natural"):
+            raise ValueError(f"OBQ: order must be 'greedy' or 'natural', got {self.order!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTQ:
+    """Options of GPTQ (Frantar et al., 2023): lazy block width, act-order, static groups."""
+
+    blocksize: int = 128
+    act_order: bool = False
+    static_groups: bool = False
+
+    def __post_init__(self):
+        _check_block("GPTQ", self.blocksize)
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseGPT:
+    """Options of SparseGPT (Frantar & Alistarh, 2023): the mask-selection / lazy block width."""
+
+    blocksize: int = 128
+
+    def __post_init__(self):
+        _check_block("SparseGPT", self.blocksize)
+
+
+@dataclasses.dataclass(frozen=True)
+class Magnitude:
+    """The baselines: magnitude pruning and round-to-nearest quantization (no compensation)."""
+
+
+SolverSpec = ExactOBS | OBQ | GPTQ | SparseGPT | Magnitude

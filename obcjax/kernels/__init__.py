@@ -16,11 +16,25 @@ from obcjax.kernels.exactobs import (
     obq_quantize,
     rebuild_levels,
 )
-from obcjax.kernels.prepare import Prepared, layer_loss, prepare
+from obcjax.kernels.gptq import gptq_quantize
+from obcjax.kernels.prepare import (
+    Prepared,
+    Status,
+    layer_loss,
+    prepare,
+    prepare_core,
+    raise_for_status,
+)
+from obcjax.kernels.sparsegpt import sparsegpt_prune
 
 __all__ = [
     "Prepared",
     "Result",
+    "Status",
+    "prepare_core",
+    "raise_for_status",
+    "gptq_quantize",
+    "sparsegpt_prune",
     "prepare",
     "layer_loss",
     "exactobs_prune",
@@ -35,16 +49,3 @@ __all__ = [
     "magnitude_nm",
     "rtn_quantize",
 ]
-
-try:  # GPTQ / SparseGPT live in their own modules
-    from obcjax.kernels.gptq import gptq_quantize  # noqa: F401
-
-    __all__.append("gptq_quantize")
-except ImportError:  # pragma: no cover - during development only
-    pass
-try:
-    from obcjax.kernels.sparsegpt import sparsegpt_prune  # noqa: F401
-
-    __all__.append("sparsegpt_prune")
-except ImportError:  # pragma: no cover
-    pass

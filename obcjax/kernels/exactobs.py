@@ -29,9 +29,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from obcjax.kernels._engine import AUTO_FAST_COLS, NMRule, PruneRule, QuantRule, run_rows
-from obcjax.kernels.prepare import Prepared, blas_one_thread, prepare
+from obcjax.kernels.prepare import (
+    Prepared,
+    Status,
+    blas_one_thread,
+    is_traced,
+    prepare_solver_units,
+    to_solver_units,
+)
 from obcjax.quant import QArray, expand_params, find_params, make_qarray
-from obcjax.specs import NM, Block, Int, Unstructured, check_fits
+from obcjax.specs import NM, Block, Int, Unstructured, as_prune, as_quant, check_fits
 
 __all__ = [
     "Result",
@@ -44,6 +51,9 @@ __all__ = [
     "allocate_counts",
     "rebuild_levels",
     "DEFAULT_MEMORY_BYTES",
+    "allocate_counts_traced",
+    "setup",
+    "finish",
 ]
 
 _HP = jax.lax.Precision.HIGHEST
@@ -64,6 +74,10 @@ class Result(NamedTuple):
       loss: ``()`` or ``(L,)``: the OBS loss estimate, ``0.5·tr((W-Ŵ) H (W-Ŵ)ᵀ)`` with the
         prepared ``W`` and ``H``.
       row_loss: ``(rows,)`` or ``(L, rows)``.
+      status: ``()`` int32 :class:`obcjax.kernels.Status` (``OK`` or ``DAMPING_RAISED`` for a
+        usable result). Host calls raise instead of returning a bad status; inside ``jit`` /
+        ``vmap`` / ``shard_map`` read it.
+      damp: the absolute damping that was added to the diagonal of ``H``.
     """
 
     weights: jax.Array
@@ -71,6 +85,37 @@ class Result(NamedTuple):
     qarray: QArray | None
     loss: jax.Array
     row_loss: jax.Array
+    status: jax.Array | None = None
+    damp: jax.Array | None = None
+
+
+def setup(W, H, rel_damp, layer, prepared):
+    """``(P, out_dtype)``: the problem in solver units (see :mod:`obcjax.kernels.prepare`).
+
+    Shapes are checked (statically, also under a trace); outside a trace a bad status raises the
+    error that names ``layer``. ``prepared`` (a :class:`Prepared` in caller units) skips the work.
+    """
+    Wa = jnp.asarray(W)
+    out = Wa.dtype if jnp.issubdtype(Wa.dtype, jnp.floating) else jnp.float32
+    if prepared is not None:
+        return to_solver_units(prepared), out
+    return prepare_solver_units(Wa, H, rel_damp, layer), out
+
+
+def finish(res: Result, P: Prepared, out_dtype) -> Result:
+    """A solver-units :class:`Result` in the caller's units and dtype, with status and damping.
+
+    The scales are powers of two, so this is exact: a quantized result still equals
+    ``qarray.dequantize()`` bit for bit.
+    """
+    s, h = P.w_scale, P.h_scale
+    qa = res.qarray
+    if qa is not None:
+        qa = qa._replace(scale=qa.scale * s.astype(qa.scale.dtype))
+    weights = (res.weights * s).astype(out_dtype)
+    status = P.status if res.status is None else res.status
+    return Result(weights, res.mask, qa, res.loss * (s * s * h), res.row_loss * (s * s * h),
+                  status, P.damp * h)
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,12 +190,27 @@ def _greedy(W, Hinv, cols_attr, rule, nsteps, method, chunk, mesh=None, axis=Non
 
 def _sparsity_list(sparsity, layer: str | None = None) -> tuple[list[float], bool]:
     where = f"layer {layer!r}: " if layer else ""
-    if isinstance(sparsity, (int, float, np.floating, np.integer)):
-        levels, single = [float(sparsity)], True
-    else:
-        levels, single = [float(s) for s in sparsity], False
-        if not levels:
-            raise ValueError(f"{where}sparsity: an empty list of levels was given")
+    if is_traced(sparsity):
+        raise TypeError(f"{where}sparsity must be a static number (it sets shapes), not a traced "
+                        "array; pass it as a static argument of jit")
+    try:
+        if isinstance(sparsity, str) or np.ndim(sparsity) == 0:
+            items, single = [sparsity], True
+        else:
+            items, single = list(sparsity), False
+        levels = [
+            as_prune(s, what="sparsity", layer=layer).sparsity if isinstance(s, str) else float(s)
+            for s in items
+        ]
+    except (TypeError, ValueError) as e:
+        if str(e).startswith(where) and where:
+            raise ValueError(str(e)) from None
+        raise ValueError(
+            f"{where}sparsity must be a fraction of zeros in [0, 1) or a list of them, got "
+            f"{sparsity!r}"
+        ) from None
+    if not levels:
+        raise ValueError(f"{where}sparsity: an empty list of levels was given")
     for s in levels:
         if not (0.0 <= s < 1.0):
             raise ValueError(f"{where}sparsity must lie in [0, 1), got {s}")
@@ -320,17 +380,6 @@ def rebuild_levels(
         return jax.block_until_ready(out)
 
 
-def _prep(W, H, rel_damp, layer, prepared):
-    if prepared is not None:
-        return prepared
-    return prepare(W, H, rel_damp=rel_damp, layer=layer)
-
-
-# --------------------------------------------------------------------------------------------
-# public solvers
-# --------------------------------------------------------------------------------------------
-
-
 def elimination_order(
     P: Prepared,
     *,
@@ -398,44 +447,89 @@ def _partial_allocation(P: Prepared, ks, smax: float, **kw):
     return order, counts
 
 
-def exactobs_prune(
-    W,
-    H,
-    sparsity: float | Sequence[float],
-    *,
-    rel_damp: float = 0.01,
-    method: str = "auto",
-    chunk_rows: int | None = None,
-    memory_bytes: int = DEFAULT_MEMORY_BYTES,
-    layer: str = "<matrix>",
-    prepared: Prepared | None = None,
-    mesh=None,
-) -> Result:
-    """Unstructured ExactOBS pruning with OBC's layer-wise allocation.
+
+
+# --------------------------------------------------------------------------------------------
+# traceable pieces: allocation and rebuild with the counts as arrays
+# --------------------------------------------------------------------------------------------
+
+
+def allocate_counts_traced(losses, sparsities: Sequence[float], units: int, axis_name=None):
+    """:func:`allocate_counts` inside a trace: ``(L, rows)`` int32 counts.
 
     Args:
-      W: ``(rows, cols)``. H: ``(cols, cols)``.
-      sparsity: a fraction of zeros in ``[0, 1)`` for the whole layer, or a list of them (one
-        elimination pass serves all levels; the result then has a leading level axis).
-      rel_damp: relative damping. method: ``"fast"`` (left-looking), ``"naive"`` (rank-1
-        downdates) or ``"auto"`` (fast from 384 columns up); all give the same result.
-      chunk_rows / memory_bytes: rows processed at once (default: from the memory budget).
-      mesh: optional ``jax.sharding.Mesh``; rows are split over its first axis with
-        ``shard_map`` (multi-host meshes work the same after ``jax.distributed.initialize``).
-
-    Returns:
-      A :class:`Result`; the number of zeros is ``floor(s·rows·cols + 0.5)`` for each level.
-
-    Example:
-      >>> r = exactobs_prune(W, H, [0.5, 0.9])
-      >>> r.weights.shape == (2, *W.shape)
-      True
+      losses: ``(rows, nsteps)`` step losses.
+      sparsities: the levels; level ``l`` eliminates ``floor(s·rows_total·units + 0.5)`` steps.
+      units: eliminations a row can make in all (columns, or blocks).
+      axis_name: inside ``shard_map`` over rows, the mesh axis: the ranking is then global (the
+        step losses of every device are gathered), each device keeps its own rows' counts.
     """
-    levels, single = _sparsity_list(sparsity, layer)
-    P = _prep(W, H, rel_damp, layer, prepared)
+    env = jax.lax.cummax(losses, axis=1)
+    rows_local = env.shape[0]
+    if axis_name is not None:
+        env = jax.lax.all_gather(env, axis_name, tiled=True)
+    R, n = env.shape
+    order = jnp.argsort(env.ravel(), stable=True)
+    rowid = (order // n).astype(jnp.int32)
+    pos = jnp.arange(R * n)
+    counts = jnp.stack(
+        [
+            jnp.zeros((R,), jnp.int32).at[rowid].add((pos < _count(s, R * units)).astype(jnp.int32))
+            for s in sparsities
+        ]
+    )
+    if axis_name is not None:
+        start = jax.lax.axis_index(axis_name) * rows_local
+        counts = jax.lax.dynamic_slice_in_dim(counts, start, rows_local, axis=1)
+    return counts
+
+
+def _rebuild_traced(W, Hinv, perm, counts, chunk_rows, memory_bytes, mesh):
+    """All levels from ``perm`` and traced ``counts (L, rows)``: ``(weights, mask, row_loss)``."""
+    rows, cols = W.shape
+    L = counts.shape[0]
+    item = jnp.dtype(W.dtype).itemsize
+    ndev = 1 if mesh is None else mesh.shape[mesh.axis_names[0]]
+    pad = (-rows) % ndev
+    Wp, pp, cp = W, perm, counts
+    if pad:
+        Wp = jnp.concatenate([W, jnp.zeros((pad, cols), W.dtype)])
+        pp = jnp.concatenate([perm, jnp.tile(jnp.arange(cols, dtype=perm.dtype), (pad, 1))])
+        cp = jnp.concatenate([counts, jnp.zeros((L, pad), counts.dtype)], axis=1)
+    want = chunk_rows if chunk_rows else (1 if jax.default_backend() == "cpu" else None)
+    ch = _chunk(rows, (3 * cols * cols + 2 * L * cols) * item, want, memory_bytes)
+    ch = max(1, min(ch, (rows + pad) // ndev))
+    wl, rl = _rebuild_chol(Wp, Hinv, pp, cp.T, ch, mesh)
+    weights, row_loss = jnp.swapaxes(wl[:rows], 0, 1), rl[:rows].T
+    inv = jnp.argsort(perm, axis=1)
+    mask = inv[None] >= counts[:, :, None]
+    return jnp.where(mask, weights, 0.0), mask, row_loss
+
+
+def _levels_result(weights, mask, row_loss, single):
+    loss = jnp.sum(row_loss, axis=-1)
+    if single:
+        return Result(weights[0], mask[0], None, loss[0], row_loss[0])
+    return Result(weights, mask, None, loss, row_loss)
+
+
+# --------------------------------------------------------------------------------------------
+# public solvers: host checks, a pure body in solver units, the result in the caller's units
+# --------------------------------------------------------------------------------------------
+
+
+def _prune_body(P, levels, single, *, method, chunk_rows, memory_bytes, mesh, axis_name, traced):
     rows, cols = P.W.shape
-    ks = [_count(s, rows * cols) for s in levels]
     kw = dict(method=method, chunk_rows=chunk_rows, memory_bytes=memory_bytes, mesh=mesh)
+    if traced or axis_name is not None:
+        order, losses = elimination_order(P, nsteps=cols, **kw)
+        counts = allocate_counts_traced(losses, levels, cols, axis_name)
+        return _levels_result(
+            *_rebuild_traced(P.W, P.Hinv, order, counts, chunk_rows, memory_bytes, mesh), single
+        )
+    # on the host: rows stop early where the allocation allows, and one or two levels are
+    # rebuilt by a solve over the pruned set only (both give the same result as the traced path)
+    ks = [_count(s, rows * cols) for s in levels]
     order, counts = _partial_allocation(P, ks, max(levels), **kw)
     weights, row_loss = rebuild_levels(
         P.W, P.Hinv, order, counts, chunk_rows=chunk_rows, memory_bytes=memory_bytes, mesh=mesh
@@ -449,18 +543,94 @@ def exactobs_prune(
         np.put_along_axis(m, order_np, ~pruned, axis=1)
         masks.append(m)
     mask = jnp.asarray(np.stack(masks))
-    weights = jnp.where(mask, weights, 0.0)
-    loss = jnp.sum(row_loss, axis=-1)
-    if single:
-        return Result(weights[0], mask[0], None, loss[0], row_loss[0])
-    return Result(weights, mask, None, loss, row_loss)
+    return _levels_result(jnp.where(mask, weights, 0.0), mask, row_loss, single)
+
+
+def exactobs_prune(
+    W,
+    H,
+    sparsity: float | Unstructured | Sequence[float],
+    *,
+    rel_damp: float = 0.01,
+    method: str = "auto",
+    chunk_rows: int | None = None,
+    memory_bytes: int = DEFAULT_MEMORY_BYTES,
+    layer: str = "<matrix>",
+    prepared: Prepared | None = None,
+    mesh=None,
+    axis_name: str | None = None,
+) -> Result:
+    """Unstructured ExactOBS pruning with OBC's layer-wise allocation.
+
+    Pure in ``W`` and ``H``: it runs under ``jax.jit``, ``jax.vmap`` (stacked problems) and
+    ``shard_map`` over rows (pass ``axis_name`` there so the allocation ranks all rows together).
+
+    Args:
+      W: ``(rows, cols)``. H: ``(cols, cols)``.
+      sparsity: a fraction of zeros in ``[0, 1)`` for the whole layer (or an
+        :class:`~obcjax.specs.Unstructured`), or a list of them (one elimination pass serves all
+        levels; the result then has a leading level axis).
+      rel_damp: relative damping. method: ``"blocked"`` (right-looking, lazy), ``"fast"``
+        (left-looking), ``"naive"`` (rank-1 downdates) or ``"auto"`` (blocked from 384 columns
+        up, else naive); all give the same result.
+      chunk_rows / memory_bytes: rows processed at once (default: from the memory budget).
+      mesh: optional ``jax.sharding.Mesh``; rows are split over its first axis with
+        ``shard_map`` (multi-host meshes work the same after ``jax.distributed.initialize``).
+      axis_name: the row axis when called inside the caller's own ``shard_map``.
+
+    Returns:
+      A :class:`Result`; the number of zeros is ``floor(s·rows·cols + 0.5)`` for each level.
+
+    Raises:
+      ValueError: outside a trace, for a bad sparsity, shape or Hessian (naming ``layer``).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> X = jax.random.normal(jax.random.key(0), (64, 8))
+      >>> W, H = jax.random.normal(jax.random.key(1), (4, 8)), 2 * X.T @ X / 64
+      >>> r = exactobs_prune(W, H, [0.5, 0.75])
+      >>> r.weights.shape, int((~r.mask[1]).sum())
+      ((2, 4, 8), 24)
+    """
+    if isinstance(sparsity, Unstructured):
+        sparsity = sparsity.sparsity
+    levels, single = _sparsity_list(sparsity, layer)
+    P, out = setup(W, H, rel_damp, layer, prepared)
+    res = _prune_body(
+        P, levels, single, method=method, chunk_rows=chunk_rows, memory_bytes=memory_bytes,
+        mesh=mesh, axis_name=axis_name, traced=is_traced(P.W, P.H),
+    )
+    return finish(res, P, out)
+
+
+def _as_nm(n, m, layer) -> NM:
+    if m is None:
+        spec = as_prune(n, what="n:m pattern", layer=layer)
+        if not isinstance(spec, NM):
+            raise TypeError(f"layer {layer!r}: expected an N:M pattern (NM(2, 4), '2:4'), got {n!r}")
+        return spec
+    return NM(n, m)
+
+
+def _nm_body(P, spec: NM, *, method, chunk_rows, memory_bytes, mesh):
+    rows, cols = P.W.shape
+    nsteps = cols * spec.n // spec.m
+    item = jnp.dtype(P.W.dtype).itemsize
+    ch = _engine_chunk(rows, cols, nsteps, method, item, chunk_rows, memory_bytes)
+    order, _, losses, Wf = _greedy(
+        P.W, P.Hinv, {}, NMRule(spec.n, spec.m), nsteps, _resolve(method, cols), ch, mesh
+    )
+    mask = jnp.ones((rows, cols), bool).at[jnp.arange(rows)[:, None], order].set(False)
+    Wf = jnp.where(mask, Wf, 0.0)
+    row_loss = jnp.sum(losses, axis=1)
+    return Result(Wf, mask, None, jnp.sum(row_loss), row_loss)
 
 
 def exactobs_nm(
     W,
     H,
-    n: int,
-    m: int,
+    n: int | NM | str,
+    m: int | None = None,
     *,
     rel_damp: float = 0.01,
     method: str = "auto",
@@ -472,25 +642,23 @@ def exactobs_nm(
 ) -> Result:
     """N:M ExactOBS: ``n`` zeros in every ``m`` consecutive columns, greedy per row.
 
+    The pattern is ``exactobs_nm(W, H, NM(2, 4))``, ``exactobs_nm(W, H, "2:4")`` or
+    ``exactobs_nm(W, H, 2, 4)``. Pure in ``W`` and ``H`` (jit, vmap, shard_map over rows).
+
     Example:
-      >>> r = exactobs_nm(W, H, 2, 4)    # 2:4
+      >>> import jax, jax.numpy as jnp
+      >>> X = jax.random.normal(jax.random.key(0), (64, 8))
+      >>> W, H = jax.random.normal(jax.random.key(1), (4, 8)), 2 * X.T @ X / 64
+      >>> r = exactobs_nm(W, H, "2:4")
+      >>> bool((r.mask.reshape(4, 2, 4).sum(-1) == 2).all())
+      True
     """
-    spec = NM(n, m)
-    W = jnp.asarray(W)
-    if W.ndim == 2:
-        check_fits(spec, W.shape[1], layer)
-    P = _prep(W, H, rel_damp, layer, prepared)
-    rows, cols = P.W.shape
-    nsteps = cols * n // m
-    item = jnp.dtype(P.W.dtype).itemsize
-    ch = _engine_chunk(rows, cols, nsteps, method, item, chunk_rows, memory_bytes)
-    order, _, losses, Wf = _greedy(
-        P.W, P.Hinv, {}, NMRule(n, m), nsteps, _resolve(method, cols), ch, mesh
-    )
-    mask = jnp.ones((rows, cols), bool).at[jnp.arange(rows)[:, None], order].set(False)
-    Wf = jnp.where(mask, Wf, 0.0)
-    row_loss = jnp.sum(losses, axis=1)
-    return Result(Wf, mask, None, jnp.sum(row_loss), row_loss)
+    spec = _as_nm(n, m, layer)
+    check_fits(spec, jnp.shape(W)[-1], layer)
+    P, out = setup(W, H, rel_damp, layer, prepared)
+    res = _nm_body(P, spec, method=method, chunk_rows=chunk_rows, memory_bytes=memory_bytes,
+                   mesh=mesh)
+    return finish(res, P, out)
 
 
 def _grid_attrs(Wg, spec: Int):
@@ -500,10 +668,22 @@ def _grid_attrs(Wg, spec: Int):
     return scale, zero, {"scale": s.astype(Wg.dtype), "zero": z.astype(Wg.dtype)}
 
 
+def _obq_body(P, spec: Int, *, outlier_rule, order, method, chunk_rows, memory_bytes, mesh):
+    rows, cols = P.W.shape
+    scale, zero, attrs = _grid_attrs(P.W, spec)
+    rule = QuantRule(spec.bits, bool(outlier_rule) and order == "greedy", order)
+    item = jnp.dtype(P.W.dtype).itemsize
+    ch = _engine_chunk(rows, cols, cols, method, item, chunk_rows, memory_bytes)
+    _, _, losses, Wq = _greedy(P.W, P.Hinv, attrs, rule, cols, _resolve(method, cols), ch, mesh)
+    qa = make_qarray(Wq, scale, zero, spec)
+    row_loss = jnp.sum(losses, axis=1)
+    return Result(Wq, None, qa, jnp.sum(row_loss), row_loss)
+
+
 def obq_quantize(
     W,
     H,
-    spec: Int,
+    spec: Int | int,
     *,
     rel_damp: float = 0.01,
     outlier_rule: bool = True,
@@ -517,39 +697,41 @@ def obq_quantize(
 ) -> Result:
     """Optimal Brain Quantizer: greedy per-weight quantization with OBS compensation.
 
+    Pure in ``W`` and ``H`` (jit, vmap, shard_map over rows).
+
     Args:
-      spec: the grid (:class:`obcjax.specs.Int`), found on the prepared weights.
+      spec: the grid (:class:`obcjax.specs.Int`, or its number of bits), found on the prepared
+        weights.
       outlier_rule: quantize the worst out-of-range weight first whenever some free weight's rounding
         error exceeds half a step (OBC §4), which stops compensation from pushing weights off-grid.
       order: ``"greedy"`` (OBQ) or ``"natural"`` (columns left to right: GPTQ without lazy blocks).
 
     Returns:
       A :class:`Result` whose ``qarray`` holds the integer codes.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> X = jax.random.normal(jax.random.key(0), (64, 8))
+      >>> W, H = jax.random.normal(jax.random.key(1), (4, 8)), 2 * X.T @ X / 64
+      >>> r = obq_quantize(W, H, 4)
+      >>> bool((r.qarray.dequantize() == r.weights).all())
+      True
     """
-    if not isinstance(spec, Int):
-        raise TypeError(f"layer {layer!r}: spec must be obcjax.specs.Int, got {spec!r}")
+    spec = as_quant(spec, what="spec", layer=layer)
     if order not in ("greedy", "natural"):
         raise ValueError(f"order must be 'greedy' or 'natural', got {order!r}")
-    W = jnp.asarray(W)
-    if W.ndim == 2:
-        check_fits(spec, W.shape[1], layer)
-    P = _prep(W, H, rel_damp, layer, prepared)
-    rows, cols = P.W.shape
-    scale, zero, attrs = _grid_attrs(P.W, spec)
-    rule = QuantRule(spec.bits, bool(outlier_rule) and order == "greedy", order)
-    item = jnp.dtype(P.W.dtype).itemsize
-    ch = _engine_chunk(rows, cols, cols, method, item, chunk_rows, memory_bytes)
-    _, _, losses, Wq = _greedy(P.W, P.Hinv, attrs, rule, cols, _resolve(method, cols), ch, mesh)
-    qa = make_qarray(Wq, scale, zero, spec)
-    row_loss = jnp.sum(losses, axis=1)
-    return Result(Wq, None, qa, jnp.sum(row_loss), row_loss)
+    check_fits(spec, jnp.shape(W)[-1], layer)
+    P, out = setup(W, H, rel_damp, layer, prepared)
+    res = _obq_body(P, spec, outlier_rule=outlier_rule, order=order, method=method,
+                    chunk_rows=chunk_rows, memory_bytes=memory_bytes, mesh=mesh)
+    return finish(res, P, out)
 
 
 def obq_prune_quantize(
     W,
     H,
-    prune: Unstructured | NM,
-    quant: Int,
+    prune: Unstructured | NM | float | str,
+    quant: Int | int,
     *,
     rel_damp: float = 0.01,
     outlier_rule: bool = True,
@@ -565,30 +747,32 @@ def obq_prune_quantize(
     The pruned coordinates are eliminated first (target 0) so the quantizer sees the inverse
     Hessian restricted to each row's support; pruned weights stay exactly zero (0 is on every
     grid) and the survivors are quantized with OBS compensation. The grid is found on the pruned
-    weights.
+    weights. ``prune`` is a spec or a shorthand (``0.5``, ``"2:4"``), ``quant`` an
+    :class:`~obcjax.specs.Int` or a number of bits. Pure in ``W`` and ``H``.
 
     Example:
-      >>> r = obq_prune_quantize(W, H, NM(2, 4), Int(bits=4))
+      >>> import jax, jax.numpy as jnp
+      >>> X = jax.random.normal(jax.random.key(0), (64, 8))
+      >>> W, H = jax.random.normal(jax.random.key(1), (4, 8)), 2 * X.T @ X / 64
+      >>> r = obq_prune_quantize(W, H, 0.5, 4)
+      >>> int((r.weights == 0).sum()) >= 16
+      True
     """
-    P = _prep(W, H, rel_damp, layer, prepared)
-    kw = dict(
-        method=method,
-        chunk_rows=chunk_rows,
-        memory_bytes=memory_bytes,
-        layer=layer,
-        prepared=P,
-        mesh=mesh,
-    )
-    if isinstance(prune, Unstructured):
-        rp = exactobs_prune(W, H, prune.sparsity, **kw)
-    elif isinstance(prune, NM):
-        rp = exactobs_nm(W, H, prune.n, prune.m, **kw)
-    else:
+    prune = as_prune(prune, what="prune", layer=layer)
+    quant = as_quant(quant, what="quant", layer=layer)
+    if not isinstance(prune, Unstructured | NM):
         raise TypeError(f"layer {layer!r}: prune must be Unstructured or NM, got {prune!r}")
-    if not isinstance(quant, Int):
-        raise TypeError(f"layer {layer!r}: quant must be obcjax.specs.Int, got {quant!r}")
-    rows, cols = P.W.shape
+    cols = jnp.shape(W)[-1]
+    check_fits(prune, cols, layer)
     check_fits(quant, cols, layer)
+    P, out = setup(W, H, rel_damp, layer, prepared)
+    rows, cols = P.W.shape
+    kw = dict(method=method, chunk_rows=chunk_rows, memory_bytes=memory_bytes, mesh=mesh)
+    if isinstance(prune, Unstructured):
+        rp = _prune_body(P, [prune.sparsity], True, axis_name=None,
+                         traced=is_traced(P.W, P.H), **kw)
+    else:
+        rp = _nm_body(P, prune, **kw)
     scale, zero, attrs = _grid_attrs(rp.weights, quant)
     attrs["pre"] = ~rp.mask
     rule = QuantRule(quant.bits, bool(outlier_rule), "greedy", has_pre=True)
@@ -600,8 +784,7 @@ def obq_prune_quantize(
     Wq = jnp.where(rp.mask, Wq, 0.0)
     qa = make_qarray(Wq, scale, zero, quant)
     row_loss = rp.row_loss + jnp.sum(losses, axis=1)
-    return Result(Wq, rp.mask, qa, jnp.sum(row_loss), row_loss)
-
+    return finish(Result(Wq, rp.mask, qa, jnp.sum(row_loss), row_loss), P, out)
 
 # --------------------------------------------------------------------------------------------
 # block pruning (rank-`size` steps; per-row Hinv, reference formulation)
@@ -646,6 +829,8 @@ def _block_orders(W, Hinv, size, chunk):
     return jax.lax.map(lambda w: _block_row(w, Hinv, size), W, batch_size=chunk)
 
 
+
+
 def exactobs_block(
     W,
     H,
@@ -663,20 +848,29 @@ def exactobs_block(
     Each row greedily removes the block with the smallest ``½ w_Bᵀ (Hinv_BB)⁻¹ w_B``; the block
     losses of all rows are ranked together as in unstructured pruning, and the weights are rebuilt
     exactly from the block order (removing a block equals removing its columns one by one).
+    ``sparsity`` may also be a :class:`~obcjax.specs.Block` (its size is then used). Pure in ``W``
+    and ``H``.
     """
+    if isinstance(sparsity, Block):
+        sparsity, size = sparsity.sparsity, sparsity.size
     levels, single = _sparsity_list(sparsity, layer)
     Block(levels[0], size)  # validates size
-    W = jnp.asarray(W)
-    if W.ndim == 2:
-        check_fits(Block(levels[0], size), W.shape[1], layer)
-    P = _prep(W, H, rel_damp, layer, prepared)
+    check_fits(Block(levels[0], size), jnp.shape(W)[-1], layer)
+    P, out = setup(W, H, rel_damp, layer, prepared)
     rows, cols = P.W.shape
     nb = cols // size
     item = jnp.dtype(P.W.dtype).itemsize
     ch = _chunk(rows, 3 * cols * cols * item, chunk_rows, memory_bytes)
     border, blosses = _block_orders(P.W, P.Hinv, size, ch)
+    perm = (border[:, :, None] * size + jnp.arange(size)).reshape(rows, cols)
+    if is_traced(P.W, P.H):
+        counts = allocate_counts_traced(blosses, levels, nb) * size
+        res = _levels_result(
+            *_rebuild_traced(P.W, P.Hinv, perm, counts, chunk_rows, memory_bytes, None), single
+        )
+        return finish(res, P, out)
     counts = allocate_counts(np.asarray(blosses), [_count(s, rows * nb) for s in levels])
-    perm = (np.asarray(border)[:, :, None] * size + np.arange(size)).reshape(rows, cols)
+    perm = np.asarray(perm)
     weights, row_loss = rebuild_levels(
         P.W, P.Hinv, perm, counts * size, chunk_rows=chunk_rows, memory_bytes=memory_bytes
     )
@@ -687,8 +881,5 @@ def exactobs_block(
         np.put_along_axis(msk, perm, ~(t[None, :] < (counts[l] * size)[:, None]), axis=1)
         masks.append(msk)
     mask = jnp.asarray(np.stack(masks))
-    weights = jnp.where(mask, weights, 0.0)
-    loss = jnp.sum(row_loss, axis=-1)
-    if single:
-        return Result(weights[0], mask[0], None, loss[0], row_loss[0])
-    return Result(weights, mask, None, loss, row_loss)
+    res = _levels_result(jnp.where(mask, weights, 0.0), mask, row_loss, single)
+    return finish(res, P, out)

@@ -32,10 +32,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from obcjax.kernels.exactobs import Result
-from obcjax.kernels.prepare import Prepared, prepare
+from obcjax.kernels.exactobs import Result, finish, setup
+from obcjax.kernels.prepare import Prepared, Status, is_traced
 from obcjax.quant import find_params, make_qarray, quantize
-from obcjax.specs import Int, check_fits
+from obcjax.specs import Int, as_quant, check_fits
 
 __all__ = ["gptq_quantize", "cholesky_upper_inverse", "Sweep", "sweep"]
 
@@ -285,15 +285,21 @@ def pad_problem(W, U, n: int):
     return Wp, Up
 
 
-def factor(P: Prepared, perm: np.ndarray, layer: str):
-    """Upper Cholesky factor of the prepared ``H⁻¹`` in ``perm`` order; raises if it fails."""
+def factor(P: Prepared, perm, layer: str):
+    """Upper Cholesky factor of the prepared ``H⁻¹`` in ``perm`` order, and the new status.
+
+    Outside a trace a failed factorisation raises ``ValueError`` naming ``layer``; inside one the
+    status says :attr:`~obcjax.kernels.Status.FACTOR_FAILED`.
+    """
     U, ok = cholesky_upper_inverse(P.Hinv, jnp.asarray(perm, jnp.int32))
-    if not bool(ok):
+    status = P.status if P.status is not None else jnp.asarray(Status.OK, jnp.int32)
+    if not is_traced(U) and not bool(ok):
+        damp = float(P.damp * (P.h_scale if P.h_scale is not None else 1.0))
         raise ValueError(
             f"layer {layer!r}: the Cholesky factorisation of the inverse Hessian failed "
-            f"(damping {P.damp:.3g}); raise rel_damp"
+            f"(damping {damp:.3g}); raise rel_damp"
         )
-    return U
+    return U, jnp.where(ok, status, Status.FACTOR_FAILED).astype(jnp.int32)
 
 
 def check_blocksize(blocksize, layer: str) -> int:
@@ -353,16 +359,16 @@ def gptq_quantize(
       equal to ``layer_loss(prep.W, weights, prep.H)``) and ``row_loss`` ``(rows,)``.
 
     Example:
+      >>> import jax, jax.numpy as jnp
+      >>> X = jax.random.normal(jax.random.key(0), (64, 8))
+      >>> W, H = jax.random.normal(jax.random.key(1), (4, 8)), 2 * X.T @ X / 64
       >>> r = gptq_quantize(W, H, Int(bits=4, sym=False, search="minmax"))
       >>> bool(jnp.all(r.qarray.dequantize() == r.weights))
       True
     """
-    if not isinstance(spec, Int):
-        raise TypeError(f"layer {layer!r}: spec must be obcjax.specs.Int, got {spec!r}")
+    spec = as_quant(spec, what="spec", layer=layer)
     blocksize = check_blocksize(blocksize, layer)
-    W = jnp.asarray(W)
-    if W.ndim == 2:
-        check_fits(spec, W.shape[1], layer)
+    check_fits(spec, jnp.shape(W)[-1], layer)
     grouped = spec.granularity == "group"
     if act_order and grouped and not static_groups:
         raise ValueError(
@@ -370,18 +376,18 @@ def gptq_quantize(
             "groups in act-order would mix columns from different original groups); pass "
             "static_groups=True, or act_order=False"
         )
-    P = prepare(W, H, rel_damp=rel_damp, layer=layer) if prepared is None else prepared
+    P, out = setup(W, H, rel_damp, layer, prepared)
     rows, cols = P.W.shape
     dtype = P.W.dtype
     if act_order:
-        perm = np.argsort(-np.asarray(jnp.diagonal(P.H)), kind="stable")
+        perm = jnp.argsort(-jnp.diagonal(P.H), stable=True).astype(jnp.int32)
     else:
-        perm = np.arange(cols)
+        perm = jnp.arange(cols, dtype=jnp.int32)
     dynamic = grouped and not static_groups
     unit = spec.group_size if dynamic else 1
     block, sub = plan_sizes(blocksize, unit, keep_block=False)
     n = round_up(cols, block)
-    U = factor(P, perm, layer)
+    U, status = factor(P, perm, layer)
     Wp, Up = pad_problem(P.W[:, perm], U, n)
 
     if dynamic:
@@ -397,7 +403,7 @@ def gptq_quantize(
         stab = jnp.concatenate([scale, jnp.ones((rows, 1), dtype)], axis=1)
         ztab = jnp.concatenate([zero, jnp.zeros((rows, 1), dtype)], axis=1)
         gsize = cols // G
-        gidx = np.concatenate([perm // gsize, np.full(n - cols, G)])
+        gidx = jnp.concatenate([perm // gsize, jnp.full((n - cols,), G, jnp.int32)])
 
     plan = Sweep(
         cols=cols,
@@ -411,9 +417,9 @@ def gptq_quantize(
     Wq, _, row_loss, stab, ztab = sweep(
         Wp, Up, stab, ztab, jnp.asarray(gidx, jnp.int32), kblock, plan=plan
     )
-    inv = np.argsort(perm)
+    inv = jnp.argsort(perm)
     Wq = Wq[:, :cols][:, inv]
     if dynamic:
         scale, zero = stab[:, : cols // spec.group_size], ztab[:, : cols // spec.group_size]
     qa = make_qarray(Wq, scale, zero, spec)
-    return Result(Wq, None, qa, jnp.sum(row_loss), row_loss)
+    return finish(Result(Wq, None, qa, jnp.sum(row_loss), row_loss, status), P, out)

@@ -1,25 +1,35 @@
-"""Hessian preparation shared by every solver: checks, dead inputs, damping, inverse.
+"""Hessian preparation shared by every solver: checks, scale, dead inputs, damping, inverse.
 
 The layer loss ``||W X - Ŵ X||²`` decouples over rows, each row seeing the same Hessian
 ``H = 2/N Σ x xᵀ`` (Frantar, Singh, Alistarh, *Optimal Brain Compression*, 2022, §3).
-Before any solver runs:
+Before any solver runs, :func:`prepare_core` (pure: it jits, vmaps and shards) does:
 
-1. ``W`` must be ``(rows, cols)``, ``H`` ``(cols, cols)``, both finite, ``H`` symmetric.
-2. Dead inputs (``diag(H) == 0``: an input that never fired) get ``H_jj = 1`` and a zero weight
-   column, so they are pruned for free and cannot break the Cholesky.
-3. Relative damping ``H += rel_damp · mean(diag H) · I`` (default 1%).
-4. ``H⁻¹`` through a Cholesky factorisation checked for finiteness. If it fails, the damping is
-   raised ×10 (at most 5 times); an ``H`` with a clearly negative eigenvalue is refused as
-   indefinite, since a sum of outer products never is.
+1. **Checks as a status.** Non-finite ``W`` or ``H``, an asymmetric ``H``, a negative diagonal, a
+   Hessian with no signal (every diagonal entry zero or subnormal) and a failed factorisation are
+   reported in :attr:`Prepared.status` (a :class:`Status` code), never raised inside a trace.
+2. **Scale.** Where ``max |W|`` lies outside ``[2⁻¹⁶, 2¹⁶]``, ``W`` is divided by the power of two
+   nearest to it; where the mean live diagonal of ``H`` lies outside ``[4⁻¹⁰, 4¹⁰]``, ``H`` is
+   divided by the nearest power of four. Powers of two (four for ``H``, so that square roots stay
+   exact) make the scaling exact in floating point, so the results do not depend on the scale of
+   ``W`` or ``H`` beyond round-off (no overflow at ``W·1e20``, no underflow at ``H·1e-30``), and
+   ordinary inputs compute exactly as given.
+3. **Dead inputs** (``diag(H) == 0``: an input that never fired) get ``H_jj`` = the mean live
+   diagonal and a zero weight column, so they are pruned for free and cannot break the Cholesky.
+   (The OBC reference sets ``H_jj = 1``, which makes the damping depend on the scale of ``H``.)
+4. **Relative damping** ``H += rel_damp · mean(diag H) · I`` (default 1%).
+5. ``H⁻¹`` through a Cholesky factorisation checked for finiteness and positive pivots. If it
+   fails the damping is raised ×10 (at most 5 times) inside the trace (a bounded
+   ``lax.while_loop``); the status then says :attr:`Status.DAMPING_RAISED`.
 
-Unlike the OBC reference (default damping 0, then an absolute ``+I`` fallback whose effect depends
-on the Hessian's scale), the damping here is always relative, so results do not depend on how the
-statistics were normalised.
+The host wrapper :func:`prepare` validates shapes, runs the core and turns a bad status into a
+``ValueError`` naming the layer (:func:`raise_for_status`); for a raised damping it also checks on
+the host whether ``H`` is clearly indefinite, as a sum of outer products never is.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import functools
 from typing import NamedTuple
 
@@ -27,9 +37,36 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Prepared", "prepare", "layer_loss", "check_inputs"]
+__all__ = [
+    "Prepared",
+    "Status",
+    "prepare",
+    "prepare_core",
+    "raise_for_status",
+    "layer_loss",
+    "check_inputs",
+    "is_traced",
+]
 
 _HP = jax.lax.Precision.HIGHEST
+MAX_DAMP_TRIES = 6
+
+
+class Status(enum.IntEnum):
+    """What happened while preparing (and solving) one problem; ``status >= NONFINITE_W`` is bad.
+
+    ``OK`` and ``DAMPING_RAISED`` carry a valid result; every other code marks a problem whose
+    result must not be used (the host wrappers raise a ``ValueError`` naming the layer).
+    """
+
+    OK = 0
+    DAMPING_RAISED = 1  # the Cholesky needed more damping than asked; result valid
+    NONFINITE_W = 2
+    NONFINITE_H = 3
+    ASYMMETRIC_H = 4
+    INDEFINITE_H = 5  # a negative diagonal entry
+    NO_SIGNAL = 6  # every diagonal entry of H is zero or subnormal
+    FACTOR_FAILED = 7  # Cholesky failed even at the largest damping
 
 
 class Prepared(NamedTuple):
@@ -37,21 +74,43 @@ class Prepared(NamedTuple):
 
     Attributes:
       W: ``(rows, cols)`` weights with dead columns zeroed.
-      H: ``(cols, cols)`` Hessian with dead diagonal entries set to 1, then damped.
+      H: ``(cols, cols)`` Hessian with dead diagonal entries set to the mean live diagonal, then
+        damped.
       Hinv: ``(cols, cols)`` inverse of ``H``.
       dead: ``(cols,)`` bool, True where the original diagonal was 0.
-      damp: absolute damping added to the diagonal (a Python float).
+      damp: absolute damping added to the diagonal (a scalar array).
+      status: ``()`` int32 :class:`Status` code.
+      w_scale, h_scale: the powers of two that ``W`` and ``H`` were divided by. :func:`prepare`
+        returns the record in the caller's units (``W``, ``H``, ``Hinv`` scaled back);
+        :func:`prepare_core` returns it in the solvers' units (``W / w_scale``, ``H / h_scale``).
     """
 
     W: jax.Array
     H: jax.Array
     Hinv: jax.Array
     dead: jax.Array
-    damp: float
+    damp: jax.Array
+    status: jax.Array | None = None
+    w_scale: jax.Array | None = None
+    h_scale: jax.Array | None = None
+
+
+def is_traced(*xs) -> bool:
+    """True when any argument is a JAX tracer (inside ``jit``, ``vmap``, ``shard_map``, ...)."""
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(xs))
+
+
+def compute_dtype(*dtypes):
+    """float64 where an input is float64 (and x64 is on), else float32 (half precision computes
+    in float32)."""
+    for d in dtypes:
+        if jnp.dtype(d) == jnp.float64 and jax.config.jax_enable_x64:
+            return jnp.float64
+    return jnp.float32
 
 
 def check_inputs(W, H, layer: str = "<matrix>"):
-    """Validate shapes and finiteness; returns ``(W, H)`` as arrays of a common float dtype."""
+    """Validate shapes (static, also under a trace); returns ``(W, H)`` in the compute dtype."""
     W = jnp.asarray(W)
     H = jnp.asarray(H)
     if W.ndim != 2:
@@ -62,40 +121,170 @@ def check_inputs(W, H, layer: str = "<matrix>"):
             f"layer {layer!r}: H must be (cols, cols) = ({cols}, {cols}) to match W of shape "
             f"{W.shape}, got {H.shape}"
         )
-    if not jnp.issubdtype(W.dtype, jnp.floating):
-        W = W.astype(jnp.float32)
-    dtype = jnp.promote_types(W.dtype, H.dtype)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        dtype = jnp.float32
-    W, H = W.astype(dtype), H.astype(dtype)
-    if not bool(jnp.all(jnp.isfinite(W))):
-        bad = int(jnp.sum(~jnp.isfinite(W)))
+    if W.size == 0:
+        raise ValueError(f"layer {layer!r}: W is empty (shape {W.shape})")
+    dtype = compute_dtype(W.dtype, H.dtype)
+    return W.astype(dtype), H.astype(dtype)
+
+
+def _pow2(x, base_log2: int):
+    """The power of ``2**base_log2`` nearest to positive ``x`` (1 where ``x`` is 0 or not finite)."""
+    ok = jnp.isfinite(x) & (x > 0)
+    e = jnp.round(jnp.log2(jnp.where(ok, x, 1.0)) / base_log2) * base_log2
+    return jnp.where(ok, jnp.exp2(e), 1.0).astype(x.dtype)
+
+
+def prepare_core(W, H, rel_damp: float = 0.01) -> Prepared:
+    """Pure preparation (see the module docstring); returns a :class:`Prepared` in solver units.
+
+    Args:
+      W: ``(rows, cols)``; H: ``(cols, cols)``, already in the compute dtype.
+      rel_damp: damping as a fraction of the mean diagonal (static or traced).
+
+    Returns:
+      A :class:`Prepared` with ``W / w_scale`` and ``H / h_scale``, and a ``status``.
+    """
+    dtype = W.dtype
+    finite_w = jnp.all(jnp.isfinite(W))
+    finite_h = jnp.all(jnp.isfinite(H))
+    W = jnp.where(jnp.isfinite(W), W, 0.0)
+    H = jnp.where(jnp.isfinite(H), H, 0.0)
+    d = jnp.diagonal(H)
+    tiny = jnp.finfo(dtype).tiny
+    live = d > tiny
+    nlive = jnp.sum(live)
+    mean_live = jnp.sum(jnp.where(live, d, 0.0)) / jnp.maximum(nlive, 1)
+    # scale only what would over- or underflow, so that ordinary inputs compute exactly as given
+    wmax = jnp.max(jnp.abs(W))
+    w_scale = jnp.where((wmax > 2.0**-16) & (wmax < 2.0**16), 1.0, _pow2(wmax, 1)).astype(dtype)
+    h_scale = jnp.where(
+        (mean_live > 4.0**-10) & (mean_live < 4.0**10), 1.0, _pow2(mean_live, 2)
+    ).astype(dtype)
+    W = W / w_scale
+    H = H / h_scale
+    d = jnp.diagonal(H)
+    dead = ~live
+    mean_live = jnp.where(nlive > 0, mean_live / h_scale, 1.0)
+    amax = jnp.max(jnp.abs(H))
+    asym = jnp.max(jnp.abs(H - H.T))
+    tol = 1e-4 if dtype == jnp.float32 else 1e-10
+    symmetric = asym <= tol * jnp.maximum(amax, tiny)
+    # an input that never fired: decoupled from all others, curvature of an average live input
+    Hd = jnp.where(dead[:, None] | dead[None, :], 0.0, H)
+    Hd = Hd + jnp.diag(jnp.where(dead, mean_live, 0.0).astype(dtype))
+    Hd = 0.5 * (Hd + Hd.T)
+    W = jnp.where(dead[None, :], 0.0, W).astype(dtype)
+    mean_diag = jnp.mean(jnp.diagonal(Hd))
+    eye = jnp.eye(H.shape[0], dtype=dtype)
+
+    def factor(damp):
+        L = jnp.linalg.cholesky(Hd + damp * eye)
+        return L, jnp.all(jnp.isfinite(L)) & jnp.all(jnp.diagonal(L) > 0)
+
+    damp0 = (jnp.asarray(rel_damp, dtype) * mean_diag).astype(dtype)
+    L0, ok0 = factor(damp0)
+
+    def cond(st):
+        i, _, ok, _ = st
+        return (i < MAX_DAMP_TRIES) & ~ok
+
+    def body(st):
+        i, damp, _, _ = st
+        damp = jnp.maximum(damp * 10.0, 1e-6 * mean_diag).astype(dtype)
+        L, ok = factor(damp)
+        return i + 1, damp, ok, L
+
+    tries, damp, ok, L = jax.lax.while_loop(cond, body, (jnp.asarray(1), damp0, ok0, L0))
+    Linv = jax.scipy.linalg.solve_triangular(L, eye, lower=True)
+    Hinv = jnp.matmul(Linv.T, Linv, precision=_HP)
+    Hinv = 0.5 * (Hinv + Hinv.T)
+    ok = ok & jnp.all(jnp.isfinite(Hinv))
+    S = Status
+    status = jnp.where(tries > 1, S.DAMPING_RAISED, S.OK)
+    status = jnp.where(ok, status, S.FACTOR_FAILED)
+    status = jnp.where(nlive == 0, S.NO_SIGNAL, status)
+    status = jnp.where(jnp.any(d < -tiny), S.INDEFINITE_H, status)
+    status = jnp.where(symmetric, status, S.ASYMMETRIC_H)
+    status = jnp.where(finite_h, status, S.NONFINITE_H)
+    status = jnp.where(finite_w, status, S.NONFINITE_W).astype(jnp.int32)
+    return Prepared(W, Hd + damp * eye, Hinv, dead, damp, status, w_scale, h_scale)
+
+
+_prepare_jit = jax.jit(prepare_core)
+
+
+def to_caller_units(P: Prepared) -> Prepared:
+    """A solver-units :class:`Prepared` (from :func:`prepare_core`) in the caller's units."""
+    s, h = P.w_scale, P.h_scale
+    return P._replace(W=P.W * s, H=P.H * h, Hinv=P.Hinv / h, damp=P.damp * h)
+
+
+def to_solver_units(P: Prepared) -> Prepared:
+    """The inverse of :func:`to_caller_units` (identity for a record without scales)."""
+    if P.w_scale is None:
+        one = jnp.ones((), P.W.dtype)
+        status = jnp.asarray(Status.OK, jnp.int32)
+        return P._replace(damp=jnp.asarray(P.damp, P.W.dtype), status=status, w_scale=one,
+                          h_scale=one)
+    s, h = P.w_scale, P.h_scale
+    return P._replace(W=P.W / s, H=P.H / h, Hinv=P.Hinv * h, damp=P.damp / h)
+
+
+def raise_for_status(status, layer: str, W=None, H=None, damp=None) -> None:
+    """Turn a :class:`Status` into the ``ValueError`` that names the layer; no-op when usable.
+
+    Host only (reads concrete values). For :attr:`Status.DAMPING_RAISED` it checks whether ``H`` is
+    clearly indefinite (smallest eigenvalue below ``-1e-3 ×`` the mean diagonal) and raises then.
+    """
+    code = Status(int(status))
+    if code == Status.OK:
+        return
+    if code == Status.DAMPING_RAISED:
+        if H is not None:
+            Hn = np.asarray(H, np.float64)
+            mean_diag = float(np.mean(np.diag(Hn)))
+            lam_min = float(np.linalg.eigvalsh(Hn).min())
+            if lam_min < -1e-3 * mean_diag:
+                raise ValueError(
+                    f"layer {layer!r}: H is indefinite (smallest eigenvalue {lam_min:.3g}, mean "
+                    f"diagonal {mean_diag:.3g}); a Hessian 2/N Σ x xᵀ is positive semidefinite, "
+                    "so check how the statistics were accumulated"
+                )
+        return
+    if code == Status.NONFINITE_W:
+        bad = int(np.sum(~np.isfinite(np.asarray(W)))) if W is not None else "some"
         raise ValueError(f"layer {layer!r}: W has {bad} non-finite entries (NaN or inf)")
-    if not bool(jnp.all(jnp.isfinite(H))):
-        bad = int(jnp.sum(~jnp.isfinite(H)))
+    if code == Status.NONFINITE_H:
+        bad = int(np.sum(~np.isfinite(np.asarray(H)))) if H is not None else "some"
         raise ValueError(
             f"layer {layer!r}: H has {bad} non-finite entries (NaN or inf); check the calibration "
             "inputs of this layer"
         )
-    scale = float(jnp.max(jnp.abs(H))) if H.size else 0.0
-    asym = float(jnp.max(jnp.abs(H - H.T))) if H.size else 0.0
-    tol = 1e-4 if dtype == jnp.float32 else 1e-10
-    if asym > tol * max(scale, 1e-30):
-        raise ValueError(
-            f"layer {layer!r}: H is not symmetric (max |H - Hᵀ| = {asym:.3g}, max |H| = {scale:.3g})"
+    if code == Status.ASYMMETRIC_H:
+        Hn = np.asarray(H, np.float64) if H is not None else None
+        detail = (
+            f" (max |H - Hᵀ| = {np.abs(Hn - Hn.T).max():.3g}, max |H| = {np.abs(Hn).max():.3g})"
+            if Hn is not None
+            else ""
         )
-    return W, H
-
-
-@jax.jit
-def _fix_dead(W, H):
-    d = jnp.diag(H)
-    dead = d == 0
-    H = H + jnp.diag(jnp.where(dead, 1.0, 0.0).astype(H.dtype))
-    W = jnp.where(dead[None, :], 0.0, W).astype(W.dtype)
-    # symmetrise exactly so tiny asymmetries from accumulation cannot bias the solvers
-    H = 0.5 * (H + H.T)
-    return W, H, dead
+        raise ValueError(f"layer {layer!r}: H is not symmetric{detail}")
+    if code == Status.INDEFINITE_H:
+        dmin = float(np.min(np.diag(np.asarray(H)))) if H is not None else float("nan")
+        raise ValueError(
+            f"layer {layer!r}: H is indefinite (a diagonal entry is {dmin:.3g} < 0); a Hessian "
+            "2/N Σ x xᵀ is positive semidefinite, so check how the statistics were accumulated"
+        )
+    if code == Status.NO_SIGNAL:
+        raise ValueError(
+            f"layer {layer!r}: H has no signal (every diagonal entry is zero or subnormal): the "
+            "layer's inputs were all zero during calibration, so there is nothing to fit; check "
+            "the calibration batches, or leave this layer dense"
+        )
+    raise ValueError(
+        f"layer {layer!r}: Cholesky factorisation of H failed even with damping raised "
+        f"{MAX_DAMP_TRIES - 1} times (last {float(damp) if damp is not None else float('nan'):.3g}); "
+        "H is numerically singular or not finite"
+    )
 
 
 @contextlib.contextmanager
@@ -116,21 +305,31 @@ def blas_one_thread():
         yield
 
 
-@jax.jit
-def _damped_inverse(H, damp):
-    Hd = H + damp * jnp.eye(H.shape[0], dtype=H.dtype)
-    L = jnp.linalg.cholesky(Hd)
-    ok = jnp.all(jnp.isfinite(L)) & jnp.all(jnp.diag(L) > 0)
-    eye = jnp.eye(H.shape[0], dtype=H.dtype)
-    Linv = jax.scipy.linalg.solve_triangular(L, eye, lower=True)
-    Hinv = jnp.matmul(Linv.T, Linv, precision=_HP)
-    Hinv = 0.5 * (Hinv + Hinv.T)
-    ok = ok & jnp.all(jnp.isfinite(Hinv))
-    return Hd, Hinv, ok
+def check_rel_damp(rel_damp, layer: str) -> float:
+    try:
+        ok = float(rel_damp) >= 0 and np.isfinite(float(rel_damp))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"layer {layer!r}: rel_damp must be a finite number >= 0, got {rel_damp!r}")
+    return float(rel_damp)
+
+
+def prepare_solver_units(W, H, rel_damp: float, layer: str) -> Prepared:
+    """Shape checks, :func:`prepare_core`, and (outside a trace) the errors of a bad status."""
+    rel_damp = check_rel_damp(rel_damp, layer)
+    W, H = check_inputs(W, H, layer)
+    traced = is_traced(W, H)
+    if traced:
+        return prepare_core(W, H, rel_damp)
+    with blas_one_thread():  # block inside: dispatch is asynchronous
+        P = jax.block_until_ready(_prepare_jit(W, H, rel_damp))
+    raise_for_status(P.status, layer, W, H, P.damp)
+    return P
 
 
 def prepare(W, H, *, rel_damp: float = 0.01, layer: str = "<matrix>") -> Prepared:
-    """Check, repair and damp ``H`` and invert it.
+    """Check, scale, repair and damp ``H`` and invert it (in the caller's units).
 
     Args:
       W: ``(rows, cols)`` weights (out features × in features).
@@ -141,40 +340,19 @@ def prepare(W, H, *, rel_damp: float = 0.01, layer: str = "<matrix>") -> Prepare
     Returns:
       A :class:`Prepared` record.
 
+    Raises:
+      ValueError: naming ``layer``, for bad shapes, non-finite entries, an asymmetric or
+        indefinite ``H``, no signal in ``H``, or a factorisation that failed at every damping.
+        Inside a trace nothing is raised: read ``status``.
+
     Example:
+      >>> import jax.numpy as jnp
+      >>> W, H = jnp.ones((2, 3)), jnp.eye(3)
       >>> P = prepare(W, H, rel_damp=0.01)
       >>> P.Hinv.shape == H.shape
       True
     """
-    if not (rel_damp >= 0 and np.isfinite(rel_damp)):
-        raise ValueError(f"layer {layer!r}: rel_damp must be a finite number >= 0, got {rel_damp}")
-    W, H = check_inputs(W, H, layer)
-    W, H, dead = _fix_dead(W, H)
-    mean_diag = float(jnp.mean(jnp.diag(H))) if H.shape[0] else 1.0
-    if mean_diag <= 0:
-        raise ValueError(f"layer {layer!r}: H has a non-positive mean diagonal ({mean_diag:.3g})")
-    damp = rel_damp * mean_diag
-    tried = []
-    for _ in range(6):
-        with blas_one_thread():
-            Hd, Hinv, ok = _damped_inverse(H, jnp.asarray(damp, H.dtype))
-            ok = bool(ok)
-        if ok:
-            return Prepared(W, Hd, Hinv, dead, float(damp))
-        tried.append(damp)
-        if len(tried) == 1:
-            lam_min = float(np.linalg.eigvalsh(np.asarray(H, np.float64)).min())
-            if lam_min < -1e-3 * mean_diag:
-                raise ValueError(
-                    f"layer {layer!r}: H is indefinite (smallest eigenvalue {lam_min:.3g}, mean "
-                    f"diagonal {mean_diag:.3g}); a Hessian 2/N Σ x xᵀ is positive semidefinite, so "
-                    "check how the statistics were accumulated"
-                )
-        damp = max(damp * 10.0, 1e-6 * mean_diag)
-    raise ValueError(
-        f"layer {layer!r}: Cholesky factorisation of H failed even with damping "
-        f"{', '.join(f'{d:.3g}' for d in tried)}; H is numerically singular or not finite"
-    )
+    return to_caller_units(prepare_solver_units(W, H, rel_damp, layer))
 
 
 @functools.partial(jax.jit)

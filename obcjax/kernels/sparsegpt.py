@@ -30,7 +30,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from obcjax.kernels.exactobs import Result
+from obcjax.kernels.exactobs import Result, finish, setup
 from obcjax.kernels.gptq import (
     Sweep,
     check_blocksize,
@@ -40,9 +40,9 @@ from obcjax.kernels.gptq import (
     round_up,
     sweep,
 )
-from obcjax.kernels.prepare import Prepared, prepare
+from obcjax.kernels.prepare import Prepared
 from obcjax.quant import find_params, make_qarray
-from obcjax.specs import NM, Block, Int, Unstructured, check_fits
+from obcjax.specs import NM, Block, Int, Unstructured, as_prune, as_quant, check_fits
 
 __all__ = ["sparsegpt_prune", "block_counts", "as_prune_spec"]
 
@@ -62,13 +62,13 @@ def as_prune_spec(prune, layer: str = "<matrix>") -> Unstructured | NM:
     """``prune`` as a spec: a fraction of zeros becomes :class:`Unstructured`; errors name ``layer``."""
     if isinstance(prune, Unstructured | NM):
         return prune
-    if isinstance(prune, int | float | np.integer | np.floating) and not isinstance(prune, bool):
+    if not isinstance(prune, Block):
         try:
-            return Unstructured(float(prune))
-        except ValueError:
-            raise ValueError(
-                f"layer {layer!r}: sparsity must be a fraction of zeros in [0, 1), got {prune!r}"
-            ) from None
+            spec = as_prune(prune, what="prune", layer=layer)
+        except TypeError:
+            spec = None
+        if spec is not None:
+            return spec
     hint = (
         "; block pruning has no SparseGPT form, use exactobs_block"
         if isinstance(prune, Block)
@@ -113,20 +113,20 @@ def sparsegpt_prune(
       ``(w - t)² / (2 U_ii²)`` (= ``layer_loss(prep.W, weights, prep.H)``) and ``row_loss``.
 
     Example:
+      >>> import jax, jax.numpy as jnp
+      >>> X = jax.random.normal(jax.random.key(0), (64, 8))
+      >>> W, H = jax.random.normal(jax.random.key(1), (4, 8)), 2 * X.T @ X / 64
       >>> r = sparsegpt_prune(W, H, NM(2, 4))
       >>> bool(jnp.all(r.mask.reshape(W.shape[0], -1, 4).sum(-1) == 2))
       True
     """
     prune = as_prune_spec(prune, layer)
-    if quant is not None and not isinstance(quant, Int):
-        raise TypeError(f"layer {layer!r}: quant must be obcjax.specs.Int or None, got {quant!r}")
+    quant = as_quant(quant, what="quant", layer=layer)
     blocksize = check_blocksize(blocksize, layer)
-    W = jnp.asarray(W)
-    if W.ndim == 2:
-        check_fits(prune, W.shape[1], layer)
-        if quant is not None:
-            check_fits(quant, W.shape[1], layer)
-    P = prepare(W, H, rel_damp=rel_damp, layer=layer) if prepared is None else prepared
+    check_fits(prune, jnp.shape(W)[-1], layer)
+    if quant is not None:
+        check_fits(quant, jnp.shape(W)[-1], layer)
+    P, out = setup(W, H, rel_damp, layer, prepared)
     rows, cols = P.W.shape
     dtype = P.W.dtype
 
@@ -142,7 +142,7 @@ def sparsegpt_prune(
     else:
         kblock = np.zeros((n // block,), np.int32)
 
-    U = factor(P, np.arange(cols), layer)
+    U, status = factor(P, np.arange(cols), layer)
     Wp, Up = pad_problem(P.W, U, n)
     if quant is not None:
         scale, zero = find_params(P.W, quant)
@@ -169,4 +169,4 @@ def sparsegpt_prune(
     )
     Wf, keep = Wf[:, :cols], keep[:, :cols]
     qa = None if quant is None else make_qarray(Wf, scale, zero, quant)
-    return Result(Wf, keep, qa, jnp.sum(row_loss), row_loss)
+    return finish(Result(Wf, keep, qa, jnp.sum(row_loss), row_loss, status), P, out)

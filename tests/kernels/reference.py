@@ -145,7 +145,8 @@ def make_problem(
 def prepare_ref(W, H, rel_damp: float = 0.01) -> PreparedRef:
     """Dead inputs, relative damping and the inverse, as in the contract's ``prepare``.
 
-    1. ``dead = diag(H) == 0``; ``H[dead, dead] = 1``; ``W[:, dead] = 0``.
+    1. ``dead = diag(H) == 0``; ``H[dead, dead]`` = the mean live diagonal (scale-free; the OBC
+       reference uses 1, which ties the damping to the scale of ``H``); ``W[:, dead] = 0``.
     2. ``H += rel_damp · mean(diag H) · I`` (mean taken after step 1).
     3. ``Hinv = H⁻¹`` through Cholesky; if the Cholesky fails the damping becomes
        ``max(10·damp, 1e-6·mean diag)``, at most 5 times.
@@ -159,7 +160,7 @@ def prepare_ref(W, H, rel_damp: float = 0.01) -> PreparedRef:
     cols = W.shape[1]
     dead = np.diag(H) == 0
     idx = np.flatnonzero(dead)
-    H[idx, idx] = 1.0
+    H[idx, idx] = np.mean(np.diag(H)[~dead]) if (~dead).any() else 1.0
     W[:, dead] = 0.0
     mean_diag = float(np.mean(np.diag(H)))
     damp = rel_damp * mean_diag

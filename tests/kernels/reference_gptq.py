@@ -23,7 +23,7 @@ def prepare_np(W, H, rel_damp=0.01):
     W = np.array(W, np.float64)
     H = np.array(H, np.float64)
     dead = np.diag(H) == 0
-    H[dead, dead] = 1.0
+    H[dead, dead] = np.mean(np.diag(H)[~dead]) if (~dead).any() else 1.0
     W[:, dead] = 0.0
     H = 0.5 * (H + H.T)
     H = H + rel_damp * np.mean(np.diag(H)) * np.eye(H.shape[0])

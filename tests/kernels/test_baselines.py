@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from obcjax.kernels import magnitude_nm, magnitude_prune, prepare, rtn_quantize
 from obcjax.quant import expand_params, find_params
-from obcjax.specs import Int
+from obcjax.specs import NM, Int
 from tests.kernels.reference import (
     magnitude_nm_ref,
     magnitude_prune_ref,
@@ -205,8 +205,10 @@ def test_bad_input_names_the_layer():
         magnitude_nm(W, 2, 4, layer="enc/fc1")
     with pytest.raises(ValueError, match=r"'enc/fc1'.*group size 16 does not divide .* 30"):
         rtn_quantize(W, Int(bits=4, granularity="group", group_size=16), layer="enc/fc1")
-    with pytest.raises(TypeError, match=r"'enc/fc1'.*spec must be obcjax.specs.Int"):
-        rtn_quantize(W, 4, layer="enc/fc1")
+    with pytest.raises(TypeError, match=r"'enc/fc1'.*spec: expected a number of bits"):
+        rtn_quantize(W, NM(2, 4), layer="enc/fc1")
+    with pytest.raises(ValueError, match=r"'enc/fc1'.*spec: expected a number of bits.*'w9'"):
+        rtn_quantize(W, "w9", layer="enc/fc1")
     with pytest.raises(ValueError, match=r"'enc/fc1'.*\(rows, cols\)"):
         magnitude_prune(W[0], 0.5, layer="enc/fc1")
     for bad in (np.nan, np.inf):

@@ -475,8 +475,7 @@ def _cache_sizes():
         "rebuild_chol": exactobs._rebuild_chol,
         "rebuild_solve": exactobs._rebuild_solve,
         "block": exactobs._block_orders,
-        "fix_dead": prepare_mod._fix_dead,
-        "inverse": prepare_mod._damped_inverse,
+        "prepare": prepare_mod._prepare_jit,
     }
     return {name: fn._cache_size() for name, fn in fns.items()}
 

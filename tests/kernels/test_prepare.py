@@ -70,12 +70,15 @@ def test_prepare_matches_reference_float32():
     _close(P.Hinv, R.Hinv, 1e-4)
 
 
-def test_dead_column_mean_diagonal_counts_the_repaired_entry(x64):
+def test_dead_column_gets_the_mean_live_diagonal(x64):
     H = np.diag([0.0, 2.0, 4.0, 6.0])
     P = prepare(np.ones((2, 4)), H, rel_damp=0.5)
-    # mean of (1, 2, 4, 6) = 3.25
-    assert P.damp == pytest.approx(0.5 * 3.25)
-    np.testing.assert_allclose(np.diag(np.asarray(P.H)), [1, 2, 4, 6] + np.array(0.5 * 3.25))
+    # the dead entry gets the mean live diagonal (4), so the mean of (4, 2, 4, 6) is 4: the
+    # damping does not depend on the scale of H (the OBC reference's 1 would make it 3.25 here
+    # and something else at H·10)
+    assert float(P.damp) == pytest.approx(0.5 * 4.0)
+    assert float(prepare(np.ones((2, 4)), 10 * H, rel_damp=0.5).damp) == pytest.approx(20.0)
+    np.testing.assert_allclose(np.diag(np.asarray(P.H)), [4, 2, 4, 6] + np.array(0.5 * 4.0))
     np.testing.assert_array_equal(np.asarray(P.W)[:, 0], 0.0)
     np.testing.assert_array_equal(np.asarray(P.W)[:, 1:], 1.0)
 
