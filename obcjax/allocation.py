@@ -74,7 +74,6 @@ from obcjax.transforms import (
     LayerSpec,
     _hessians,
     _set_path,
-    _solve,
     as_layer_spec,
     compress,
     find_layers,
@@ -790,7 +789,8 @@ def _solve_levels(W, H, P, levels, avail, *, rel_damp, method, mesh, name):
         lv = levels[key]
         p, q = lv.prune, lv.quant
         if lv.solver != "obc":
-            r = _solve(W, H, lv, rel_damp=rel_damp, method=method, layer=name)
+            r = K.solve(W, H, lv.prune, lv.quant, lv.solver, rel_damp=rel_damp, method=method,
+                        layer=name)
         elif p is None:
             r = K.obq_quantize(W, H, q, method=method, mesh=mesh, **kw)
         elif q is not None:

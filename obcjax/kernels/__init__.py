@@ -25,12 +25,15 @@ from obcjax.kernels.prepare import (
     prepare_core,
     raise_for_status,
 )
+from obcjax.kernels.solve import solve, solver_options
 from obcjax.kernels.sparsegpt import sparsegpt_prune
 
 __all__ = [
     "Prepared",
     "Result",
     "Status",
+    "solve",
+    "solver_options",
     "prepare_core",
     "raise_for_status",
     "gptq_quantize",
