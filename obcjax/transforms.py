@@ -346,7 +346,8 @@ def compress(
       stats: ``{path: HessianState}`` from :func:`obcjax.calibration.calibrate`.
       rules: ordered ``(regex, spec)`` pairs (or a dict); ``spec`` is a :class:`LayerSpec`, a
         single spec, a ``(prune, quant)`` pair, or None to leave the layer alone.
-      rel_damp: relative damping of every Hessian. method: ``"fast"`` or ``"naive"`` engine.
+      rel_damp: relative damping of every Hessian. method: the ExactOBS/OBQ engine
+        (``"auto"``, ``"blocked"``, ``"fast"`` or ``"naive"``; all give the same result).
       solver: default solver for rule values that are not LayerSpecs.
       progress: show a tqdm bar over layers.
       dead_inputs: what happens to the weights of an input that never fired during calibration
