@@ -31,7 +31,6 @@ import numpy as np
 from obcjax.kernels._engine import AUTO_FAST_COLS, NMRule, PruneRule, QuantRule, run_rows
 from obcjax.kernels.prepare import (
     Prepared,
-    Status,
     blas_one_thread,
     is_traced,
     prepare_solver_units,
