@@ -831,14 +831,11 @@ def _enable_compile_cache() -> None:
     # (compilation, not arithmetic, dominates on small models).
     if os.environ.get("OBCJAX_NO_COMPILE_CACHE"):
         return
-    import jax
+    from obcjax.compile_cache import enable_compile_cache
 
-    root = os.environ.get("OBCJAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                          "obcjax")
     try:
-        jax.config.update("jax_compilation_cache_dir", os.path.join(root, "xla"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-    except Exception as e:  # an old or unusual JAX: run without the cache
+        enable_compile_cache()
+    except Exception as e:  # an old or unusual JAX, an unwritable folder: run without the cache
         print(f"note: compilation cache disabled ({e})", file=sys.stderr)
 
 

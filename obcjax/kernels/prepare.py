@@ -182,19 +182,21 @@ def prepare_core(W, H, rel_damp: float = 0.01) -> Prepared:
         return L, jnp.all(jnp.isfinite(L)) & jnp.all(jnp.diagonal(L) > 0)
 
     damp0 = (jnp.asarray(rel_damp, dtype) * mean_diag).astype(dtype)
-    L0, ok0 = factor(damp0)
 
+    # one factorisation site (each Cholesky in the program costs compile time): try 0 uses the
+    # requested damping, every retry ten times more (at least 1e-6 of the mean diagonal)
     def cond(st):
         i, _, ok, _ = st
         return (i < MAX_DAMP_TRIES) & ~ok
 
     def body(st):
         i, damp, _, _ = st
-        damp = jnp.maximum(damp * 10.0, 1e-6 * mean_diag).astype(dtype)
+        damp = jnp.where(i == 0, damp0, jnp.maximum(damp * 10.0, 1e-6 * mean_diag)).astype(dtype)
         L, ok = factor(damp)
         return i + 1, damp, ok, L
 
-    tries, damp, ok, L = jax.lax.while_loop(cond, body, (jnp.asarray(1), damp0, ok0, L0))
+    init = (jnp.asarray(0), damp0, jnp.asarray(False), jnp.zeros_like(Hd))
+    tries, damp, ok, L = jax.lax.while_loop(cond, body, init)
     Linv = jax.scipy.linalg.solve_triangular(L, eye, lower=True)
     Hinv = jnp.matmul(Linv.T, Linv, precision=_HP)
     Hinv = 0.5 * (Hinv + Hinv.T)
