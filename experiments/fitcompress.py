@@ -79,6 +79,7 @@ def main(argv=None):
 
     from obcjax import allocation, fit
     from obcjax.calibration import calibrate
+    from obcjax.capture import input_hook, intercept
     from obcjax.specs import Int, Unstructured
     from obcjax.transforms import LayerSpec, compress, find_layers
     from obcjax.zoo import data as zdata
@@ -210,7 +211,7 @@ def main(argv=None):
                 q = jnp.clip(jnp.round(a / s) + z, 0, top)
                 return (s * (q - z)).astype(a.dtype)
 
-            with fit._intercept_inputs(module, fq, ("Dense", "Conv")):
+            with intercept(module, input_hook(lambda c: fq(c.path, c.input)), ("Dense", "Conv")):
                 return module.apply({k: w for k, w in v.items() if k != "grids"}, x)
 
         fq_apply = jax.jit(fq_apply)

@@ -27,8 +27,8 @@ scale per token, computed at run time, as in LLM.int8 / SmoothQuant) is offered 
   activation levels in OBC's order: weights, then activation ranges on the compressed model's
   inputs, then batch-norm re-estimation through the quantized forward.
 
-Model code is never edited: Linen layers are intercepted with ``nn.intercept_methods``; NNX layer
-classes' ``__call__`` is wrapped for the duration of one call only.
+Model code is never edited: layers are intercepted by :mod:`obcjax.capture` (Linen through
+``nn.intercept_methods``; NNX layer classes' ``__call__`` wrapped for the duration of one call only).
 
 Example:
     >>> aq = calibrate_activations(model, v, batches, ActSpec(8), rules=[("conv1", None), ".*"],
@@ -41,7 +41,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -52,7 +51,7 @@ import numpy as np
 from flax import linen as nn
 from flax import nnx
 
-from obcjax.calibration import _PATCH_LOCK, LAYER_TYPES
+from obcjax.capture import BoundModel, input_hook, intercept, layer_kinds
 from obcjax.quant import find_params
 from obcjax.rules import match_rules, normalize_rules
 from obcjax.specs import Int
@@ -236,55 +235,9 @@ def _default_forward(apply_kwargs):
 _CONVS = (nn.Conv, nnx.Conv)
 
 
-@contextlib.contextmanager
-def _intercept_inputs(model_or_module, transform, layer_types, *, nnx_module=None):
-    """Within the context, ``transform(path, x, layer)`` replaces the first input of matched
-    layers (a None result leaves it alone)."""
-    unknown = [k for k in layer_types if k not in LAYER_TYPES]
-    if unknown:
-        raise ValueError(
-            f"activations: unknown layer type(s) {unknown}; known: {sorted(LAYER_TYPES)}"
-        )
-    linen_classes = tuple(LAYER_TYPES[k][0] for k in layer_types)
-    if nnx_module is None:
-
-        def interceptor(next_fun, args, kwargs, context):
-            if context.method_name == "__call__" and isinstance(context.module, linen_classes):
-                path = "/".join(str(p) for p in context.module.path)
-                new = transform(path, args[0], context.module)
-                if new is not None:
-                    args = (new, *args[1:])
-            return next_fun(*args, **kwargs)
-
-        with nn.intercept_methods(interceptor):
-            yield
-        return
-    classes = [LAYER_TYPES[k][1] for k in layer_types]
-    where = {
-        id(node): "/".join(str(k) for k in p)
-        for p, node in nnx.iter_graph(nnx_module)
-        if isinstance(node, tuple(classes))
-    }
-    with _PATCH_LOCK:  # re-entrant: calibration may already be wrapping the same classes
-        saved = {}
-        try:
-            for cls in dict.fromkeys(classes):
-                orig = cls.__dict__["__call__"]
-                saved[cls] = orig
-
-                def wrapper(self, x, *a, _orig=orig, **k):
-                    p = where.get(id(self))
-                    if p is not None:
-                        new = transform(p, x, self)
-                        if new is not None:
-                            x = new
-                    return _orig(self, x, *a, **k)
-
-                type.__setattr__(cls, "__call__", wrapper)
-            yield
-        finally:
-            for cls, orig in saved.items():
-                type.__setattr__(cls, "__call__", orig)
+def _input_hook(transform: Callable) -> Callable:
+    # transform(path, x, layer) -> the new input, or None to leave it alone
+    return input_hook(lambda call: transform(call.path, call.input, call.module))
 
 
 class _Gathered(NamedTuple):
@@ -315,26 +268,12 @@ def _gather(model, variables, batches, *, layer_types, forward, sample, what) ->
             is_conv.setdefault(path, isinstance(layer, _CONVS))
         return None
 
-    if isinstance(model, nnx.Module):
-        graphdef, state = nnx.split(model)
-        base = jax.tree.map(lambda a: a, state)
-        if variables is not None:
-            tmp = nnx.merge(graphdef, base)
-            nnx.update(tmp, variables)
-            base = nnx.split(tmp)[1]
+    kinds = layer_kinds(layer_types, what=what)
+    bound = BoundModel(model, variables, what=what)
+    hook = _input_hook(collect)
 
-        def run(batch):
-            m = nnx.merge(graphdef, base)
-            with _intercept_inputs(None, collect, layer_types, nnx_module=m):
-                forward(m, batch)
-    else:
-        if not isinstance(variables, Mapping):
-            raise TypeError(f"{what}: a Linen model needs its variable dict, got {variables!r}")
-
-        def run(batch):
-            bound = model.bind(variables, mutable=True)
-            with _intercept_inputs(model, collect, layer_types):
-                forward(bound, batch)
+    def run(batch):
+        bound.run(forward, batch, hook=hook, layer_types=kinds)
 
     for batch in batches:
         seen.clear()
@@ -527,14 +466,16 @@ def activation_forward(
     to :func:`obcjax.calibration.calibrate` or :func:`obcjax.pipeline.reestimate_batchnorm`.
     """
     inner = forward or _default_forward(apply_kwargs)
+    kinds = layer_kinds(layer_types, what="activation_forward")
 
     def transform(path, x, layer):
         a = aq.get(path)
         return None if a is None else fake_quantize(x, a)
 
+    hook = _input_hook(transform)
+
     def fwd(module, batch):
-        nm = module if isinstance(module, nnx.Module) else None
-        with _intercept_inputs(module, transform, layer_types, nnx_module=nm):
+        with intercept(module, hook, kinds):
             return inner(module, batch)
 
     return fwd

@@ -2,12 +2,13 @@
 
 ``calibrate(model, variables, batches)`` runs the model's own forward pass inside one jitted step
 and, for every selected ``Dense`` / ``Conv`` layer, folds the layer's input rows (Dense inputs or
-conv im2col patches, see :mod:`obcjax.stats`) into a :class:`~obcjax.stats.HessianState`. Model code
-is never edited:
+conv im2col patches, :func:`obcjax.capture.layer_rows`) into a :class:`~obcjax.stats.HessianState`.
+Model code is never edited: the layers are intercepted by :mod:`obcjax.capture`.
 
 * **Linen**: the forward pass runs under :func:`flax.linen.intercept_methods`, which sees every
   ``__call__`` of an ``nn.Dense`` / ``nn.Conv`` / ``nn.DenseGeneral`` with its bound module
-  (``module.path`` is the key).
+  (``module.path`` is the key). A collection the model needs but the variables lack (a
+  ``batch_stats`` left out) is an error, as for ``model.apply``, not a run on fresh statistics.
 * **NNX**: the model is split into ``(graphdef, state)``; inside the jitted step it is merged
   again, every ``nnx.Linear`` / ``nnx.Conv`` / ``nnx.LinearGeneral`` instance is mapped to its
   attribute path by :func:`flax.nnx.iter_graph`, and the classes' ``__call__`` is wrapped for the
@@ -32,10 +33,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import math
-import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -48,32 +45,11 @@ from flax.errors import FlaxError
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from obcjax.capture import BoundModel, CaptureError, LayerCall, layer_kinds, layer_rows
 from obcjax.rules import match_rules, normalize_rules
-from obcjax.stats import (
-    HessianState,
-    conv_patches,
-    dense_inputs,
-    hessian_finalize,
-    hessian_init,
-    hessian_update,
-)
+from obcjax.stats import HessianState, hessian_finalize, hessian_init, hessian_update
 
-__all__ = ["calibrate", "LAYER_TYPES", "finalize"]
-
-# Layer type names understood by ``layer_types``, with their Linen and NNX classes.
-LAYER_TYPES: dict[str, tuple[type, type]] = {
-    "Dense": (nn.Dense, nnx.Linear),
-    "Conv": (nn.Conv, nnx.Conv),
-    "DenseGeneral": (nn.DenseGeneral, nnx.LinearGeneral),
-}
-_ALIASES = {"Linear": "Dense", "LinearGeneral": "DenseGeneral"}
-
-# The NNX hook patches classes, which is process-global: one trace at a time.
-_PATCH_LOCK = threading.RLock()
-
-
-class CalibrationError(ValueError):
-    """A calibration problem already described with its layer / batch; never re-wrapped."""
+__all__ = ["calibrate", "finalize"]
 
 
 def _jit_step(fn: Callable) -> Callable:
@@ -81,51 +57,8 @@ def _jit_step(fn: Callable) -> Callable:
     return jax.jit(fn)
 
 
-# ----------------------------------------------------------------------------- layer rows
-
-
-def _axes(axis, ndim: int) -> tuple[int, ...]:
-    # Flax sorts the contracted axes: the kernel's leading dims follow the input's axis order.
-    axis = (axis,) if isinstance(axis, int) else tuple(axis)
-    return tuple(sorted(a % ndim for a in axis))
-
-
-def _layer_rows(kind: str, module, x, path: str) -> jax.Array:
-    """Rows ``(tokens, G, cols)`` the layer multiplies with its flattened kernel."""
-    x = jnp.asarray(x)
-    if kind == "Dense":
-        return dense_inputs(x)[:, None, :]
-    if kind == "DenseGeneral":
-        batch = getattr(module, "batch_dims", None) or getattr(module, "batch_axis", None)
-        if batch:
-            raise CalibrationError(
-                f"layer {path!r}: DenseGeneral/LinearGeneral with batch dims has one weight per "
-                "batch index and is not supported; exclude it with a (regex, None) rule"
-            )
-        axes = _axes(module.axis, x.ndim)
-        x = jnp.moveaxis(x, axes, tuple(range(x.ndim - len(axes), x.ndim)))
-        return x.reshape(-1, 1, math.prod(x.shape[x.ndim - len(axes) :]))
-    # Conv: Linen and NNX use the same attribute names and the same padding semantics.
-    ks = module.kernel_size
-    ks = (ks,) if isinstance(ks, int) else tuple(ks)
-    G = int(module.feature_group_count)
-    cin = x.shape[-1]
-    try:
-        return conv_patches(
-            x,
-            ks + (cin // max(G, 1), 1),
-            strides=module.strides,
-            padding=module.padding,
-            dilation=module.kernel_dilation,
-            feature_group_count=G,
-            input_dilation=module.input_dilation,
-        )
-    except ValueError as e:
-        raise CalibrationError(f"layer {path!r}: {e}") from e
-
-
 class _Sink:
-    """Trace-local accumulator shared by both front ends.
+    """Trace-local Hessian accumulator, the hook of both front ends.
 
     ``select`` None records every layer (discovery); otherwise only those paths are accumulated.
     """
@@ -135,169 +68,32 @@ class _Sink:
         self.select = select
         self.order: list[str] = []
         self.kinds: dict[str, str] = {}
-        self._active: set[int] = set()
 
-    @contextlib.contextmanager
-    def call(self, path: str, kind: str, module, args, kwargs):
-        # A subclass whose __call__ calls super().__call__ would be seen twice: count it once.
-        key = id(module)
-        if key in self._active:
-            yield
-            return
-        self._active.add(key)
-        try:
-            self._record(path, kind, module, args, kwargs)
-            yield
-        finally:
-            self._active.discard(key)
+    def hook(self, call: LayerCall, proceed):
+        self._record(call)
+        return proceed(*call.args, **call.kwargs)
 
-    def _record(self, path, kind, module, args, kwargs):
+    def _record(self, call: LayerCall):
+        path = call.path
         if path not in self.kinds:
             self.order.append(path)
-            self.kinds[path] = kind
+            self.kinds[path] = call.kind
         if self.select is not None and path not in self.select:
             return
-        x = args[0] if args else kwargs.get("inputs")
+        x = call.input
         if x is None:
-            raise CalibrationError(f"layer {path!r}: could not find the layer's input argument")
-        rows = _layer_rows(kind, module, x, path)
+            raise CaptureError(f"layer {path!r}: could not find the layer's input argument")
+        rows = layer_rows(call.kind, call.module, x, path)
         state = self.states.get(path)
         if state is None:
             state = hessian_init(rows.shape[-1], rows.shape[1])
         try:
             self.states[path] = hessian_update(state, rows)
         except ValueError as e:
-            raise CalibrationError(
+            raise CaptureError(
                 f"layer {path!r}: its input rows {tuple(rows.shape)} do not match the statistics "
                 f"{tuple(state.sum.shape)} (is the layer called with inputs of different widths?)"
             ) from e
-
-
-def _kinds(layer_types: Sequence[str] | str) -> tuple[str, ...]:
-    if isinstance(layer_types, str):
-        layer_types = (layer_types,)
-    out = []
-    for t in layer_types:
-        name = t if isinstance(t, str) else getattr(t, "__name__", repr(t))
-        name = _ALIASES.get(name, name)
-        if name not in LAYER_TYPES:
-            raise ValueError(
-                f"calibrate: unknown layer type {t!r}; known: {sorted(LAYER_TYPES) + sorted(_ALIASES)}"
-            )
-        out.append(name)
-    return tuple(dict.fromkeys(out))
-
-
-# ----------------------------------------------------------------------------- front ends
-
-
-class _Linen:
-    """Linen: ``variables`` is the variable dict; capture through ``nn.intercept_methods``."""
-
-    def __init__(self, model: nn.Module, variables, kinds, forward):
-        if variables is None:
-            raise TypeError("calibrate: a Linen model needs its variables ({'params': ...})")
-        if not isinstance(variables, Mapping):
-            raise TypeError(
-                f"calibrate: Linen variables must be a dict like {{'params': ...}}, got "
-                f"{type(variables).__name__}"
-            )
-        self.model = model
-        self.variables = variables
-        self.classes = {k: LAYER_TYPES[k][0] for k in kinds}
-        self.forward = forward
-
-    def run(self, variables, batch, sink: _Sink):
-        classes = self.classes
-
-        def interceptor(next_fun, args, kwargs, context):
-            if context.method_name != "__call__":
-                return next_fun(*args, **kwargs)
-            for kind, cls in classes.items():
-                if isinstance(context.module, cls):
-                    path = "/".join(str(p) for p in context.module.path)
-                    with sink.call(path, kind, context.module, args, kwargs):
-                        return next_fun(*args, **kwargs)
-            return next_fun(*args, **kwargs)
-
-        # mutable=True: a model that updates batch statistics or sows intermediates still runs;
-        # the updates are discarded.
-        bound = self.model.bind(variables, mutable=True)
-        with nn.intercept_methods(interceptor):
-            self.forward(bound, batch)
-
-
-@contextlib.contextmanager
-def _patch_calls(classes: Sequence[type], hook):
-    """Wrap ``cls.__call__`` of each class with ``hook``; always restore the originals."""
-    with _PATCH_LOCK:
-        saved = {}
-        try:
-            for cls in classes:
-                orig = cls.__dict__["__call__"]
-                saved[cls] = orig
-
-                @functools.wraps(orig)
-                def wrapper(self, *args, _orig=orig, **kwargs):
-                    with hook(self, args, kwargs):
-                        return _orig(self, *args, **kwargs)
-
-                type.__setattr__(cls, "__call__", wrapper)
-            yield
-        finally:
-            for cls, orig in saved.items():
-                type.__setattr__(cls, "__call__", orig)
-
-
-class _NNX:
-    """NNX: ``variables`` is the model's ``nnx.State``; capture by wrapping the classes' calls."""
-
-    def __init__(self, model: nnx.Module, variables, kinds, forward):
-        graphdef, state = nnx.split(model)
-        # Copy the Variable objects: the split state shares them with the model, which must not
-        # change.
-        state = jax.tree.map(lambda a: a, state)
-        if isinstance(variables, nnx.State):
-            tmp = nnx.merge(graphdef, state)
-            nnx.update(tmp, variables)  # a (partial) state over the copy, never over the model
-            state = nnx.split(tmp)[1]
-        elif isinstance(variables, Mapping):
-            try:
-                nnx.replace_by_pure_dict(state, variables)
-            except (KeyError, ValueError, TypeError) as e:
-                raise ValueError(
-                    "calibrate: NNX variables given as a dict must be a (partial) pure dict of the "
-                    f"model's state, e.g. nnx.state(model, nnx.Param).to_pure_dict(): {e}"
-                ) from e
-        elif variables is not None:
-            raise TypeError(
-                "calibrate: NNX variables must be None (use the model's own), an nnx.State or a "
-                f"pure dict of it, got {type(variables).__name__}"
-            )
-        self.graphdef = graphdef
-        self.variables = state
-        self.classes = {k: LAYER_TYPES[k][1] for k in kinds}
-        self.forward = forward
-
-    def run(self, variables, batch, sink: _Sink):
-        model = nnx.merge(self.graphdef, variables)
-        where: dict[int, tuple[str, str]] = {}
-        for p, node in nnx.iter_graph(model):
-            for kind, cls in self.classes.items():
-                if isinstance(node, cls) and id(node) not in where:
-                    where[id(node)] = ("/".join(str(k) for k in p), kind)
-
-        @contextlib.contextmanager
-        def hook(module, args, kwargs):
-            found = where.get(id(module))
-            if found is None:  # a layer built inside __call__ has no parameters in the state
-                yield
-                return
-            with sink.call(found[0], found[1], module, args, kwargs):
-                yield
-
-        with _patch_calls(list(dict.fromkeys(self.classes.values())), hook):
-            self.forward(model, batch)
 
 
 # ----------------------------------------------------------------------------- batches
@@ -391,7 +187,8 @@ def calibrate(
         A rule that matches no layer is an error.
       layer_types: which layer classes to capture: ``"Dense"`` (``nn.Dense`` / ``nnx.Linear``),
         ``"Conv"`` (``nn.Conv`` / ``nnx.Conv``), ``"DenseGeneral"`` (``nn.DenseGeneral`` /
-        ``nnx.LinearGeneral`` without batch dims; columns are the flattened contracted axes).
+        ``nnx.LinearGeneral`` without batch dims; columns are the flattened contracted axes);
+        see :data:`obcjax.capture.LAYER_TYPES`.
       forward: ``forward(module, batch)`` runs the model, for several inputs or another method;
         ``module`` is the bound Linen module or the NNX module. Default:
         ``module(x, **apply_kwargs)``.
@@ -410,14 +207,16 @@ def calibrate(
     Raises:
       ValueError: empty ``batches``; a rule matching no layer; a batch the model rejects (its own
         error is chained); a layer whose statistics are NaN/inf (the first in forward order and
-        the first batch are named); a layer that received zero tokens.
+        the first batch are named); a layer that received zero tokens; a Linen model that reads
+        a collection (e.g. ``batch_stats``) or a variable the variables lack (a
+        :class:`~obcjax.capture.CaptureError` naming it).
 
     Example:
         >>> stats = calibrate(model, variables, [x[i : i + 64] for i in range(0, 512, 64)])
         >>> sorted(stats)
         ['Dense_0', 'conv1']
     """
-    kinds = _kinds(layer_types)
+    kinds = layer_kinds(layer_types, what="calibrate")
     compiled = normalize_rules(rules, what="layer")  # validate the rules before any batch runs
     kwargs = dict(apply_kwargs or {})
     if forward is None:
@@ -432,15 +231,11 @@ def calibrate(
     else:
         select_input = lambda batch, i: batch
 
-    if isinstance(model, nnx.Module):
-        front = _NNX(model, variables, kinds, forward)
-    elif isinstance(model, nn.Module):
-        front = _Linen(model, variables, kinds, forward)
-    else:
-        raise TypeError(
-            f"calibrate: model must be a flax.linen.Module or a flax.nnx.Module, got "
-            f"{type(model).__name__}"
-        )
+    front = BoundModel(model, variables, what="calibrate")
+
+    def run(variables, batch, sink: _Sink):
+        front.run(forward, batch, variables=variables, hook=sink.hook, layer_types=kinds)
+
     if mesh is not None:
         mesh = _auto_mesh(mesh)
 
@@ -452,7 +247,7 @@ def calibrate(
         iterator = iter(tqdm(iterator, desc="calibrate", unit="batch", total=total))
 
     def describe(i, batch, e):
-        return CalibrationError(
+        return CaptureError(
             f"calibrate: batch {i} (leaf shapes {_shapes(batch)}) did not run through the model: "
             f"{type(e).__name__}: {e}"
         )
@@ -474,9 +269,9 @@ def calibrate(
             sink = _Sink(None)
             try:
                 shapes = jax.eval_shape(
-                    lambda v, b, _s=sink: (front.run(v, b, _s), _s.states)[1], variables, batch
+                    lambda v, b, _s=sink: (run(v, b, _s), _s.states)[1], variables, batch
                 )
-            except CalibrationError:
+            except CaptureError:
                 raise
             except (TypeError, ValueError, IndexError, KeyError, FlaxError) as e:
                 raise describe(i, batch, e) from e
@@ -492,14 +287,16 @@ def calibrate(
                 raise ValueError(
                     f"calibrate: every matched layer was skipped by a None rule; layers: {order}"
                 )
-            states = {p: hessian_init(shapes[p].sum.shape[-1], shapes[p].sum.shape[0]) for p in paths}
+            states = {
+                p: hessian_init(shapes[p].sum.shape[-1], shapes[p].sum.shape[0]) for p in paths
+            }
             if mesh is not None:
                 states = jax.device_put(states, NamedSharding(mesh, P()))
             select = frozenset(paths)
 
             def step(states, variables, batch, _select=select):
                 sink = _Sink(states, _select)
-                front.run(variables, batch, sink)
+                run(variables, batch, sink)
                 return {p: sink.states[p] for p in states}
 
             update = _jit_step(step)
@@ -507,10 +304,10 @@ def calibrate(
             batch = _shard(batch, mesh, i)
         try:
             states = update(states, variables, batch)
-        except CalibrationError as e:
+        except CaptureError as e:
             if str(e).startswith("calibrate: batch"):
                 raise
-            raise CalibrationError(
+            raise CaptureError(
                 f"calibrate: batch {i} (leaf shapes {_shapes(batch)}) does not fit the layer "
                 f"widths seen in batch 0: {e}"
             ) from e

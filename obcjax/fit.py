@@ -47,7 +47,6 @@ Example:
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import functools
 import itertools
@@ -59,8 +58,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
 
+from obcjax.capture import BoundModel, input_hook, layer_kinds
 from obcjax.quant import expand_params, find_params, make_qarray, quantize
 from obcjax.specs import Int, Unstructured
 from obcjax.transforms import (
@@ -1010,29 +1009,9 @@ class ActFisher(NamedTuple):
     changes: list[float]
 
 
-@contextlib.contextmanager
-def _intercept_inputs(module, transform, layer_types):
-    """Within the context, ``transform(path, x)`` replaces the first input of the matched Linen
-    layers (``nn.Dense`` / ``nn.Conv`` ...); a None result leaves it alone."""
-    from obcjax.calibration import LAYER_TYPES
-
-    del module
-    classes = tuple(LAYER_TYPES[k][0] for k in layer_types)
-
-    def interceptor(next_fun, args, kw, context):
-        if context.method_name == "__call__" and isinstance(context.module, classes):
-            new = transform("/".join(str(p) for p in context.module.path), args[0])
-            if new is not None:
-                args = (new, *args[1:])
-        return next_fun(*args, **kw)
-
-    with nn.intercept_methods(interceptor):
-        yield
-
-
 def activation_fisher(
     module,
-    variables: Mapping[str, Any],
+    variables: Any,
     batches: Iterable[Any],
     *,
     rules: Sequence[str] | str = (".*",),
@@ -1043,17 +1022,20 @@ def activation_fisher(
     min_batches: int = 2,
     max_batches: int = 100,
 ) -> ActFisher:
-    """Fisher traces of the inputs of ``Dense`` / ``Conv`` layers of a Linen classifier.
+    """Fisher traces of the inputs of ``Dense`` / ``Conv`` layers of a Linen or NNX classifier.
 
     FIT's activation term (Zandonati et al. 2022): ``Tr F(a_l)·Δ_l²/12`` per quantized layer input,
     with ``Tr F(a_l) = (1/N) Σ_n ‖∂ℓ_n/∂a_l‖²`` from per-example gradients (a zero perturbation is
-    added to each matched layer's input through ``nn.intercept_methods`` and differentiated under
-    ``vmap``) and ``Δ_l`` from the mean per-batch range. The first layer's input (the data) is
+    added to each matched layer's input through :func:`obcjax.capture.intercept` and differentiated
+    under ``vmap``) and ``Δ_l`` from the mean per-batch range. The first layer's input (the data) is
     skipped as in the paper unless ``skip_first=False``. Loss: cross-entropy of the logits.
 
     Args:
-      module: a Linen module (``module.apply(variables, x, **apply_kwargs) -> logits``).
-      variables: its variables. batches: ``(x, y)`` pairs or ``{"x", "y"}`` dicts.
+      module: a Linen module (``module.apply(variables, x, **apply_kwargs) -> logits``) or an NNX
+        module (``module(x, **apply_kwargs) -> logits``; put it in evaluation mode yourself).
+      variables: Linen: its variables (every collection it reads, e.g. ``batch_stats``). NNX: None
+        for the model's own state, or a state / pure dict replacing parts of it (the model is not
+        changed). batches: ``(x, y)`` pairs or ``{"x", "y"}`` dicts.
       rules: regexes choosing layers. tol, min_batches, max_batches: early stop on the relative
         change of the running traces, as :func:`fisher_diagonal`.
 
@@ -1061,7 +1043,8 @@ def activation_fisher(
       An :class:`ActFisher`.
 
     Raises:
-      ValueError: a batch without labels, no layer matched, empty batches.
+      ValueError: a batch without labels, no layer matched, empty batches; a Linen model that
+        reads a collection the variables lack (:class:`~obcjax.capture.CaptureError`).
 
     Example:
         >>> act = activation_fisher(linen_model("lenet5"), variables, batches(ds["calib"], 64))
@@ -1070,6 +1053,15 @@ def activation_fisher(
     kwargs = dict(apply_kwargs or {})
     if isinstance(rules, str):
         rules = (rules,)
+    kinds = layer_kinds(layer_types, what="activation_fisher")
+    bound = BoundModel(module, variables, what="activation_fisher")
+
+    def apply(x, transform):
+        """The logits of ``x`` with ``transform(path, a)`` replacing matched layer inputs ``a``."""
+
+        hook = input_hook(lambda call: transform(call.path, call.input))
+        return bound.run(lambda m, b: m(b, **kwargs), x, hook=hook, layer_types=kinds)
+
     batches = iter(batches)
     first = next(batches, None)
     if first is None:
@@ -1081,11 +1073,7 @@ def activation_fisher(
         seen.setdefault(path, tuple(a.shape))
         return None
 
-    def probe(x):
-        with _intercept_inputs(module, record, layer_types):
-            return module.apply(variables, x, **kwargs)
-
-    jax.eval_shape(probe, jnp.asarray(x0[:1]))
+    jax.eval_shape(lambda x: apply(x, record), jnp.asarray(x0[:1]))
     order = list(seen)
     cand = order[1:] if skip_first else order
     paths = tuple(p for p in cand if any(re.fullmatch(r, p) for r in rules))
@@ -1100,8 +1088,7 @@ def activation_fisher(
         def add(path, a):
             return a + eps[path].astype(a.dtype) if path in eps else None
 
-        with _intercept_inputs(module, add, layer_types):
-            logits = module.apply(variables, xi[None], **kwargs)
+        logits = apply(xi[None], add)
         return -jax.nn.log_softmax(logits[0])[yi]
 
     @jax.jit
@@ -1115,8 +1102,7 @@ def activation_fisher(
                 got[path] = (jnp.min(a), jnp.max(a))
             return None
 
-        with _intercept_inputs(module, rng, layer_types):
-            module.apply(variables, x, **kwargs)
+        apply(x, rng)
         return tr, got
 
     total = dict.fromkeys(paths, 0.0)

@@ -11,7 +11,7 @@
 * :func:`correct_statistics`: the per-channel statistics correction of the OBC code, folded into
   norm-layer scales and biases (or a mean shift into Dense/Conv biases).
 
-Model code is never edited: layer inputs are intercepted as in :mod:`obcjax.calibration` (Linen
+Model code is never edited: layer inputs are intercepted by :mod:`obcjax.capture` (Linen
 ``nn.intercept_methods``; NNX by wrapping the layer classes' ``__call__`` during the trace only).
 
 Example:
@@ -23,7 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -34,7 +33,8 @@ import numpy as np
 from flax import linen as nn
 from flax import nnx
 
-from obcjax.calibration import _patch_calls, calibrate
+from obcjax.calibration import calibrate
+from obcjax.capture import BoundModel, LayerCall
 from obcjax.rules import match_rules
 from obcjax.transforms import Compressed, _set_path, as_layer_spec, compress, find_layers, summarize
 
@@ -164,6 +164,9 @@ def batchnorm_paths(model, variables=None, batch=None, *, apply_kwargs=None, for
     return list(acc)
 
 
+_BATCHNORMS = (nn.BatchNorm, nnx.BatchNorm)
+
+
 def _collect_bn(model, variables, batches, *, apply_kwargs=None, forward=None):
     kwargs = dict(apply_kwargs or {})
     if forward is None:
@@ -171,55 +174,28 @@ def _collect_bn(model, variables, batches, *, apply_kwargs=None, forward=None):
         def forward(module, x):
             return module(_input(x), **kwargs)
 
-    if _is_nnx(model):
-        graphdef, state = nnx.split(model)
-        state = jax.tree.map(lambda a: a, state)
-        if variables is not None:
-            tmp = nnx.merge(graphdef, state)
-            nnx.update(tmp, variables)
-            state = nnx.split(tmp)[1]
+    bound = BoundModel(model, variables, what="reestimate_batchnorm")
+    if bound.is_nnx:
+        inner = forward
 
-        def step(state, batch):
-            m = nnx.merge(graphdef, state)
-            where = {id(node): "/".join(str(k) for k in p)
-                     for p, node in nnx.iter_graph(m) if isinstance(node, nnx.BatchNorm)}
+        def forward(m, batch):
             for _, node in nnx.iter_graph(m):
                 if isinstance(node, nnx.BatchNorm):
                     node.use_running_average = False
-            out = {}
+            return inner(m, batch)
 
-            @contextlib.contextmanager
-            def hook(module, args, kw):
-                if id(module) in where:
-                    out[where[id(module)]] = _moments(module, args[0])[:2]
-                yield
+    def step(variables, batch):
+        out = {}
 
-            with _patch_calls([nnx.BatchNorm], hook):
-                forward(m, batch)
-            return out
+        def hook(call: LayerCall, proceed):
+            out[call.path] = _moments(call.module, call.input)[:2]
+            return proceed(*call.args, **call.kwargs)
 
-        run = jax.jit(step)
-        first_arg = state
-    else:
-        if not isinstance(variables, Mapping):
-            raise TypeError("reestimate_batchnorm: a Linen model needs its variable dict")
+        bound.run(forward, batch, variables=variables, hook=hook, layer_types=_BATCHNORMS)
+        return out
 
-        def step(variables, batch):
-            out = {}
-
-            def interceptor(next_fun, args, kw, context):
-                if context.method_name == "__call__" and isinstance(context.module, nn.BatchNorm):
-                    path = "/".join(str(p) for p in context.module.path)
-                    out[path] = _moments(context.module, args[0])[:2]
-                return next_fun(*args, **kw)
-
-            bound = model.bind(variables, mutable=True)
-            with nn.intercept_methods(interceptor):
-                forward(bound, batch)
-            return out
-
-        run = jax.jit(step)
-        first_arg = variables
+    run = jax.jit(step)
+    first_arg = bound.variables
     acc: dict[str, list] = {}
     for batch in batches:
         moments = run(first_arg, batch)
@@ -269,10 +245,7 @@ def reestimate_batchnorm(
         mean = m / n
         new[path] = (mean, jnp.maximum(s / n - jnp.square(mean), 0.0))
     if _is_nnx(model):
-        graphdef, state = nnx.split(model)
-        tmp = nnx.merge(graphdef, jax.tree.map(lambda a: a, state))
-        if variables is not None:
-            nnx.update(tmp, variables)
+        tmp = BoundModel(model, variables, what="reestimate_batchnorm").module()
         for p, node in nnx.iter_graph(tmp):
             key = "/".join(str(k) for k in p)
             if isinstance(node, nnx.BatchNorm) and key in new:
@@ -336,20 +309,18 @@ def correct_statistics(
         def forward(module, x):
             return module(_input(x), **kwargs)
 
+    bound = BoundModel(model, dense_variables, what="correct_statistics")
+
     def step(variables, batch):
         out = {}
 
-        def interceptor(next_fun, args, kw, context):
-            y = next_fun(*args, **kw)
-            if context.method_name == "__call__" and isinstance(context.module, classes):
-                path = "/".join(str(p) for p in context.module.path)
-                y2 = jnp.asarray(y, jnp.float32).reshape(-1, y.shape[-1])
-                out[path] = (jnp.mean(y2, axis=0), jnp.mean(jnp.square(y2), axis=0))
+        def hook(call: LayerCall, proceed):
+            y = proceed(*call.args, **call.kwargs)
+            y2 = jnp.asarray(y, jnp.float32).reshape(-1, y.shape[-1])
+            out[call.path] = (jnp.mean(y2, axis=0), jnp.mean(jnp.square(y2), axis=0))
             return y
 
-        bound = model.bind(variables, mutable=True)
-        with nn.intercept_methods(interceptor):
-            forward(bound, batch)
+        bound.run(forward, batch, variables=variables, hook=hook, layer_types=classes)
         return out
 
     run = jax.jit(step)
