@@ -50,11 +50,21 @@ unless ``overwrite_readonly=True``; a directory, a missing folder or a full disk
 naming the path given.
 
 Example:
+    >>> import os, tempfile
+    >>> import numpy as np
     >>> from obcjax import export
+    >>> from obcjax.kernels import obq_prune_quantize
+    >>> rng = np.random.default_rng(0)
+    >>> W = rng.normal(size=(64, 128)).astype(np.float32)
+    >>> X = rng.normal(size=(128, 512)).astype(np.float32)
+    >>> res = obq_prune_quantize(W, 2 * X @ X.T / 512, "2:4", 4)    # 2:4 sparse on a 4-bit grid
     >>> layer = export.pack_layer(res.weights, mask=res.mask, qarray=res.qarray, nm=(2, 4))
-    >>> export.save("model.obc.safetensors", {"dense1": layer}, metadata={"spec": "2:4+w4"})
-    >>> layers, meta = export.load("model.obc.safetensors")
-    >>> W, mask, qarray = export.unpack_layer(layers["dense1"])
+    >>> path = os.path.join(tempfile.mkdtemp(), "model.obc.safetensors")
+    >>> export.save(path, {"dense1": layer}, metadata={"spec": "2:4+w4"})
+    >>> layers, meta = export.load(path)
+    >>> W2, mask, qarray = export.unpack_layer(layers["dense1"])
+    >>> bool(np.array_equal(W2, res.weights)), meta
+    (True, {'spec': '2:4+w4'})
 
 Whole Flax models: ``save_params(path, params, packed)`` stores the packed kernels and every other
 leaf as is; ``load_params(path)`` gives back nested dicts with every leaf in its original dtype
@@ -528,6 +538,11 @@ def pack_layer(
       A :class:`PackedLayer`.
 
     Example:
+      >>> from obcjax.kernels import obq_prune_quantize
+      >>> rng = np.random.default_rng(0)
+      >>> W = rng.normal(size=(64, 128)).astype(np.float32)
+      >>> X = rng.normal(size=(128, 512)).astype(np.float32)
+      >>> res = obq_prune_quantize(W, 2 * X @ X.T / 512, NM(2, 4), 4)
       >>> p = pack_layer(res.weights, mask=res.mask, qarray=res.qarray, nm=NM(2, 4))
       >>> p.kind   # (64, 128) at 4 bits: 2 KiB codes + 1 KiB indices + 64 scales/zeros
       'nm_quantized'
@@ -913,7 +928,14 @@ def save(
         message names ``path`` and the old file is left as it was.
 
     Example:
-      >>> save("w.safetensors", {"fc1": pack_layer(W, qarray=q), "fc1/bias": b})
+      >>> import os, tempfile
+      >>> from obcjax.kernels import rtn_quantize
+      >>> W, b = np.linspace(-1, 1, 32, dtype=np.float32).reshape(4, 8), np.zeros(4, np.float32)
+      >>> q = rtn_quantize(W, 4).qarray                               # a 4-bit grid
+      >>> path = os.path.join(tempfile.mkdtemp(), "w.safetensors")
+      >>> save(path, {"fc1": pack_layer(None, qarray=q), "fc1/bias": b})
+      >>> sorted(load(path)[0])
+      ['fc1', 'fc1/bias']
     """
     if not isinstance(layers, Mapping):
         raise TypeError(
@@ -1162,8 +1184,22 @@ def _flatten_params(params, what="params") -> dict[str, Any]:
     return out
 
 
-def _kernel_matrix_shape(shape) -> tuple[int, int]:
-    return (int(shape[-1]), math.prod(shape[:-1]))
+def _kernel_matrix_shape(shape, in_axes: int | None = None) -> tuple[int, int]:
+    """``(rows, cols)`` of a kernel's matrix whose first ``in_axes`` axes are contracted (default:
+    all but the last, as for Dense and Conv; attention projections have other splits, see
+    :mod:`obcjax.layout`)."""
+    k = len(shape) - 1 if in_axes is None else int(in_axes)
+    return (math.prod(shape[k:]), math.prod(shape[:k]))
+
+
+def _in_axes_for(shape, matrix_shape) -> int | None:
+    """The ``in_axes`` whose matrix is ``matrix_shape`` (None for the default split)."""
+    if tuple(matrix_shape) == _kernel_matrix_shape(shape):
+        return None
+    for k in range(len(shape) - 1, 0, -1):
+        if tuple(matrix_shape) == _kernel_matrix_shape(shape, k):
+            return k
+    return -1
 
 
 def _is_kernel(path: str) -> bool:
@@ -1195,8 +1231,20 @@ def save_params(
       IsADirectoryError, FileNotFoundError, PermissionError, OSError: as :func:`save`.
 
     Example:
-      >>> save_params("model.safetensors", out.params, pack_compressed(out))
-      >>> params = load_params("model.safetensors", like=out.params)
+      >>> import os, tempfile
+      >>> from obcjax.specs import NM, Int
+      >>> from obcjax.stats import hessian_init, hessian_update
+      >>> from obcjax.transforms import compress
+      >>> rng = np.random.default_rng(0)
+      >>> params = {"fc1": {"kernel": rng.normal(size=(128, 64)).astype(np.float32),
+      ...                   "bias": np.zeros(64, np.float32)}}
+      >>> stats = {"fc1": hessian_update(hessian_init(128), rng.normal(size=(512, 128)))}
+      >>> out = compress(params, stats, [("fc1", (NM(2, 4), Int(4)))])
+      >>> path = os.path.join(tempfile.mkdtemp(), "model.safetensors")
+      >>> save_params(path, out.params, pack_compressed(out))
+      >>> params = load_params(path, like=out.params)
+      >>> bool(np.array_equal(params["fc1"]["kernel"], out.params["fc1"]["kernel"]))
+      True
     """
     leaves = _flatten_params(params)
     packed = dict(packed or {})
@@ -1215,9 +1263,12 @@ def save_params(
             if not isinstance(layer, PackedLayer):
                 raise TypeError(f"layer {p!r}: packed values must be PackedLayers")
             if _is_kernel(p) and arr.ndim >= 2:
-                layout, want = "kernel", _kernel_matrix_shape(arr.shape)
+                layout = "kernel"
+                # a DenseGeneral kernel (attention projections) contracts fewer leading axes
+                in_axes = _in_axes_for(arr.shape, layer.shape)
+                want = _kernel_matrix_shape(arr.shape, None if in_axes == -1 else in_axes)
             else:
-                layout, want = "identity", tuple(arr.shape)
+                layout, want, in_axes = "identity", tuple(arr.shape), None
             if tuple(layer.shape) != want:
                 hint = (
                     " (W = kernel.reshape(-1, out).T, not the kernel itself)"
@@ -1229,7 +1280,7 @@ def save_params(
                     f"shape {tuple(arr.shape)}; expected {want}{hint}"
                 )
         else:
-            layer, layout = pack_layer(arr, dtype=None, name=p), "identity"
+            layer, layout, in_axes = pack_layer(arr, dtype=None, name=p), "identity", None
         _np_dtype(arr.dtype.name, f"param {p!r}")
         layers[p] = layer
         section[p] = {
@@ -1238,11 +1289,14 @@ def save_params(
             "dtype": arr.dtype.name,
             "packed": p in packed,
         }
+        if layout == "kernel" and in_axes is not None:
+            section[p]["in_axes"] = in_axes
     _write(path, layers, metadata, section, overwrite_readonly=overwrite_readonly)
 
 
-def _param_record(rec, p: str, path: str) -> tuple[str, tuple[int, ...], np.dtype, bool]:
-    """``(layout, shape, dtype, packed)`` of one params-section entry, each field checked."""
+def _param_record(rec, p: str, path: str) -> tuple[str, tuple[int, ...], np.dtype, bool, Any]:
+    """``(layout, shape, dtype, packed, in_axes)`` of one params-section entry, each field
+    checked (``in_axes`` None: the kernel's default split)."""
 
     def bad(field, value):
         return CorruptedFileError(
@@ -1267,7 +1321,13 @@ def _param_record(rec, p: str, path: str) -> tuple[str, tuple[int, ...], np.dtyp
     packed = rec.get("packed")
     if not isinstance(packed, bool):
         raise bad("packed", packed)
-    return layout, tuple(shape), dtype, packed
+    in_axes = rec.get("in_axes")
+    if in_axes is not None and (
+        layout != "kernel" or not isinstance(in_axes, int) or isinstance(in_axes, bool)
+        or not 1 <= in_axes < len(shape)
+    ):
+        raise bad("in_axes", in_axes)
+    return layout, tuple(shape), dtype, packed, in_axes
 
 
 def load_params(path, *, like=None) -> dict:
@@ -1314,7 +1374,7 @@ def load_params(path, *, like=None) -> dict:
                 f"{missing[:5]}, not in the model {extra[:5]}, shape mismatches {shapes[:5]}"
             )
     tree: dict = {}
-    for p, (layout, shape, dtype, packed) in recs.items():
+    for p, (layout, shape, dtype, packed, in_axes) in recs.items():
         layer = layers[p]
         try:
             if packed:
@@ -1324,7 +1384,8 @@ def load_params(path, *, like=None) -> dict:
             else:
                 raise ValueError(f"a leaf stored as is must be kind 'dense', got {layer.kind!r}")
             if layout == "kernel":
-                if len(shape) < 2 or tuple(value.shape) != _kernel_matrix_shape(shape):
+                want = _kernel_matrix_shape(shape, in_axes)
+                if len(shape) < 2 or tuple(value.shape) != want:
                     raise ValueError(f"{tuple(value.shape)} does not fit its kernel shape {shape}")
                 value = np.ascontiguousarray(value.T).reshape(shape)
             elif tuple(value.shape) != shape:
@@ -1361,7 +1422,15 @@ def pack_compressed(compressed, *, dtype: str | None = None) -> dict[str, Packed
       ``{"<layer path>/kernel": PackedLayer}``.
 
     Example:
-      >>> save_params("m.safetensors", out.params, pack_compressed(out))
+      >>> from obcjax.specs import NM
+      >>> from obcjax.stats import hessian_init, hessian_update
+      >>> from obcjax.transforms import compress
+      >>> rng = np.random.default_rng(0)
+      >>> params = {"fc1": {"kernel": rng.normal(size=(128, 64)).astype(np.float32)}}
+      >>> stats = {"fc1": hessian_update(hessian_init(128), rng.normal(size=(512, 128)))}
+      >>> out = compress(params, stats, [("fc1", NM(2, 4))])
+      >>> {k: p.kind for k, p in pack_compressed(out).items()}   # then save_params(path, ...)
+      {'fc1/kernel': 'nm'}
     """
     leaves = _flatten_params(compressed.params)
     out = {}
@@ -1372,15 +1441,16 @@ def pack_compressed(compressed, *, dtype: str | None = None) -> dict[str, Packed
         kernel = np.asarray(leaves[key])
         if kernel.dtype.kind != "f" and kernel.dtype.name != "bfloat16":
             kernel = kernel.astype(np.float32)
-        W = kernel.reshape(-1, kernel.shape[-1]).T
+        qs = compressed.qarrays.get(layer_path)
+        if qs is not None and isinstance(qs, QArray):
+            qs = [qs]
+        cols = _compressed_cols(compressed, layer_path, kernel.shape, qs)
+        W = kernel.reshape(cols, -1).T
         mask = compressed.masks.get(layer_path)
         if mask is not None:
-            mask = np.asarray(mask).reshape(-1, kernel.shape[-1]).T
-        qs = compressed.qarrays.get(layer_path)
+            mask = np.asarray(mask).reshape(cols, -1).T
         q = None
         if qs:
-            if isinstance(qs, QArray):
-                qs = [qs]
             q = QArray(
                 np.concatenate([np.asarray(x.codes) for x in qs], axis=0),
                 np.concatenate([np.asarray(x.scale) for x in qs], axis=0),
@@ -1392,3 +1462,15 @@ def pack_compressed(compressed, *, dtype: str | None = None) -> dict[str, Packed
         nm = nm if isinstance(nm, NM) else None
         out[key] = pack_layer(W, mask=mask, qarray=q, nm=nm, dtype=dtype, name=layer_path)
     return out
+
+
+def _compressed_cols(compressed, layer_path: str, shape, qs) -> int:
+    """Width of the solvers' matrix of a compressed kernel: from the layer's recorded layout, or
+    its codes, else all axes but the last (Dense, Conv)."""
+    layouts = getattr(compressed, "layouts", None) or {}
+    lay = layouts.get(layer_path)
+    if lay is not None:
+        return math.prod(shape[: lay.n_in])
+    if qs:
+        return int(np.shape(qs[0].codes)[-1])
+    return math.prod(shape[:-1])

@@ -15,10 +15,16 @@ Model code is never edited: layer inputs are intercepted by :mod:`obcjax.capture
 ``nn.intercept_methods``; NNX by wrapping the layer classes' ``__call__`` during the trace only).
 
 Example:
-    >>> out = compress_sequential(model, variables, batches, [(".*", Unstructured(0.5))],
-    ...                           apply_kwargs={"train": False})
+    >>> from obcjax import zoo
+    >>> from obcjax.specs import Unstructured
+    >>> model, variables = zoo.linen_model("resnet"), zoo.init_variables("resnet", (8, 8, 1))
+    >>> batches = [x for x, _ in zoo.batches(zoo.digits()["calib"], 64)]
+    >>> rules = [("fc", Unstructured(0.5)), (".*", None)]       # e.g. [(".*", Unstructured(0.5))]
+    >>> out = compress_sequential(model, variables, batches, rules, apply_kwargs={"train": False})
     >>> variables = {**variables, "params": out.params}
     >>> variables = reestimate_batchnorm(model, variables, batches, apply_kwargs={"train": True})
+    >>> sorted(variables["batch_stats"])[:3]
+    ['block1', 'block2', 'block3']
 """
 
 from __future__ import annotations
@@ -35,8 +41,9 @@ from flax import nnx
 
 from obcjax.calibration import calibrate
 from obcjax.capture import BoundModel, LayerCall
+from obcjax.layout import get_path, set_path
 from obcjax.rules import match_rules
-from obcjax.transforms import Compressed, _set_path, as_layer_spec, compress, find_layers, summarize
+from obcjax.transforms import Compressed, as_layer_spec, compress, find_layers, summarize
 
 __all__ = ["compress_sequential", "reestimate_batchnorm", "correct_statistics", "batchnorm_paths"]
 
@@ -47,13 +54,6 @@ def _input(batch):
     if isinstance(batch, (tuple, list)):
         return batch[0]
     return batch
-
-
-def _get(tree, path: str):
-    node = tree
-    for p in path.split("/"):
-        node = node[p]
-    return node
 
 
 def _is_nnx(model) -> bool:
@@ -256,9 +256,9 @@ def reestimate_batchnorm(
         raise ValueError("reestimate_batchnorm: the variables have no 'batch_stats' collection")
     stats = variables["batch_stats"]
     for path, (mean, var) in new.items():
-        old = _get(stats, path)
-        stats = _set_path(stats, path, "mean", mean.astype(old["mean"].dtype))
-        stats = _set_path(stats, path, "var", var.astype(old["var"].dtype))
+        old = get_path(stats, path)
+        stats = set_path(stats, path, "mean", mean.astype(old["mean"].dtype))
+        stats = set_path(stats, path, "var", var.astype(old["var"].dtype))
     return {**variables, "batch_stats": stats}
 
 
@@ -335,7 +335,7 @@ def correct_statistics(
 
     dense = moments(dense_variables)
     params = compressed_variables["params"]
-    avail = [p for p in dense if isinstance(_get(params, p), Mapping) and "bias" in _get(params, p)]
+    avail = [p for p in dense if isinstance(get_path(params, p), Mapping) and "bias" in get_path(params, p)]
     if not avail:
         raise ValueError(f"correct_statistics: no {'normalization' if on == 'norm' else 'biased'} "
                          "layer with a bias was called")
@@ -343,16 +343,16 @@ def correct_statistics(
     for path in chosen:
         comp = moments({**compressed_variables, "params": params})
         (md, sd), (mc, sc) = dense[path], comp[path]
-        leaf = _get(params, path)
+        leaf = get_path(params, path)
         b = leaf["bias"]
         if on == "bias":
-            params = _set_path(params, path, "bias", (b + md - mc).astype(b.dtype))
+            params = set_path(params, path, "bias", (b + md - mc).astype(b.dtype))
             continue
         ratio = sd / (sc + 1e-9)
         if "scale" in leaf:
-            params = _set_path(params, path, "scale", (leaf["scale"] * ratio).astype(b.dtype))
+            params = set_path(params, path, "scale", (leaf["scale"] * ratio).astype(b.dtype))
         elif not np.allclose(np.asarray(ratio), 1.0):
             raise ValueError(f"layer {path!r}: a norm layer without a scale cannot take the "
                              "σ correction; use on='bias' on the layer before it")
-        params = _set_path(params, path, "bias", ((b - mc) * ratio + md).astype(b.dtype))
+        params = set_path(params, path, "bias", ((b - mc) * ratio + md).astype(b.dtype))
     return {**compressed_variables, "params": params}
