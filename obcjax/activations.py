@@ -31,12 +31,14 @@ Model code is never edited: layers are intercepted by :mod:`obcjax.capture` (Lin
 ``nn.intercept_methods``; NNX layer classes' ``__call__`` wrapped for the duration of one call only).
 
 Example:
-    >>> aq = calibrate_activations(model, v, batches, ActSpec(8), rules=[("conv1", None), ".*"],
-    ...                            apply_kwargs={"train": False})
-    >>> logits = apply_quantized(model, v, x, aq, apply_kwargs={"train": False})
-    >>> # mixed budget: database + DP, then weights -> activation ranges -> BN
-    >>> out = compress_mixed(model, v, batches, db, solve(db, budget, metric="bops"),
-    ...                      apply_kwargs={"train": False})
+    >>> from obcjax import zoo
+    >>> model, v = zoo.linen_model("lenet5"), zoo.init_variables("lenet5", (8, 8, 1))
+    >>> batches = [x for x, _ in zoo.batches(zoo.digits()["calib"], 64)]
+    >>> aq = calibrate_activations(model, v, batches, ActSpec(8), rules=[("conv1", None), ".*"])
+    >>> logits = apply_quantized(model, v, batches[0], aq)   # fake-quantized layer inputs
+    >>> list(aq), aq["fc1"].bits
+    (['conv2', 'fc1', 'fc2', 'fc3'], 8)
+    >>> # mixed budget: database + DP, then weights -> activation ranges -> BN (compress_mixed)
 """
 
 from __future__ import annotations
@@ -96,7 +98,9 @@ class ActSpec:
 
     Example:
         >>> ActSpec(4)                              # OBC: asymmetric per-tensor, Lp search
+        ActSpec(bits=4, sym=False, search='lp', granularity='tensor', p=2.4, maxshrink=0.8, grid=100)
         >>> ActSpec(8, granularity="token")         # transformers: dynamic symmetric per-token
+        ActSpec(bits=8, sym=True, search='minmax', granularity='token', p=2.4, maxshrink=0.8, grid=100)
     """
 
     bits: int = 8
@@ -422,8 +426,13 @@ def activation_errors(
       ``{path: {bits: (channels,) float64}}`` in forward order.
 
     Example:
+        >>> from obcjax import zoo
+        >>> model, v = zoo.linen_model("lenet5"), zoo.init_variables("lenet5", (8, 8, 1))
+        >>> batches = [x for x, _ in zoo.batches(zoo.digits()["calib"], 64)]
         >>> errs = activation_errors(model, v, batches, (4, 8), rules=[("conv1", None), ".*"])
-        >>> db = build_database(params, stats, mixed_levels((8, 4)), act_errors=errs, ...)
+        >>> sorted(errs["fc1"]), errs["fc1"][4].shape       # per input channel of fc1
+        ([4, 8], (64,))
+        >>> # then: build_database(params, stats, mixed_levels((8, 4)), act_errors=errs)
     """
     spec = as_act_spec(spec)
     bits = tuple(dict.fromkeys(bits))
@@ -501,8 +510,13 @@ def quantized_apply(
     """A jitted ``(variables, x) -> logits`` of a Linen model with fake-quantized layer inputs.
 
     Example:
+        >>> from obcjax import zoo
+        >>> model, v = zoo.linen_model("lenet5"), zoo.init_variables("lenet5", (8, 8, 1))
+        >>> batches = [x for x, _ in zoo.batches(zoo.digits()["calib"], 64)]
+        >>> aq = calibrate_activations(model, v, batches, ActSpec(8))
         >>> fn = quantized_apply(model, aq, apply_kwargs={"train": False})
-        >>> obcjax.zoo.train.evaluate_apply(fn, variables, ds["test"])["accuracy"]
+        >>> zoo.evaluate_apply(fn, v, zoo.digits()["test"])["n"]
+        539
     """
     kw = dict(apply_kwargs or {})
     return jax.jit(
@@ -701,10 +715,20 @@ def compress_mixed(
       ``quantized_apply(model, res.act, apply_kwargs=...)(res.variables, x)``.
 
     Example:
-        >>> db = build_database(params, stats, mixed_levels((8, 4)), act_errors=errs,
-        ...                     positions=positions)
-        >>> res = compress_mixed(model, v, batches, db, solve(db, budget, metric="bops"),
-        ...                      apply_kwargs={"train": False})
+        >>> from obcjax.allocation import mixed_levels, solve
+        >>> from obcjax.calibration import calibrate
+        >>> from obcjax import zoo
+        >>> model, v = zoo.linen_model("lenet5"), zoo.init_variables("lenet5", (8, 8, 1))
+        >>> batches = [x for x, _ in zoo.batches(zoo.digits()["calib"], 64)]
+        >>> # the mixed database of OBC (tens of seconds: every layer at every level)
+        >>> stats = calibrate(model, v, batches)  # doctest: +SKIP
+        >>> db = mixed_database(model, v, batches, stats, mixed_levels((8, 4)),  # doctest: +SKIP
+        ...                     positions={"conv1": 64, "conv2": 16})
+        >>> budget = db.cost_of({p: "8w8a" for p in db.paths}, "bops") / 2  # doctest: +SKIP
+        >>> res = compress_mixed(model, v, batches, db,  # doctest: +SKIP
+        ...                      solve(db, budget, metric="bops"))
+        >>> res.bops <= budget  # doctest: +SKIP
+        True
     """
     from obcjax import allocation as A
     from obcjax.transforms import compress
@@ -777,9 +801,18 @@ def mixed_database(
         ``path``, ``error``, ``rel_damp``, ``progress``...).
 
     Example:
-        >>> db = mixed_database(model, v, batches, stats, mixed_levels((8, 4)),
-        ...                     rules=[("conv1", None), (".*", True)], positions=positions,
-        ...                     apply_kwargs={"train": False}, error="relative")
+        >>> from obcjax.allocation import mixed_levels
+        >>> from obcjax.calibration import calibrate
+        >>> from obcjax import zoo
+        >>> model, v = zoo.linen_model("lenet5"), zoo.init_variables("lenet5", (8, 8, 1))
+        >>> batches = [x for x, _ in zoo.batches(zoo.digits()["calib"], 64)]
+        >>> # every layer but conv1 at 4 levels (tens of seconds)
+        >>> stats = calibrate(model, v, batches)  # doctest: +SKIP
+        >>> db = mixed_database(model, v, batches, stats, mixed_levels((8, 4)),  # doctest: +SKIP
+        ...                     rules=[("conv1", None), (".*", True)], positions={"conv2": 16},
+        ...                     error="relative")
+        >>> db.paths  # doctest: +SKIP
+        ['conv2', 'fc1', 'fc2', 'fc3']
     """
     from obcjax import allocation as A
 

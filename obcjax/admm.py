@@ -39,10 +39,16 @@ References:
   Ren et al. ADMM-NN. ASPLOS 2019 (arXiv 1812.11677).
 
 Example:
+    >>> import optax
+    >>> from obcjax import zoo
+    >>> from obcjax.specs import Unstructured
+    >>> variables = zoo.init_variables("lenet5", (8, 8, 1))
     >>> tx = optax.chain(admm([("fc.*", Unstructured(0.9))], rho=1e-3, update_every=100),
     ...                  optax.adam(1e-3))
-    >>> variables, history = progressive_admm(
-    ...     "lenet5", variables, load_dataset("digits"),
+    >>> state = tx.init(variables["params"])
+    >>> # the whole progressive schedule (minutes: ADMM and retraining at three targets)
+    >>> variables, history = progressive_admm(  # doctest: +SKIP
+    ...     "lenet5", variables, zoo.load_dataset("digits"),
     ...     [[(".*", Unstructured(s))] for s in (0.9, 0.967, 0.99)])
 """
 
@@ -327,6 +333,8 @@ def project_uniform(
 
     Example:
         >>> x, q = project_uniform(jnp.array([0.9, -1.1, 2.1, 0.05]), 3)
+        >>> x / q                                   # the codes, in {-3, ..., 3}
+        Array([ 1., -1.,  2.,  0.], dtype=float32)
     """
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
         raise ValueError(f"project_uniform: bits must be an int in 2..8, got {bits!r}")
@@ -663,9 +671,15 @@ def admm(
       an ``optax.GradientTransformation`` with :class:`ADMMState`.
 
     Example:
+        >>> import optax
+        >>> from obcjax.specs import Unstructured
+        >>> params = {"fc1": {"kernel": jnp.ones((8, 4)), "bias": jnp.zeros(4)}}
+        >>> grads = jax.tree.map(jnp.ones_like, params)
         >>> tx = optax.chain(admm([("fc1", Unstructured(0.9))], update_every=50), optax.adam(1e-3))
         >>> state = tx.init(params)
         >>> updates, state = tx.update(grads, state, params)
+        >>> updates["fc1"]["kernel"].shape
+        (8, 4)
     """
     if not isinstance(update_every, int) or update_every < 1:
         raise ValueError(f"admm: update_every must be a positive int, got {update_every!r}")
@@ -745,7 +759,14 @@ def mask_updates(masks: Mapping[str, jax.typing.ArrayLike]) -> optax.GradientTra
       masks: ``{layer path: bool array of the kernel's shape}``; layers not listed are free.
 
     Example:
+        >>> import optax
+        >>> params = {"fc1": {"kernel": jnp.array([[0.0, 1.0], [2.0, 0.0]])}}
         >>> tx = optax.chain(optax.adam(1e-3), mask_updates({"fc1": params["fc1"]["kernel"] != 0}))
+        >>> grads = {"fc1": {"kernel": jnp.ones((2, 2))}}
+        >>> updates, _ = tx.update(grads, tx.init(params), params)
+        >>> updates["fc1"]["kernel"] == 0       # the pruned entries never move
+        Array([[ True, False],
+               [False,  True]], dtype=bool)
     """
     masks = {p: jnp.asarray(m, bool) for p, m in masks.items()}
 
@@ -956,7 +977,15 @@ def obs_compensate(
       New params with the masked kernels replaced (pruned entries exactly 0).
 
     Example:
-        >>> new = obs_compensate(params, calibrate(model, v, xs), {"fc1": params["fc1"]["kernel"] != 0})
+        >>> from obcjax import zoo
+        >>> from obcjax.calibration import calibrate
+        >>> model, v = zoo.linen_model("lenet5"), zoo.init_variables("lenet5", (8, 8, 1))
+        >>> xs = [x for x, _ in zoo.batches(zoo.digits()["calib"], 64)]
+        >>> params = v["params"]
+        >>> keep = jnp.abs(params["fc3"]["kernel"]) > 0.1          # e.g. ADMM's final mask
+        >>> new = obs_compensate(params, calibrate(model, v, xs), {"fc3": keep})
+        >>> bool(jnp.all(new["fc3"]["kernel"][~keep] == 0))
+        True
     """
     from obcjax.kernels import prepare
     from obcjax.transforms import _hessians, kernel_to_matrices, matrices_to_kernel
@@ -1008,8 +1037,12 @@ def obs_start(
       :class:`~obcjax.transforms.Compressed` record.
 
     Example:
-        >>> v0, _ = obs_start("lenet5", v, ds, [(".*", Unstructured(0.9))])
-        >>> v1, hist = progressive_admm("lenet5", v0, ds, [[(".*", Unstructured(0.9))]])
+        >>> from obcjax import zoo
+        >>> ds, v = zoo.load_dataset("digits"), zoo.init_variables("lenet5", (8, 8, 1))
+        >>> # ExactOBS on every layer, then ADMM and retraining from there (tens of seconds)
+        >>> v0, _ = obs_start("lenet5", v, ds, [(".*", Unstructured(0.9))])  # doctest: +SKIP
+        >>> v1, hist = progressive_admm(  # doctest: +SKIP
+        ...     "lenet5", v0, ds, [[(".*", Unstructured(0.9))]])
     """
     from obcjax.calibration import calibrate
     from obcjax.specs import Int
@@ -1117,8 +1150,14 @@ def progressive_admm(
         options.
 
     Example:
-        >>> v, hist = progressive_admm("lenet5", v, load_dataset("digits"),
-        ...                            [[("fc.*", Unstructured(s))] for s in (0.9, 0.97)])
+        >>> from obcjax import zoo
+        >>> v = zoo.init_variables("lenet5", (8, 8, 1))
+        >>> # two stages of ADMM + masked retraining (tens of seconds)
+        >>> v, hist = progressive_admm(  # doctest: +SKIP
+        ...     "lenet5", v, zoo.load_dataset("digits"),
+        ...     [[("fc.*", Unstructured(s))] for s in (0.9, 0.97)])
+        >>> hist[-1]["sparsity"]  # doctest: +SKIP
+        0.97
     """
     from obcjax.zoo.models import linen_model, num_classes_of
     from obcjax.zoo.train import evaluate

@@ -26,9 +26,14 @@ layer ``l+1`` on the outputs of already-compressed layers ``≤ l``) is just ano
 variables.
 
 Example:
+    >>> from obcjax import zoo
+    >>> model, variables = zoo.linen_model("lenet5"), zoo.init_variables("lenet5", (8, 8, 1))
+    >>> batches = [x for x, _ in zoo.batches(zoo.digits()["calib"], 64)]
     >>> stats = calibrate(model, variables, batches)                 # Linen
-    >>> stats = calibrate(nnx_model, None, batches, rules=[("head", None), (".*", True)])
-    >>> H = obcjax.stats.hessian_finalize(stats["conv1"])            # (G, cols, cols)
+    >>> nnx_model = zoo.nnx_from_variables("lenet5", variables, input_shape=(8, 8, 1))
+    >>> stats = calibrate(nnx_model, None, batches, rules=[("fc3", None), (".*", True)])  # NNX
+    >>> hessian_finalize(stats["conv2"]).shape                       # (G, cols, cols)
+    (1, 54, 54)
 """
 
 from __future__ import annotations
@@ -212,6 +217,14 @@ def calibrate(
         :class:`~obcjax.capture.CaptureError` naming it).
 
     Example:
+        >>> class Net(nn.Module):
+        ...     @nn.compact
+        ...     def __call__(self, x):
+        ...         x = nn.relu(nn.Conv(8, (3, 3), name="conv1")(x))
+        ...         return nn.Dense(10)(x.reshape(x.shape[0], -1))
+        >>> x = np.random.default_rng(0).normal(size=(512, 8, 8, 1)).astype(np.float32)
+        >>> model = Net()
+        >>> variables = model.init(jax.random.key(0), x[:1])
         >>> stats = calibrate(model, variables, [x[i : i + 64] for i in range(0, 512, 64)])
         >>> sorted(stats)
         ['Dense_0', 'conv1']

@@ -19,9 +19,14 @@ Readers raise :class:`CorruptedFileError` (a ``ValueError``) when a file fails i
 names the file and the field that does not verify.
 
 Example:
+    >>> import os, tempfile
+    >>> import numpy as np
     >>> from obcjax.fileio import atomic_write
-    >>> atomic_write("out.bin", b"payload")                  # bytes
-    >>> atomic_write("out.npz", lambda f: np.savez(f, a=a))  # or a function writing to a file
+    >>> d = tempfile.mkdtemp()
+    >>> atomic_write(os.path.join(d, "out.bin"), b"payload")                 # bytes
+    >>> atomic_write(os.path.join(d, "out.npz"), lambda f: np.savez(f, a=np.arange(3)))  # a writer
+    >>> sorted(os.listdir(d))
+    ['out.bin', 'out.npz']
 """
 
 from __future__ import annotations

@@ -148,7 +148,10 @@ def find_params(W: jax.typing.ArrayLike, spec: Int):
       row so that all granularities share one layout.
 
     Example:
-      >>> scale, zero = find_params(W, Int(bits=4))
+      >>> W = jnp.array([[-1.0, 0.0, 0.5, 2.0]])
+      >>> scale, zero = find_params(W, Int(bits=4))   # symmetric, per output row
+      >>> scale.shape, zero.shape
+      ((1, 1), (1, 1))
     """
     W = jnp.asarray(W)
     if W.ndim != 2:

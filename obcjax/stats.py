@@ -18,9 +18,12 @@ input channels ``g·cin/G … (g+1)·cin/G − 1``), so every state carries a le
 No Flax here: the Flax integration lives in :mod:`obcjax.calibration`.
 
 Example:
+    >>> x = np.random.default_rng(0).normal(size=(4, 16, 16, 8))    # NHWC conv input
+    >>> kernel = jnp.zeros((3, 3, 8, 32))                           # HWIO
     >>> state = hessian_init(cols=3 * 3 * 8)
     >>> state = hessian_update(state, conv_patches(x, kernel.shape, strides=2))
-    >>> H = hessian_finalize(state)        # (1, 72, 72)
+    >>> hessian_finalize(state).shape
+    (1, 72, 72)
 """
 
 from __future__ import annotations
@@ -281,8 +284,18 @@ def conv_patches(
       ``(tokens, G, prod(kernel_spatial)·cin/G)`` with ``tokens = N · prod(out_spatial)``.
 
     Example:
-        >>> p = conv_patches(x, k.shape, strides=2, padding="SAME")   # x (8, 32, 32, 16)
-        >>> y = p[:, 0] @ k.reshape(-1, k.shape[-1])                # == conv(x, k) flattened
+        >>> import flax.linen as nn
+        >>> rng = np.random.default_rng(0)
+        >>> x = rng.normal(size=(8, 32, 32, 16)).astype(np.float32)   # NHWC
+        >>> k = rng.normal(size=(3, 3, 16, 4)).astype(np.float32)     # HWIO
+        >>> p = conv_patches(x, k.shape, strides=2, padding="SAME")
+        >>> p.shape                                     # (8·16·16 positions, 1 group, 3·3·16)
+        (2048, 1, 144)
+        >>> y = p[:, 0] @ k.reshape(-1, k.shape[-1])    # == conv(x, k) flattened
+        >>> conv = nn.Conv(4, (3, 3), strides=2, padding="SAME", use_bias=False)
+        >>> ref = conv.apply({"params": {"kernel": k}}, x).reshape(-1, 4)
+        >>> bool(jnp.allclose(y, ref, atol=1e-4))
+        True
     """
     x = jnp.asarray(x)
     x, ks, strides, dilation, G, out = _prepare(

@@ -16,9 +16,16 @@ the backward pass uses the straight-through estimator ``∂ŵ/∂w = M``. Here:
 * :func:`finetune` -- a jitted training loop for a zoo model with all of the above.
 
 Example:
+    >>> import optax
+    >>> params = {"fc": {"kernel": jnp.array([[0.76, -0.49], [0.0, 1.3]]), "bias": jnp.zeros(2)}}
+    >>> masks = {"fc": params["fc"]["kernel"] != 0}                 # e.g. Compressed.masks
+    >>> cbs = {"fc": Codebook(scale=jnp.array(0.25), zero=jnp.array(8.0), bits=4)}
     >>> tx = optax.chain(optax.adam(1e-3), frozen_codebooks(cbs), masked(mask_tree(params, masks)))
     >>> state = tx.init(params)
     >>> qp = quantized_apply(params, get_codebooks(state), get_masks(state))  # STE forward
+    >>> qp["fc"]["kernel"]                                          # on the frozen grid
+    Array([[ 0.75, -0.5 ],
+           [ 0.  ,  1.25]], dtype=float32)
 """
 
 from __future__ import annotations
@@ -90,7 +97,10 @@ def mask_tree(params, masks: Mapping[str, Any]):
       ValueError: a path that is not a layer of ``params`` or a mask of the wrong shape.
 
     Example:
-      >>> tree = mask_tree(params, compressed.masks)
+      >>> params = {"fc": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)}}
+      >>> tree = mask_tree(params, {"fc": jnp.eye(2, 3)})      # e.g. Compressed.masks
+      >>> tree["fc"]["bias"]
+      Array([ True,  True,  True], dtype=bool)
     """
     layers = find_layers(params)
     tree = jax.tree.map(lambda x: jnp.ones(jnp.shape(x), bool), params)
@@ -117,7 +127,13 @@ def masked(masks) -> optax.GradientTransformation:
       An optax transform (needs ``params`` in ``update``). Chain it last.
 
     Example:
-      >>> tx = optax.chain(optax.adamw(1e-3), masked(mask_tree(params, masks)))
+      >>> import optax
+      >>> params = {"fc": {"kernel": jnp.array([[0.5, 0.0], [0.0, -0.5]])}}
+      >>> tx = optax.chain(optax.adamw(1e-3), masked(mask_tree(params, {"fc": jnp.eye(2)})))
+      >>> updates, _ = tx.update(params, tx.init(params), params)  # gradients = params here
+      >>> optax.apply_updates(params, updates)["fc"]["kernel"] == 0
+      Array([[False,  True],
+             [ True, False]], dtype=bool)
     """
     masks = jax.tree.map(lambda m: jnp.asarray(m, bool), masks)
 
@@ -145,7 +161,12 @@ def frozen_codebooks(codebooks: Mapping[str, Codebook]) -> optax.GradientTransfo
     whole compression module; nothing ever updates them.
 
     Example:
-      >>> tx = optax.chain(frozen_codebooks(cbs), optax.adam(1e-3), masked(mtree))
+      >>> import optax
+      >>> params = {"fc": {"kernel": jnp.ones((2, 2))}}
+      >>> cbs = {"fc": Codebook(scale=jnp.array(0.1), zero=jnp.array(8.0), bits=4)}
+      >>> tx = optax.chain(frozen_codebooks(cbs), optax.adam(1e-3))
+      >>> get_codebooks(tx.init(params))["fc"].bits
+      4
     """
     cbs = {
         p: Codebook(jnp.asarray(c.scale), jnp.asarray(c.zero), int(c.bits))
@@ -227,7 +248,13 @@ def quantized_apply(params, codebooks: Mapping[str, Codebook], masks=None):
       A params tree of the same structure, to feed the model's apply.
 
     Example:
-      >>> logits = model.apply({"params": quantized_apply(p, cbs, mtree)}, x)
+      >>> p = {"fc": {"kernel": jnp.array([[0.76, -0.3]]), "bias": jnp.array([0.1])}}
+      >>> cbs = {"fc": Codebook(scale=jnp.array(0.25), zero=jnp.array(8.0), bits=4)}
+      >>> qp = quantized_apply(p, cbs)            # then model.apply({"params": qp}, x)
+      >>> qp["fc"]["kernel"]
+      Array([[ 0.75, -0.25]], dtype=float32)
+      >>> jax.grad(lambda p: quantized_apply(p, cbs)["fc"]["kernel"].sum())(p)["fc"]["kernel"]
+      Array([[1., 1.]], dtype=float32)
     """
     out = params
     layers = find_layers(params)
@@ -299,8 +326,15 @@ def finetune(
       and codebooks) and ``shadow_params``.
 
     Example:
-      >>> v, info = finetune("lenet5", {**variables, "params": out.params}, out.masks,
-      ...                    codebooks_from_qarrays(out.qarrays), ds, steps=200)
+      >>> from obcjax import zoo
+      >>> variables = zoo.init_variables("lenet5", (8, 8, 1))
+      >>> k = variables["params"]["fc3"]["kernel"]
+      >>> masks = {"fc3": jnp.abs(k) > 0.05}          # usually Compressed.masks and
+      >>> cbs = {"fc3": Codebook(jnp.abs(k).max() / 7, jnp.array(8.0), 4)}  # codebooks_from_qarrays
+      >>> v, info = finetune(  # doctest: +SKIP
+      ...     "lenet5", variables, masks, cbs, zoo.digits(), steps=200)
+      >>> len(info["losses"])  # doctest: +SKIP
+      200
     """
     from obcjax.zoo import models as zoo_models
     from obcjax.zoo import train as zoo_train

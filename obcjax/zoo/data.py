@@ -110,9 +110,9 @@ def digits(seed: int = 0) -> dict[str, Split]:
         (539, 8, 8, 1)
     """
     seed = _check_int("digits: seed", seed, minimum=0)
-    from sklearn.datasets import load_digits
+    from obcjax._extras import require
 
-    bunch = load_digits()
+    bunch = require("sklearn.datasets", "obcjax.zoo.digits").load_digits()
     x = (np.asarray(bunch.images, np.float32) / 16.0)[..., None]
     y = np.asarray(bunch.target, np.int32)
     rng = np.random.default_rng(seed)

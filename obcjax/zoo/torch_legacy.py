@@ -27,9 +27,10 @@ Tensors are rebuilt as strided views of their storage (offset, size and stride i
 checked) and then copied, so arrays never alias one another.
 
 Example:
-    >>> state = load_legacy_torch("efficientnet-lite0-57934424.pth")
-    >>> state["_conv_stem.weight"].shape, state["_conv_stem.weight"].dtype
-    ((32, 3, 3, 3), dtype('float32'))
+    >>> from obcjax.zoo.efficientnet import weights_path   # efficientnet-lite0-57934424.pth
+    >>> state = load_legacy_torch(weights_path())
+    >>> state["_conv_stem.weight"].shape, str(state["_conv_stem.weight"].dtype)
+    ((32, 3, 3, 3), 'float32')
 """
 
 from __future__ import annotations
@@ -375,9 +376,12 @@ def read_torch_file(path: str | os.PathLike | BinaryIO) -> Any:
       ValueError: the file is truncated, damaged or not a torch checkpoint.
 
     Example:
-      >>> obj = read_torch_file("checkpoint.pth")  # {"state_dict": {...}, "epoch": 3}
-      >>> obj["state_dict"]["fc.weight"].shape
-      (10, 64)
+      >>> from obcjax.zoo.efficientnet import weights_path   # a legacy-format state dict
+      >>> obj = read_torch_file(weights_path())
+      >>> type(obj).__name__, obj["_fc.weight"].shape
+      ('OrderedDict', (1000, 1280))
+      >>> with open(weights_path(), "rb") as f:
+      ...     blob = f.read()
       >>> obj = read_torch_file(io.BytesIO(blob))  # the same from bytes in memory
     """
     source = _source(path)
@@ -417,7 +421,8 @@ def load_legacy_torch(path: str | os.PathLike | BinaryIO) -> dict[str, np.ndarra
       ValueError: the file is truncated, damaged, not a torch checkpoint, or holds no dict.
 
     Example:
-      >>> sd = load_legacy_torch(path)
+      >>> from obcjax.zoo.efficientnet import weights_path
+      >>> sd = load_legacy_torch(weights_path())
       >>> sd["_fc.weight"].shape
       (1000, 1280)
     """

@@ -29,11 +29,13 @@ the 8x8 digits (a pixel is an eighth of the image; LeNet-5 lost about 2 points) 
 on MNIST-1D, whose generator itself translates the signals.
 
 Example:
-    >>> variables, info = pretrained("lenet5", "digits")
-    >>> info["test_accuracy"] > 0.97, info["source"] in ("cache", "trained")
-    (True, True)
-    >>> evaluate("lenet5", variables, load_dataset("digits")["test"])["accuracy"] > 0.97
+    >>> variables, history = train("mlp", "digits", epochs=5, batch_size=32, lr=1e-3)
+    >>> evaluate("mlp", variables, load_dataset("digits")["test"])["accuracy"] > 0.8
     True
+    >>> # a recipe of the table: trained once (a minute or two), then read from the cache
+    >>> variables, info = pretrained("lenet5", "digits")  # doctest: +SKIP
+    >>> info["test_accuracy"] > 0.97, info["source"] in ("cache", "trained")  # doctest: +SKIP
+    (True, True)
 """
 
 from __future__ import annotations
@@ -197,7 +199,10 @@ def make_train_step(
         >>> v = zoo_models.init_variables("mlp", (8, 8, 1))
         >>> tx = optax.adam(1e-3)
         >>> step = make_train_step(module.apply, tx)
+        >>> x, y = np.zeros((4, 8, 8, 1), np.float32), np.arange(4, dtype=np.int32)
         >>> p, bs, s, loss = step(v["params"], v["batch_stats"], tx.init(v["params"]), x, y)
+        >>> bool(loss > 0)
+        True
     """
     if not 0.0 <= float(label_smoothing) < 1.0:
         raise ValueError(
@@ -220,6 +225,7 @@ def make_optimizer(
 
     Example:
         >>> tx = make_optimizer(3e-3, total_steps=1000, warmup_steps=100)
+        >>> state = tx.init({"kernel": np.ones((2, 2), np.float32), "bias": np.zeros(2, np.float32)})
     """
     total = max(int(total_steps), 1)
     warmup = min(max(int(warmup_steps), 0), total - 1)
@@ -308,7 +314,11 @@ def evaluate_apply(
       ``{"accuracy": float in [0, 1], "loss": float, "n": int}``.
 
     Example:
-        >>> evaluate_apply(lambda v, x: model(x), None, ds["test"])["accuracy"]
+        >>> from flax import nnx
+        >>> model = zoo_models.nnx_model("mlp", input_shape=(8, 8, 1), rngs=nnx.Rngs(0))
+        >>> res = evaluate_apply(lambda v, x: model(x), None, load_dataset("digits")["test"])
+        >>> res["n"], 0.0 <= res["accuracy"] <= 1.0
+        (539, True)
     """
     x, y = _check_split(split, "evaluate")
     if batch_size < 1:
@@ -335,8 +345,10 @@ def evaluate(name: str, variables: Mapping, split: Split, *, batch_size: int = 5
     """Accuracy and mean cross-entropy of a zoo model (eval mode) on a split.
 
     Example:
-        >>> evaluate("lenet5", variables, load_dataset("digits")["test"])
-        {'accuracy': 0.98..., 'loss': 0.05..., 'n': 539}
+        >>> variables = zoo_models.init_variables("lenet5", (8, 8, 1))   # untrained
+        >>> res = evaluate("lenet5", variables, load_dataset("digits")["test"])
+        >>> sorted(res), res["n"]
+        (['accuracy', 'loss', 'n'], 539)
     """
     return evaluate_apply(
         functools.partial(zoo_models.apply, name), variables, split, batch_size=batch_size
@@ -411,6 +423,8 @@ def train(
 
     Example:
         >>> variables, history = train("mlp", "digits", epochs=5, batch_size=32, lr=1e-3)
+        >>> len(history["loss"]), history["loss"][-1] < history["loss"][0]
+        (5, True)
     """
     ds = _resolve_dataset(dataset)
     tr = _check_split(ds["train"], f"train({name!r}): train split")
@@ -619,8 +633,9 @@ def pretrained(
       TypeError: if ``config`` is not a :class:`TrainConfig`.
 
     Example:
-        >>> variables, info = pretrained("cnn1d", "mnist1d")
-        >>> round(info["test_accuracy"], 2)
+        >>> variables, info = pretrained("cnn1d", "mnist1d")  # doctest: +SKIP
+        >>> info["source"], info["test_accuracy"] > 0.9  # doctest: +SKIP
+        ('trained', True)
     """
     zoo_models._entry(name)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
