@@ -49,10 +49,14 @@ def enable_compile_cache(path: str | os.PathLike | None = None, *,
       ValueError: ``min_compile_time_secs`` is negative or not a number.
 
     Example:
-      >>> import tempfile, obcjax
+      >>> import tempfile, jax, obcjax
+      >>> before = jax.config.jax_compilation_cache_dir
       >>> d = obcjax.enable_compile_cache(tempfile.mkdtemp())
-      >>> import jax; jax.config.jax_compilation_cache_dir == d
+      >>> jax.config.jax_compilation_cache_dir == d
       True
+      >>> from jax.experimental.compilation_cache import compilation_cache
+      >>> jax.config.update("jax_compilation_cache_dir", before)  # as it was, for what follows
+      >>> compilation_cache.reset_cache()
     """
     import jax
 
