@@ -68,16 +68,25 @@ import numpy as np
 
 from obcjax import kernels as K
 from obcjax.fileio import CorruptedFileError, atomic_write
-from obcjax.specs import NM, Block, Int, Unstructured, check_fits, spec_name
+from obcjax.layout import set_path
+from obcjax.specs import (
+    NM,
+    Block,
+    ExactOBS,
+    Int,
+    Unstructured,
+    check_fits,
+    solver_family,
+    spec_name,
+)
 from obcjax.stats import HessianState
 from obcjax.transforms import (
     LayerSpec,
-    _hessians,
-    _set_path,
     as_layer_spec,
     compress,
     find_layers,
     kernel_to_matrices,
+    layer_hessians,
     matrices_to_kernel,
 )
 
@@ -731,7 +740,7 @@ def _sha(*arrays) -> str:
 
 def _layer_hessians(value, path: str) -> jax.Array:
     if isinstance(value, HessianState):
-        return _hessians(value, path)
+        return layer_hessians(value, path)
     H = jnp.asarray(value)
     if H.ndim == 2:
         H = H[None]
@@ -757,7 +766,11 @@ def _layer_matrices(kernel, H, path: str):
 
 
 def _solve_levels(W, H, P, levels, avail, *, rel_damp, method, mesh, name):
-    """Results ``[(weights, mask, loss)]`` per level of one matrix (None where unavailable)."""
+    """Results ``[(weights, mask, loss)]`` per level of one matrix (None where unavailable).
+
+    Every level goes through the one dispatcher, :func:`obcjax.kernels.solve`, except the
+    ExactOBS unstructured and block levels, which share one elimination pass per layer.
+    """
     out: list[Any] = [None] * len(levels)
     batches: dict[Any, list[int]] = {}
     for i, lv in enumerate(levels):
@@ -765,40 +778,34 @@ def _solve_levels(W, H, P, levels, avail, *, rel_damp, method, mesh, name):
             continue
         if lv.prune is None and lv.quant is None:
             out[i] = (np.asarray(W), None, 0.0)
-        elif lv.solver == "obc" and lv.quant is None and isinstance(lv.prune, Unstructured):
-            batches.setdefault("unstr", []).append(i)
-        elif lv.solver == "obc" and lv.quant is None and isinstance(lv.prune, Block):
+            continue
+        options = K.solver_options(lv.solver, lv.prune, lv.quant, method)
+        if isinstance(options, ExactOBS) and isinstance(lv.prune, Unstructured):
+            batches.setdefault(("unstr", options.method), []).append(i)
+        elif isinstance(options, ExactOBS) and isinstance(lv.prune, Block):
             batches.setdefault(("block", lv.prune.size), []).append(i)
         else:
             batches.setdefault(i, []).append(i)
     kw = dict(rel_damp=rel_damp, layer=name, prepared=P)
     for key, idx in batches.items():
-        if key == "unstr":
+        if isinstance(key, tuple) and key[0] == "unstr":
             # one elimination pass serves every sparsity of the layer
             r = K.exactobs_prune(
-                W, H, [levels[i].prune.sparsity for i in idx], method=method, mesh=mesh, **kw
+                W, H, [levels[i].prune.sparsity for i in idx], method=key[1], mesh=mesh, **kw
             )
-            for j, i in enumerate(idx):
-                out[i] = (np.asarray(r.weights[j]), np.asarray(r.mask[j]), float(r.loss[j]))
-            continue
-        if isinstance(key, tuple):
+        elif isinstance(key, tuple):
             r = K.exactobs_block(W, H, [levels[i].prune.sparsity for i in idx], key[1], **kw)
-            for j, i in enumerate(idx):
-                out[i] = (np.asarray(r.weights[j]), np.asarray(r.mask[j]), float(r.loss[j]))
-            continue
-        lv = levels[key]
-        p, q = lv.prune, lv.quant
-        if lv.solver != "obc":
+        else:
+            lv = levels[key]
+            # the ExactOBS / OBQ engine reuses the prepared Hessian and splits rows over the mesh
+            extra = dict(prepared=P, mesh=mesh) if solver_family(lv.solver) == "obc" else {}
             r = K.solve(W, H, lv.prune, lv.quant, lv.solver, rel_damp=rel_damp, method=method,
-                        layer=name)
-        elif p is None:
-            r = K.obq_quantize(W, H, q, method=method, mesh=mesh, **kw)
-        elif q is not None:
-            r = K.obq_prune_quantize(W, H, p, q, method=method, mesh=mesh, **kw)
-        else:  # N:M alone
-            r = K.exactobs_nm(W, H, p.n, p.m, method=method, mesh=mesh, **kw)
-        mask = None if r.mask is None else np.asarray(r.mask)
-        out[key] = (np.asarray(r.weights), mask, float(r.loss))
+                        layer=name, **extra)
+            mask = None if r.mask is None else np.asarray(r.mask)
+            out[key] = (np.asarray(r.weights), mask, float(r.loss))
+            continue
+        for j, i in enumerate(idx):
+            out[i] = (np.asarray(r.weights[j]), np.asarray(r.mask[j]), float(r.loss[j]))
     return out
 
 
@@ -1669,7 +1676,7 @@ def materialize(params, database: Database, assignment: Mapping[str, Any], *, st
         if w is None:
             todo[p] = lv
             continue
-        new = _set_path(new, p, "kernel", jnp.asarray(w, dtype=jnp.asarray(layers[p]).dtype))
+        new = set_path(new, p, "kernel", jnp.asarray(w, dtype=jnp.asarray(layers[p]).dtype))
     if todo:
         if stats is None:
             raise ValueError(

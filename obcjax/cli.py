@@ -25,11 +25,11 @@ import sys
 import time
 from pathlib import Path
 
-from obcjax.specs import NM, Int, Unstructured
+from obcjax.specs import NM, SOLVER_NAMES, Int, Unstructured
 
-# obcjax.transforms.SOLVERS, repeated here so that reading the options imports no JAX
-# (tests/test_cli_errors.py checks that the two agree).
-SOLVERS = ("obc", "magnitude", "gptq")
+# the solver names, defined once in obcjax.specs (which imports no JAX, so neither does reading
+# the options)
+SOLVERS = SOLVER_NAMES
 _NONE = ("none", "dense")
 
 

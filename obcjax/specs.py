@@ -34,6 +34,9 @@ __all__ = [
     "SparseGPT",
     "Magnitude",
     "SolverSpec",
+    "SOLVER_NAMES",
+    "as_solver",
+    "solver_family",
 ]
 
 
@@ -324,3 +327,38 @@ class Magnitude:
 
 
 SolverSpec = ExactOBS | OBQ | GPTQ | SparseGPT | Magnitude
+
+
+SOLVER_NAMES = ("obc", "magnitude", "gptq")
+"""The solver shorthands, in the order the command lines list them: ``"obc"`` (ExactOBS / OBQ),
+``"magnitude"`` (magnitude pruning / round to nearest) and ``"gptq"`` (GPTQ / SparseGPT)."""
+
+_FAMILY = {ExactOBS: "obc", OBQ: "obc", GPTQ: "gptq", SparseGPT: "gptq", Magnitude: "magnitude"}
+
+
+def as_solver(value, *, what: str = "solver"):
+    """A solver: one of :data:`SOLVER_NAMES` or an option record, checked.
+
+    Example:
+        >>> as_solver("gptq"), as_solver(GPTQ(act_order=True)).act_order
+        ('gptq', True)
+    """
+    if isinstance(value, str) and value in SOLVER_NAMES:
+        return value
+    if type(value) in _FAMILY:
+        return value
+    raise (ValueError if isinstance(value, str) else TypeError)(
+        f"{what} must be one of {SOLVER_NAMES} or an option record (ExactOBS, OBQ, GPTQ, "
+        f"SparseGPT, Magnitude), got {value!r}"
+    )
+
+
+def solver_family(solver) -> str:
+    """The shorthand name of a solver or option record: ``"obc"``, ``"gptq"`` or ``"magnitude"``.
+
+    Example:
+        >>> solver_family(SparseGPT(blocksize=64)), solver_family("obc")
+        ('gptq', 'obc')
+    """
+    solver = as_solver(solver)
+    return solver if isinstance(solver, str) else _FAMILY[type(solver)]

@@ -13,15 +13,13 @@ Kernel layout, in one place:
   columns run ``(kh, kw, cin)`` -- the order of the calibration patches, and the order in which
   N:M groups run along input channels at a fixed spatial tap.
 
-Grouped and depthwise convs have one Hessian per group, so each group is its own problem. When
-``G > 1`` the groups are solved together: the matrices ``(G, out/G, cols)`` and Hessians
-``(G, cols, cols)`` go through the solvers' compiled pieces vmapped over the group axis (in
-chunks of groups), which gives the per-group results of the kernels up to float round-off
-(GPTQ, SparseGPT, OBQ, ExactOBS unstructured / N:M, joint prune + quantize, magnitude / RTN;
-block pruning keeps the per-group loop). A depthwise layer with 1152 channels then costs a few
-compiled calls instead of 1152 rounds of small dispatches. A group whose inputs are invalid, or
-whose Hessian needs more damping than ``rel_damp``, is solved again on its own by the kernels,
-which raise or retry exactly as they do for one matrix (messages name ``path[group g]``).
+Grouped and depthwise convs have one Hessian per group, so each group is its own problem. Every
+set of same-shaped problems with the same ``(prune, quant, solver options)`` -- the groups of a
+depthwise conv, a transformer's query / key / value, its repeated blocks -- is solved as one
+``jit(vmap)`` of the pure solver (:func:`obcjax.kernels.solve`), compiled once per (shape,
+options) and run in power-of-two chunks sized to a memory budget. A problem alone of its kind goes
+through the solver's host wrapper. Either way a bad problem raises the error that names its layer
+(``path``, or ``path[group g]``), the first in the order of the layers.
 
 Example:
     >>> stats = calibrate(model, variables, batches)
@@ -34,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -44,8 +41,24 @@ import numpy as np
 
 from obcjax import kernels as K
 from obcjax.kernels.prepare import blas_one_thread
+from obcjax.layout import Layout, from_matrices, layout_for, set_path, to_matrices
 from obcjax.quant import QArray
-from obcjax.specs import NM, Block, Int, Unstructured, check_fits, spec_name
+from obcjax.specs import (
+    NM,
+    SOLVER_NAMES,
+    Block,
+    ExactOBS,
+    Int,
+    Magnitude,
+    SolverSpec,
+    Unstructured,
+    as_prune,
+    as_quant,
+    as_solver,
+    check_fits,
+    solver_family,
+    spec_name,
+)
 
 __all__ = [
     "LayerSpec",
@@ -57,35 +70,45 @@ __all__ = [
     "as_layer_spec",
     "summarize",
     "prune_levels",
+    "layer_hessians",
+    "SOLVERS",
 ]
 
-SOLVERS = ("obc", "magnitude", "gptq")
+SOLVERS = SOLVER_NAMES  # the solver shorthands (defined once, in obcjax.specs)
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
     """What to do to one layer.
 
+    Frozen and hashable (a static ``jax.jit`` argument, a dictionary key).
+
     Attributes:
-      prune: ``Unstructured``, ``NM`` or ``Block`` (or None).
-      quant: ``Int`` weight grid (or None).
+      prune: ``Unstructured``, ``NM`` or ``Block`` (or None); shorthands such as ``0.5``,
+        ``"50%"`` or ``"2:4"`` are read as :func:`obcjax.specs.as_prune` reads them.
+      quant: ``Int`` weight grid (or None); a number of bits (``4``, ``"w4"``) is ``Int(bits)``.
       solver: ``"obc"`` (ExactOBS / OBQ, exact per row), ``"gptq"`` (GPTQ / SparseGPT, for wide
-        layers) or ``"magnitude"`` (magnitude pruning / round-to-nearest baselines).
+        layers), ``"magnitude"`` (magnitude pruning / round-to-nearest baselines), or an option
+        record from :mod:`obcjax.specs`: ``ExactOBS(method=...)``, ``OBQ(outlier_rule=...,
+        order=...)``, ``GPTQ(blocksize=..., act_order=..., static_groups=...)``,
+        ``SparseGPT(blocksize=...)``, ``Magnitude()``. A record of the other member of a family
+        is converted as :func:`obcjax.kernels.solver_options` says (``GPTQ(...)`` on a pruned
+        layer is SparseGPT).
+
+    Example:
+        >>> from obcjax.specs import GPTQ, Int
+        >>> LayerSpec(quant=Int(4), solver=GPTQ(act_order=True)).name
+        'w4'
     """
 
     prune: Unstructured | NM | Block | None = None
     quant: Int | None = None
-    solver: str = "obc"
+    solver: str | SolverSpec = "obc"
 
     def __post_init__(self):
-        if self.prune is not None and not isinstance(self.prune, (Unstructured, NM, Block)):
-            raise TypeError(
-                f"LayerSpec.prune must be Unstructured, NM or Block, got {self.prune!r}"
-            )
-        if self.quant is not None and not isinstance(self.quant, Int):
-            raise TypeError(f"LayerSpec.quant must be Int, got {self.quant!r}")
-        if self.solver not in SOLVERS:
-            raise ValueError(f"LayerSpec.solver must be one of {SOLVERS}, got {self.solver!r}")
+        object.__setattr__(self, "prune", as_prune(self.prune, what="LayerSpec.prune"))
+        object.__setattr__(self, "quant", as_quant(self.quant, what="LayerSpec.quant"))
+        as_solver(self.solver, what="LayerSpec.solver")
         if isinstance(self.prune, Block) and self.quant is not None:
             raise ValueError("LayerSpec: block pruning combined with quantization is not supported")
 
@@ -94,9 +117,15 @@ class LayerSpec:
         parts = [spec_name(s) for s in (self.prune, self.quant) if s is not None]
         return "+".join(parts) or "dense"
 
+    @property
+    def family(self) -> str:
+        """The solver's shorthand: ``"obc"``, ``"gptq"`` or ``"magnitude"``."""
+        return solver_family(self.solver)
 
-def as_layer_spec(value, solver: str = "obc") -> LayerSpec | None:
-    """Normalise a rule value: a LayerSpec, a single spec, a ``(prune, quant)`` pair or None."""
+
+def as_layer_spec(value, solver: str | SolverSpec = "obc") -> LayerSpec | None:
+    """Normalise a rule value: a LayerSpec, a single spec, a ``(prune, quant)`` pair, a
+    ``(prune, quant, solver)`` triple or None. ``solver`` is used where the value names none."""
     if value is None or isinstance(value, LayerSpec):
         return value
     if isinstance(value, (Unstructured, NM, Block)):
@@ -105,6 +134,8 @@ def as_layer_spec(value, solver: str = "obc") -> LayerSpec | None:
         return LayerSpec(quant=value, solver=solver)
     if isinstance(value, tuple) and len(value) == 2:
         return LayerSpec(prune=value[0], quant=value[1], solver=solver)
+    if isinstance(value, tuple) and len(value) == 3:
+        return LayerSpec(prune=value[0], quant=value[1], solver=value[2])
     raise TypeError(f"cannot interpret {value!r} as a layer spec")
 
 
@@ -118,6 +149,8 @@ class Compressed(NamedTuple):
       losses: ``{path: float}`` OBS loss ``0.5·tr(ΔW H ΔWᵀ)`` summed over the layer's groups.
       specs: ``{path: LayerSpec}`` of the compressed layers.
       summary: flat dict, see :func:`summarize`.
+      layouts: ``{path: obcjax.layout.Layout}``: how each compressed kernel was read as the
+        solvers' matrices (the frame of ``qarrays`` and of N:M patterns; export uses it).
     """
 
     params: Any
@@ -126,6 +159,7 @@ class Compressed(NamedTuple):
     losses: dict[str, float]
     specs: dict[str, LayerSpec]
     summary: dict[str, Any]
+    layouts: dict[str, Layout] | None = None
 
 
 def find_layers(params) -> dict[str, jax.Array]:
@@ -169,135 +203,23 @@ def matrices_to_kernel(mats: Sequence[jax.Array], shape, dtype=None) -> jax.Arra
     return k.astype(dtype) if dtype is not None else k
 
 
-def _set_path(tree, path: str, key: str, value):
-    """Functional update of ``tree[path...][key]`` on nested dicts (copies along the path)."""
-    parts = path.split("/") if path else []
-
-    def rec(node, i):
-        node = dict(node)
-        if i == len(parts):
-            node[key] = value
-        else:
-            node[parts[i]] = rec(node[parts[i]], i + 1)
-        return node
-
-    return rec(tree, 0)
-
-
-def _solve(W, H, spec: LayerSpec, *, rel_damp, method, layer) -> K.Result:
-    """One matrix through the one dispatcher, :func:`obcjax.kernels.solve`."""
-    return K.solve(W, H, spec.prune, spec.quant, spec.solver, rel_damp=rel_damp, method=method,
-                   layer=layer)
-
-
-def _solve_pure(W, H, *, spec: LayerSpec, rel_damp, method) -> K.Result:
-    return K.solve(W, H, spec.prune, spec.quant, spec.solver, rel_damp=rel_damp, method=method,
-                   layer="<group>")
-
-
-# ------------------------------------------------------------------------------ group batching
-#
-# Same-shaped problems (the groups of a grouped or depthwise conv) are one vmapped call of the
-# pure solvers, compiled once per (shape, spec) and chunked to a memory budget. Problems whose
-# status is bad are reported by the host in the layer's words.
-
-_GROUP_BYTES = 1 << 28  # working set of one chunk of groups
-_GROUP_CHUNK = 512  # most groups per compiled call (chunks are powers of two: few compilations)
-
-
-class _Groups(NamedTuple):
-    """Per-group results stacked on a leading axis."""
-
-    weights: np.ndarray  # (G, rows, cols) or (G, L, rows, cols)
-    mask: np.ndarray | None
-    qarray: QArray | None  # fields stacked over groups
-    loss: np.ndarray  # (G,) or (G, L)
-    status: np.ndarray  # (G,)
-
-
-_BATCHED: dict = {}
-
-
-def _batched(fn, key):
-    """``jit(vmap(fn))``, one per static options ``key`` (so one compile per (shape, options),
-    shared by every layer of that shape)."""
-    if key not in _BATCHED:
-        _BATCHED[key] = jax.jit(jax.vmap(fn))
-    return _BATCHED[key]
-
-
-def _group_chunk(G: int, rows: int, cols: int) -> int:
-    per_group = 4 * (3 * cols * cols + 8 * rows * cols)
-    fit = max(1, min(_GROUP_CHUNK, _GROUP_BYTES // per_group, G))
-    return 1 << (fit.bit_length() - 1)
-
-
-def _map_groups(fn, key, W, H) -> _Groups:
-    """``fn(W[g], H[g])`` for every group in power-of-two chunks of one compiled vmapped call."""
-    G, rows, cols = W.shape
-    ch = _group_chunk(G, rows, cols)
-    run = _batched(fn, key)
-    pad = (-G) % ch
-    if pad:
-        W = jnp.concatenate([W, jnp.repeat(W[-1:], pad, axis=0)])
-        H = jnp.concatenate([H, jnp.repeat(H[-1:], pad, axis=0)])
-    outs = []
-    with blas_one_thread():
-        for i in range(0, G + pad, ch):
-            outs.append(jax.block_until_ready(run(W[i : i + ch], H[i : i + ch])))
-    res = jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs])[:G], *outs)
-    return _Groups(res.weights, res.mask, res.qarray, res.loss, res.status)
-
-
-def _check_groups(status, path: str, W, H) -> None:
-    """Raise for the first group with a bad status, naming it; a group with no signal is a dead
-    group (its weights are zero, as for a dead input) unless every group of the layer is."""
-    status = np.asarray(status)
-    bad = status >= int(K.Status.NONFINITE_W)
-    no_signal = status == int(K.Status.NO_SIGNAL)
-    if no_signal.all():
-        K.raise_for_status(status[0], path, W[0], H[0])
-    for g in np.nonzero(bad & ~no_signal)[0]:
-        K.raise_for_status(status[g], f"{path}[group {g}]", W[g], H[g])
-    for g in np.nonzero(status == int(K.Status.DAMPING_RAISED))[0]:
-        K.raise_for_status(status[g], f"{path}[group {g}]", W[g], H[g])
-
-
-def _solve_groups(W, H, spec: LayerSpec, *, rel_damp, method, path) -> _Groups:
-    """Every group of a grouped conv in one vmapped call of :func:`obcjax.kernels.solve`."""
-    cols = W.shape[-1]
-    for s in (spec.prune, spec.quant):
-        if s is not None:
-            check_fits(s, cols, f"{path}[group 0]")
-    fn = functools.partial(_solve_pure, spec=spec, rel_damp=rel_damp, method=method)
-    res = _map_groups(fn, ("solve", spec, rel_damp, method), W, H)
-    _check_groups(res.status, path, W, H)
-    return res
-
-
-def _group_matrices(kernel, G: int):
-    """``(G, out/G, cols)`` stack of :func:`kernel_to_matrices` in one reshape."""
-    out = kernel.shape[-1]
-    return jnp.asarray(kernel).reshape(-1, G, out // G).transpose(1, 2, 0)
-
-
-def _group_kernel(S, shape, dtype=None):
-    """Inverse of :func:`_group_matrices` (NumPy in, jax array out)."""
-    G, og, _ = S.shape
-    k = jnp.asarray(np.transpose(np.asarray(S), (2, 0, 1)).reshape(*shape[:-1], G * og))
-    return k.astype(dtype) if dtype is not None else k
+_set_path = set_path  # the old name (now obcjax.layout.set_path), still imported elsewhere
 
 
 def _layer_problem(path, kernel, state, dead_inputs, where: str):
-    """Hessians ``(G, cols, cols)`` and float32 weight matrices ``(G, out/G, cols)`` of a layer."""
-    H = _hessians(state, path, dead_inputs)
+    """Hessians ``(G, cols, cols)``, float32 weight matrices ``(G, rows, cols)`` and the
+    :class:`~obcjax.layout.Layout` of a layer (Dense, Conv, DenseGeneral; see
+    :mod:`obcjax.layout`)."""
+    H = layer_hessians(state, path, dead_inputs)
     G, cols = H.shape[0], H.shape[-1]
-    if kernel.shape[-1] % G or math.prod(kernel.shape[:-1]) != cols:
+    try:
+        layout = layout_for(kernel.shape, cols, G, layer=path)
+    except ValueError:
         raise ValueError(
             f"{where}layer {path!r}: kernel of shape {tuple(kernel.shape)} does not match its "
             f"statistics ({G} group(s) of width {cols}); the statistics come from another model"
-        )
-    return H, _group_matrices(kernel, G).astype(jnp.float32)
+        ) from None
+    return H, to_matrices(kernel, layout).astype(jnp.float32), layout
 
 
 def _check_dead_inputs(dead_inputs, where: str) -> None:
@@ -316,16 +238,170 @@ def _revive_dead(H):
     return H + add[:, :, None] * jnp.eye(H.shape[-1], dtype=H.dtype)
 
 
-def _hessians(state, layer: str, dead_inputs: str = "zero"):
+def layer_hessians(state, layer: str, dead_inputs: str = "zero") -> jax.Array:
+    """A layer's Hessians ``(G, cols, cols)`` (``G = 1`` for a Dense layer) from its statistics.
+
+    Args:
+      state: the layer's :class:`~obcjax.stats.HessianState` from calibration.
+      layer: its path, named in errors.
+      dead_inputs: ``"zero"`` or ``"keep"``, as in :func:`compress`.
+    """
     from obcjax.stats import hessian_finalize
 
-    H = hessian_finalize(state)
+    H = hessian_finalize(state, layer=layer)
     H = jnp.asarray(H)
     if H.ndim == 2:
         H = H[None]
     if dead_inputs == "keep":
         H = _revive_dead(H)
     return H
+
+
+
+_hessians = layer_hessians  # the old name, still imported by modules outside this one
+
+
+# ---------------------------------------------------------------------------- problem batching
+#
+# Same-shaped problems with the same static options (the groups of a grouped or depthwise conv,
+# same-shaped layers anywhere in the model) are one vmapped call of the pure solvers, compiled
+# once per (shape, options) and chunked to a memory budget. Problems whose status is bad are
+# reported by the host in the layer's words.
+
+_GROUP_BYTES = 1 << 28  # working set of one chunk of problems
+_GROUP_CHUNK = 512  # most problems per compiled call (chunks are powers of two: few compilations)
+
+
+class _Groups(NamedTuple):
+    """Per-problem results stacked on a leading axis."""
+
+    weights: np.ndarray  # (N, rows, cols) or (N, L, rows, cols)
+    mask: np.ndarray | None
+    qarray: QArray | None  # fields stacked over problems
+    loss: np.ndarray  # (N,) or (N, L)
+    status: np.ndarray  # (N,)
+
+
+_BATCHED: dict = {}
+
+
+def _batched(fn, key):
+    """``jit(vmap(fn))``, one per static options ``key`` (so one compile per (shape, options),
+    shared by every layer of that shape)."""
+    if key not in _BATCHED:
+        _BATCHED[key] = jax.jit(jax.vmap(fn))
+    return _BATCHED[key]
+
+
+def _chunk_size(n: int, per_problem_bytes: int) -> int:
+    """A power of two: the smallest that holds all ``n`` problems if the budget allows, else the
+    largest the budget allows."""
+    fit = max(1, min(_GROUP_CHUNK, _GROUP_BYTES // max(per_problem_bytes, 1)))
+    fit = 1 << (fit.bit_length() - 1)
+    want = 1 << max(n - 1, 0).bit_length()
+    return min(want, fit)
+
+
+def _map_groups(fn, key, W, H, per_problem_bytes: int) -> _Groups:
+    """``fn(W[i], H[i])`` for every problem, in power-of-two chunks of one compiled vmapped call
+    (the last chunk padded with copies of the last problem)."""
+    N = W.shape[0]
+    ch = _chunk_size(N, per_problem_bytes)
+    run = _batched(fn, key)
+    pad = (-N) % ch
+    if pad:
+        W = jnp.concatenate([W, jnp.repeat(W[-1:], pad, axis=0)])
+        H = jnp.concatenate([H, jnp.repeat(H[-1:], pad, axis=0)])
+    outs = []
+    with blas_one_thread():
+        for i in range(0, N + pad, ch):
+            outs.append(jax.block_until_ready(run(W[i : i + ch], H[i : i + ch])))
+    res = jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs])[:N], *outs)
+    return _Groups(res.weights, res.mask, res.qarray, res.loss, res.status)
+
+
+def _stacked(fn, key, W, H, per_problem_bytes: int) -> _Groups | None:
+    """:func:`_map_groups`, or None when the options cannot be traced (a combination the solver
+    refuses, say): then the problems go one by one through the host wrappers, whose errors name
+    the layer. Tests replace this function to force the one-by-one path."""
+    try:
+        return _map_groups(fn, key, W, H, per_problem_bytes)
+    except (ValueError, TypeError, NotImplementedError):
+        _BATCHED.pop(key, None)
+        return None
+
+
+def _problem_name(path: str, G: int, g: int) -> str:
+    return path if G == 1 else f"{path}[group {g}]"
+
+
+def _check_groups(status, path: str, W, H) -> None:
+    """Raise for the first problem of a layer with a bad status, naming it; a group with no
+    signal is a dead group (its weights are zero, as for a dead input) unless every group of the
+    layer is."""
+    status = np.asarray(status)
+    G = status.shape[0]
+    bad = status >= int(K.Status.NONFINITE_W)
+    no_signal = status == int(K.Status.NO_SIGNAL)
+    if no_signal.all():
+        K.raise_for_status(status[0], path, W[0], H[0])
+    for g in np.nonzero(bad & ~no_signal)[0]:
+        K.raise_for_status(status[g], _problem_name(path, G, g), W[g], H[g])
+    for g in np.nonzero(status == int(K.Status.DAMPING_RAISED))[0]:
+        K.raise_for_status(status[g], _problem_name(path, G, g), W[g], H[g])
+
+
+def _solve_pure(W, H, *, prune, quant, options, rel_damp) -> K.Result:
+    return K.solve(W, H, prune, quant, options, rel_damp=rel_damp, layer="<stacked>")
+
+
+def _solve(W, H, spec: LayerSpec, *, rel_damp, method, layer) -> K.Result:
+    """One matrix through the one dispatcher, :func:`obcjax.kernels.solve` (host wrapper)."""
+    return K.solve(W, H, spec.prune, spec.quant, spec.solver, rel_damp=rel_damp, method=method,
+                   layer=layer)
+
+
+class _Layer(NamedTuple):
+    """One layer's problem: its kernel, Hessians ``(G, cols, cols)`` and float32 matrices
+    ``(G, out/G, cols)``, and the key of the set of problems it is solved with."""
+
+    kernel: jax.Array
+    H: jax.Array
+    mats: jax.Array
+    layout: Layout
+    key: tuple
+
+
+def _solve_sets(layers: Mapping[str, _Layer], fn_of, bytes_of):
+    """Solve every layer of ``layers`` (in order) whose set of same-keyed problems holds more than
+    one problem as one stacked call per set; yields ``(path, _Groups | None)`` in order, None for
+    a layer that must be solved one by one. Statuses are checked layer by layer, so the first bad
+    layer in order raises, as it would one by one."""
+    sets: dict[tuple, list[str]] = {}
+    for path, lay in layers.items():
+        sets.setdefault(lay.key, []).append(path)
+    done: dict[str, _Groups | None] = {}
+    for path, lay in layers.items():
+        if path not in done:
+            members = sets[lay.key]
+            n = sum(layers[p].H.shape[0] for p in members)
+            res = None
+            if n > 1:
+                W = jnp.concatenate([layers[p].mats for p in members])
+                H = jnp.concatenate([layers[p].H for p in members])
+                rows, cols = W.shape[1:]
+                res = _stacked(fn_of(lay.key), lay.key, W, H, bytes_of(lay.key, rows, cols))
+            start = 0
+            for p in members:
+                G = layers[p].H.shape[0]
+                done[p] = None if res is None else jax.tree.map(
+                    lambda x, s=start, G=G: x[s : s + G], res
+                )
+                start += G
+        res = done.pop(path)
+        if res is not None:
+            _check_groups(res.status, path, lay.mats, lay.H)
+        yield path, res
 
 
 def compress(
@@ -335,20 +411,28 @@ def compress(
     *,
     rel_damp: float = 0.01,
     method: str = "auto",
-    solver: str = "obc",
+    solver: str | SolverSpec = "obc",
     progress: bool = False,
     dead_inputs: str = "zero",
 ) -> Compressed:
     """Compress every layer of ``params`` chosen by ``rules``.
 
+    Same-shaped problems with the same ``(prune, quant, solver options)`` (the groups of a
+    grouped conv, same-shaped layers anywhere in the model) are solved together, as one vmapped
+    call of :func:`obcjax.kernels.solve` compiled once per (shape, options); a problem alone of
+    its kind goes through the solver's host wrapper.
+
     Args:
       params: a Flax params pytree (nested dicts; the ``"params"`` collection).
       stats: ``{path: HessianState}`` from :func:`obcjax.calibration.calibrate`.
       rules: ordered ``(regex, spec)`` pairs (or a dict); ``spec`` is a :class:`LayerSpec`, a
-        single spec, a ``(prune, quant)`` pair, or None to leave the layer alone.
+        single spec, a ``(prune, quant)`` pair, a ``(prune, quant, solver)`` triple, or None to
+        leave the layer alone.
       rel_damp: relative damping of every Hessian. method: the ExactOBS/OBQ engine
-        (``"auto"``, ``"blocked"``, ``"fast"`` or ``"naive"``; all give the same result).
-      solver: default solver for rule values that are not LayerSpecs.
+        (``"auto"``, ``"blocked"``, ``"fast"`` or ``"naive"``; all give the same result) for
+        layers whose solver is ``"obc"`` (an ``ExactOBS`` / ``OBQ`` record names its own).
+      solver: default solver for rule values that are not LayerSpecs: a name (``"obc"``,
+        ``"gptq"``, ``"magnitude"``) or an option record (``GPTQ(act_order=True)``, ...).
       progress: show a tqdm bar over layers.
       dead_inputs: what happens to the weights of an input that never fired during calibration
         (``diag(H) == 0``). ``"zero"`` (the OBC / GPTQ reference, the kernels' rule): they are
@@ -366,6 +450,7 @@ def compress(
     from obcjax.rules import match_rules
 
     _check_dead_inputs(dead_inputs, "compress")
+    solver = as_solver(solver, what="compress: solver")
     if isinstance(rules, Mapping):
         rules = list(rules.items())
     layers = find_layers(params)
@@ -380,19 +465,38 @@ def compress(
             f"compress: no calibration statistics for layer(s) {missing}; the statistics hold "
             f"{sorted(stats)} -- were they captured from this model?"
         )
+    problems: dict[str, _Layer] = {}
+    layouts: dict[str, Layout] = {}
+    for path, spec in specs.items():
+        kernel = jnp.asarray(layers[path])
+        H, mats, layout = _layer_problem(path, kernel, stats[path], dead_inputs, "")
+        G, rows, cols = mats.shape
+        layouts[path] = layout
+        for s in (spec.prune, spec.quant):
+            if s is not None:
+                check_fits(s, cols, _problem_name(path, G, 0))
+        options = K.solver_options(spec.solver, spec.prune, spec.quant, method)
+        key = ("solve", spec.prune, spec.quant, options, float(rel_damp), rows, cols)
+        problems[path] = _Layer(kernel, H, mats, layout, key)
+
+    def fn_of(key):
+        _, prune, quant, options, damp, _, _ = key
+        return functools.partial(_solve_pure, prune=prune, quant=quant, options=options,
+                                 rel_damp=damp)
+
+    def bytes_of(key, rows, cols):
+        return K.solve_bytes(rows, cols, key[3])
+
     new_params = params
     masks, qarrays, losses = {}, {}, {}
-    items = list(specs.items())
+    solved = _solve_sets(problems, fn_of, bytes_of)
     if progress:
         from tqdm.auto import tqdm
 
-        items = tqdm(items, desc="compress", unit="layer")
-    for path, spec in items:
-        kernel = jnp.asarray(layers[path])
-        H, mats = _layer_problem(path, kernel, stats[path], dead_inputs, "")
-        G = H.shape[0]
-        kw = dict(rel_damp=rel_damp, method=method)
-        res = _solve_groups(mats, H, spec, path=path, **kw) if G > 1 else None
+        solved = tqdm(solved, total=len(problems), desc="compress", unit="layer")
+    for path, res in solved:
+        spec, lay = specs[path], problems[path]
+        G = lay.H.shape[0]
         if res is not None:
             outs = list(res.weights)
             ms = None if res.mask is None else list(res.mask)
@@ -400,25 +504,24 @@ def compress(
                 jax.tree.map(lambda x, g=g: jnp.asarray(x[g]), res.qarray) for g in range(G)
             ]
             loss = float(np.sum(res.loss))
-        else:  # one matrix (or groups one by one): the host path, errors name the group
+        else:  # one problem alone of its kind: the host wrapper, whose errors name the layer
             outs, ms, qs, loss = [], [], [], 0.0
             for g in range(G):
-                name = path if G == 1 else f"{path}[group {g}]"
-                r = _solve(mats[g], H[g], spec, layer=name, **kw)
+                r = _solve(lay.mats[g], lay.H[g], spec, rel_damp=rel_damp, method=method,
+                           layer=_problem_name(path, G, g))
                 outs.append(np.asarray(r.weights))
                 ms.append(None if r.mask is None else np.asarray(r.mask))
                 qs.append(r.qarray)
                 loss += float(r.loss)
-            ms = None if spec.prune is None else ms
-        new_kernel = _group_kernel(np.stack(outs), kernel.shape, kernel.dtype)
-        new_params = _set_path(new_params, path, "kernel", new_kernel)
+        new_kernel = jnp.asarray(from_matrices(np.stack(outs), lay.layout, lay.kernel.dtype))
+        new_params = set_path(new_params, path, "kernel", new_kernel)
         if spec.prune is not None:
-            masks[path] = _group_kernel(np.stack(ms), kernel.shape)
+            masks[path] = jnp.asarray(from_matrices(np.stack(ms), lay.layout))
         if spec.quant is not None:
             qarrays[path] = qs
         losses[path] = loss
     summary = summarize(params, new_params, specs, losses)
-    return Compressed(new_params, masks, qarrays, losses, specs, summary)
+    return Compressed(new_params, masks, qarrays, losses, specs, summary, layouts)
 
 
 def summarize(params, new_params, specs: Mapping[str, LayerSpec], losses=None) -> dict[str, Any]:
@@ -464,7 +567,7 @@ def prune_levels(
     sparsities: Sequence[float],
     *,
     rules: Sequence[tuple[str, Any]] = ((".*", True),),
-    solver: str = "obc",
+    solver: str | ExactOBS | Magnitude = "obc",
     rel_damp: float = 0.01,
     method: str = "auto",
     dead_inputs: str = "zero",
@@ -472,11 +575,13 @@ def prune_levels(
     """Params pruned to each of several unstructured sparsities, one elimination pass per layer.
 
     OBC's database idea: ExactOBS eliminates every row once and any number of levels is rebuilt
-    from the recorded orders, so a whole sweep costs little more than one level.
+    from the recorded orders, so a whole sweep costs little more than one level. As in
+    :func:`compress`, same-shaped problems are solved together in one vmapped call.
 
     Args:
       rules: which layers to prune (a value of None leaves a layer dense).
-      solver: ``"obc"`` (ExactOBS) or ``"magnitude"``.
+      solver: ``"obc"`` or ``ExactOBS(method=...)`` (ExactOBS), ``"magnitude"`` or
+        ``Magnitude()``.
       dead_inputs: as in :func:`compress` (``"obc"`` only; magnitude pruning ignores ``H``).
 
     Returns:
@@ -491,45 +596,50 @@ def prune_levels(
         for p, v in match_rules(list(layers), list(rules), what="layer").items()
         if v is not None
     }
-    if solver not in ("obc", "magnitude"):
+    if not (solver in ("obc", "magnitude") or isinstance(solver, ExactOBS | Magnitude)):
         raise ValueError(f"prune_levels: solver must be 'obc' or 'magnitude', got {solver!r}")
-    levels = [float(x) for x in sparsities]
-    out = [params for _ in levels]
+    options = K.solver_options(solver, Unstructured(0.5), None, method)
+    levels = tuple(float(Unstructured(s).sparsity) for s in sparsities)
+    problems: dict[str, _Layer] = {}
     for path in chosen:
         kernel = jnp.asarray(layers[path])
-        H, mats = _layer_problem(path, kernel, stats[path], dead_inputs, "prune_levels: ")
-        G = H.shape[0]
-        per_level = None
-        if G > 1:
-            per_level = _prune_levels_groups(mats, H, levels, solver, rel_damp, method, path)
-        if per_level is None:
+        H, mats, layout = _layer_problem(path, kernel, stats[path], dead_inputs, "prune_levels: ")
+        rows, cols = mats.shape[1:]
+        key = ("levels", levels, options, float(rel_damp), rows, cols)
+        problems[path] = _Layer(kernel, H, mats, layout, key)
+
+    def fn_of(key):
+        return functools.partial(_levels_one, levels=key[1], options=key[2], rel_damp=key[3],
+                                 layer="<stacked>")
+
+    def bytes_of(key, rows, cols):
+        return K.solve_bytes(rows, cols, key[2]) + 8 * len(levels) * rows * cols
+
+    out = [params for _ in levels]
+    for path, res in _solve_sets(problems, fn_of, bytes_of):
+        lay = problems[path]
+        G = lay.H.shape[0]
+        if res is not None:
+            per_level = [list(res.weights[:, lv]) for lv in range(len(levels))]
+        else:
             per_level = [[] for _ in levels]
             for g in range(G):
-                name = path if G == 1 else f"{path}[group {g}]"
-                r = _levels_one(mats[g], H[g], levels, solver, rel_damp, method, name)
+                r = _levels_one(lay.mats[g], lay.H[g], levels, options, rel_damp,
+                                _problem_name(path, G, g))
                 for lv, w in enumerate(r.weights):
                     per_level[lv].append(np.asarray(w))
         for lv in range(len(levels)):
-            k = _group_kernel(np.stack(per_level[lv]), kernel.shape, kernel.dtype)
-            out[lv] = _set_path(out[lv], path, "kernel", k)
+            k = jnp.asarray(from_matrices(np.stack(per_level[lv]), lay.layout, lay.kernel.dtype))
+            out[lv] = set_path(out[lv], path, "kernel", k)
     return out
 
 
-def _levels_one(W, H, levels, solver, rel_damp, method, layer):
-    if solver == "obc":
-        return K.exactobs_prune(W, H, list(levels), rel_damp=rel_damp, method=method, layer=layer)
+def _levels_one(W, H, levels, options, rel_damp, layer):
+    if isinstance(options, ExactOBS):
+        return K.exactobs_prune(W, H, list(levels), rel_damp=rel_damp, method=options.method,
+                                layer=layer)
     return K.Result(
         jnp.stack([K.magnitude_prune(W, s, layer=layer).weights for s in levels]),
         None, None, jnp.zeros((len(levels),)), jnp.zeros((len(levels), W.shape[0])),
         jnp.asarray(K.Status.OK, jnp.int32),
     )
-
-
-def _prune_levels_groups(W, H, levels, solver, rel_damp, method, path):
-    """prune_levels of every group at once: ``[level][group] -> (rows, cols)``."""
-    levels = tuple(float(Unstructured(s).sparsity) for s in levels)
-    fn = functools.partial(_levels_one, levels=levels, solver=solver, rel_damp=rel_damp,
-                           method=method, layer="<group>")
-    res = _map_groups(fn, ("levels", levels, solver, rel_damp, method), W, H)
-    _check_groups(res.status, path, W, H)
-    return [list(res.weights[:, lv]) for lv in range(len(levels))]

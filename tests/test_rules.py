@@ -58,3 +58,15 @@ def test_bad_rules():
         match_rules(PATHS, [("conv1", 1, 2)])
     with pytest.raises(TypeError, match="must be a string"):
         match_rules(PATHS, [(3, 1)])
+
+
+def test_values_pass_through_untouched():
+    # rule values are opaque to the matcher: a LayerSpec with a solver option record reaches
+    # compress (and from there obcjax.kernels.solve) as it was written
+    from obcjax.specs import GPTQ, Int
+    from obcjax.transforms import LayerSpec
+
+    spec = LayerSpec(quant=Int(4), solver=GPTQ(act_order=True, static_groups=False))
+    out = match_rules(PATHS, [("head", None), (".*", spec)])
+    assert out.pop("head") is None
+    assert all(v is spec for v in out.values()) and len(out) == len(PATHS) - 1

@@ -8,7 +8,7 @@ from flax import linen as nn
 
 from obcjax import kernels as K
 from obcjax.calibration import calibrate
-from obcjax.specs import NM, Int, Unstructured
+from obcjax.specs import GPTQ, NM, OBQ, Block, ExactOBS, Int, Magnitude, SparseGPT, Unstructured
 from obcjax.stats import hessian_finalize
 from obcjax.transforms import (
     LayerSpec,
@@ -189,7 +189,7 @@ def grouped():
 def _per_group_loop(monkeypatch):
     import obcjax.transforms as T
 
-    monkeypatch.setattr(T, "_solve_groups", lambda *a, **k: None)
+    monkeypatch.setattr(T, "_stacked", lambda *a, **k: None)
 
 
 def _same(a, b, rtol=1e-5, atol=1e-6):
@@ -308,7 +308,7 @@ def test_prune_levels_grouped_equals_per_group_loop(grouped, monkeypatch):
         with monkeypatch.context() as m:
             import obcjax.transforms as T
 
-            m.setattr(T, "_prune_levels_groups", lambda *a, **k: None)
+            m.setattr(T, "_stacked", lambda *a, **k: None)
             loop = prune_levels(v["params"], stats, [0.25, 0.5], rules=rules, solver=solver)
         for b, lp in zip(batched, loop):
             for path in ("dw", "gc"):
@@ -361,3 +361,211 @@ def test_dead_inputs_zero_or_keep(grouped, solver):
         )
     with pytest.raises(ValueError, match="dead_inputs"):
         compress(v["params"], dead, rules, dead_inputs="drop")
+
+
+# ------------------------------------------------------ same-shaped layers: one vmapped call
+
+
+class Stack(nn.Module):
+    """Four same-shaped Dense layers (a transformer's q/k/v/out, or its repeated blocks)."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(16, name="inp")(x)
+        for i in range(4):
+            x = nn.relu(nn.Dense(16, name=f"block{i}")(x))
+        return nn.Dense(3, name="head")(x)
+
+
+@pytest.fixture(scope="module")
+def stack():
+    model = Stack()
+    rng = np.random.default_rng(2)
+    xs = [rng.normal(size=(32, 8)).astype(np.float32) for _ in range(3)]
+    v = model.init(jax.random.key(2), jnp.asarray(xs[0]))
+    return v, calibrate(model, v, xs)
+
+
+BLOCKS = [f"block{i}" for i in range(4)]
+
+
+def _identical(a, b, code_flips=0.0):
+    """The same masks and the same codes; weights and losses equal up to float round-off.
+
+    ``code_flips``: the fraction of codes that may differ by one grid step (see :func:`_same`:
+    the solvers' host wrappers and their traced cores may round a value within an ulp of a grid
+    midpoint to different sides).
+    """
+    assert set(a.specs) == set(b.specs)
+    for path in a.specs:
+        assert (path in a.masks) == (path in b.masks)
+        if path in a.masks:
+            np.testing.assert_array_equal(a.masks[path], b.masks[path], err_msg=path)
+        assert (path in a.qarrays) == (path in b.qarrays)
+        flips = 0
+        for qa, qb in zip(a.qarrays.get(path, []), b.qarrays.get(path, [])):
+            d = np.abs(np.asarray(qa.codes, np.int32) - np.asarray(qb.codes, np.int32))
+            assert d.max() <= (1 if code_flips else 0), path
+            flips += int(np.count_nonzero(d))
+            np.testing.assert_array_equal(qa.zero, qb.zero, err_msg=path)
+            np.testing.assert_allclose(qa.scale, qb.scale, rtol=1e-6, err_msg=path)
+        ka, kb = np.asarray(a.params[path]["kernel"]), np.asarray(b.params[path]["kernel"])
+        assert flips <= code_flips * ka.size, (path, flips)
+        far = ~np.isclose(ka, kb, rtol=1e-6, atol=1e-7)
+        assert far.sum() <= flips, path  # only where a code flipped
+        rel = 1e-3 if flips else 1e-5
+        assert a.losses[path] == pytest.approx(b.losses[path], rel=rel, abs=1e-9), path
+
+
+def _jitted_one_by_one(v, stats, spec, paths):
+    """Each layer alone through ``jax.jit`` of the one dispatcher: the program a vmapped call
+    batches, without the batch."""
+    solve = jax.jit(lambda W, H: K.solve(W, H, spec.prune, spec.quant, spec.solver))
+    return {p: solve(v["params"][p]["kernel"].T, hessian_finalize(stats[p])[0]) for p in paths}
+
+
+STACK_SPECS = [
+    LayerSpec(Unstructured(0.5), None, "obc"),
+    LayerSpec(NM(2, 4), Int(4), ExactOBS()),
+    LayerSpec(None, Int(4), OBQ(order="natural")),
+    LayerSpec(None, Int(3, sym=False, granularity="group", group_size=8),
+              GPTQ(act_order=True, static_groups=True)),
+    LayerSpec(NM(2, 4), Int(8), SparseGPT(blocksize=8)),
+    LayerSpec(Unstructured(0.5), Int(8), Magnitude()),
+]
+
+
+@pytest.mark.parametrize("spec", STACK_SPECS, ids=lambda s: f"{type(s.solver).__name__}:{s.name}")
+def test_same_shaped_layers_batched_equal_one_by_one(stack, spec, monkeypatch):
+    import obcjax.transforms as T
+
+    v, stats = stack
+    rules = [("inp|head", None), (".*", spec)]
+    calls = []
+    solve = T._solve
+    monkeypatch.setattr(T, "_solve", lambda *a, **k: calls.append(k["layer"]) or solve(*a, **k))
+    batched = compress(v["params"], stats, rules)
+    assert calls == []  # the four blocks went through one stacked call
+    # vmap adds nothing but round-off: each layer alone through the same jitted program gives
+    # the same masks and codes
+    for path, r in _jitted_one_by_one(v, stats, spec, BLOCKS).items():
+        np.testing.assert_allclose(
+            batched.params[path]["kernel"], np.asarray(r.weights).T, rtol=1e-6, atol=1e-7
+        )
+        if spec.prune is not None:
+            np.testing.assert_array_equal(batched.masks[path], np.asarray(r.mask).T)
+        if spec.quant is not None:
+            np.testing.assert_array_equal(batched.qarrays[path][0].codes, r.qarray.codes)
+        assert batched.losses[path] == pytest.approx(float(r.loss), rel=1e-5)
+    # and the one-by-one fallback (the solvers' host wrappers) gives the same masks and codes
+    monkeypatch.setattr(T, "_stacked", lambda *a, **k: None)
+    one_by_one = compress(v["params"], stats, rules)
+    assert calls == BLOCKS
+    _identical(batched, one_by_one, code_flips=0.01)
+
+
+def test_solver_records_reach_the_kernels(stack):
+    v, stats = stack
+    W = v["params"]["block2"]["kernel"].T
+    H = hessian_finalize(stats["block2"])[0]
+    q = Int(4, granularity="group", group_size=8)
+    out = compress(v["params"], stats, [("block2", LayerSpec(None, q, GPTQ(act_order=True,
+                   static_groups=True))), (".*", None)])
+    want = K.gptq_quantize(W, H, q, act_order=True, static_groups=True)
+    np.testing.assert_array_equal(out.qarrays["block2"][0].codes, want.qarray.codes)
+    plain = K.gptq_quantize(W, H, q, static_groups=True)
+    assert (np.asarray(plain.qarray.codes) != np.asarray(want.qarray.codes)).any()
+    # the compress-level default solver may be a record too; GPTQ on a pruned layer is SparseGPT
+    out = compress(v["params"], stats, [("block2", NM(2, 4)), (".*", None)],
+                   solver=GPTQ(blocksize=4))
+    want = K.sparsegpt_prune(W, H, NM(2, 4), blocksize=4)
+    np.testing.assert_array_equal(out.masks["block2"], np.asarray(want.mask).T)
+
+
+def test_layer_spec_solvers_and_shorthands():
+    s = LayerSpec(0.5, 4, GPTQ(blocksize=64))
+    assert s == LayerSpec(Unstructured(0.5), Int(4), GPTQ(blocksize=64))
+    assert s.family == "gptq" and LayerSpec().family == "obc"
+    assert hash(s) == hash(LayerSpec(Unstructured(0.5), Int(4), GPTQ(blocksize=64)))
+    assert as_layer_spec(("2:4", None, Magnitude())) == LayerSpec(NM(2, 4), None, Magnitude())
+    assert jax.jit(lambda x, spec: x * spec.quant.bits, static_argnums=1)(1.0, s) == 4.0
+    with pytest.raises(ValueError, match="LayerSpec.solver.*'obc', 'magnitude', 'gptq'"):
+        LayerSpec(quant=Int(4), solver="obs")
+    with pytest.raises(TypeError, match="LayerSpec.solver"):
+        LayerSpec(quant=Int(4), solver=Int(4))
+    with pytest.raises(ValueError, match="compress: solver"):
+        compress({}, {}, [], solver="sparsegpt")
+
+
+def test_stacked_errors_name_the_layer(stack, monkeypatch):
+    import obcjax.transforms as T
+    from obcjax.stats import HessianState
+
+    v, stats = stack
+    calls = []
+    solve = T._solve
+    monkeypatch.setattr(T, "_solve", lambda *a, **k: calls.append(k["layer"]) or solve(*a, **k))
+    rules = [("inp|head", None), (".*", LayerSpec(quant=Int(4), solver="gptq"))]
+    # problem 2 of the stacked four has non-finite weights, problem 3 a Hessian with no signal
+    k = np.array(v["params"]["block2"]["kernel"])
+    k[1, 1] = np.nan
+    params = {**v["params"], "block2": {"kernel": jnp.asarray(k), "bias": v["params"]["block2"]["bias"]}}
+    st = stats["block3"]
+    dead = {**stats, "block3": HessianState(jnp.zeros_like(st.sum), st.count)}
+    with pytest.raises(ValueError, match=r"layer 'block2': W has 1 non-finite"):
+        compress(params, dead, rules)
+    with pytest.raises(ValueError, match=r"layer 'block3': H has no signal"):
+        compress(v["params"], dead, rules)
+    assert calls == []  # reported from the stacked call's statuses
+    # a combination the solver refuses is refused in the layer's words, first layer first
+    with pytest.raises(ValueError, match=r"layer 'block0'.*magnitude baseline has no block"):
+        compress(v["params"], stats, [("inp|head", None), (".*", LayerSpec(prune=Block(0.5, 4),
+                                                                           solver="magnitude"))])
+
+
+def test_one_trace_per_shape_and_options(stack, monkeypatch):
+    import chex
+
+    import obcjax.transforms as T
+
+    v, stats = stack
+    monkeypatch.setattr(T, "_BATCHED", {})
+    traces = []
+
+    def counted(*a, **k):
+        traces.append(1)
+        return solve_pure(*a, **k)
+
+    solve_pure = T._solve_pure
+    monkeypatch.setattr(T, "_solve_pure", chex.assert_max_traces(counted, n=1))
+    rules = [("inp|head", None), (".*", LayerSpec(NM(2, 4), None, "gptq"))]
+    a = compress(v["params"], stats, rules)
+    b = compress(v["params"], stats, rules)  # the same program again: no new trace
+    assert len(traces) == 1
+    _identical(a, b)
+    # three of the four (padded to a chunk of four) reuse it as well
+    compress(v["params"], stats, [("inp|head|block0", None), (".*", LayerSpec(NM(2, 4), None,
+                                                                              "gptq"))])
+    assert len(traces) == 1
+
+
+def test_prune_levels_same_shaped_layers_equal_one_by_one(stack, monkeypatch):
+    import obcjax.transforms as T
+
+    v, stats = stack
+    rules = [("inp|head", None), (".*", True)]
+    for solver in ("obc", ExactOBS(method="naive"), "magnitude"):
+        batched = prune_levels(v["params"], stats, [0.3, 0.6], rules=rules, solver=solver)
+        with monkeypatch.context() as m:
+            m.setattr(T, "_stacked", lambda *a, **k: None)
+            loop = prune_levels(v["params"], stats, [0.3, 0.6], rules=rules, solver=solver)
+        for b, lp in zip(batched, loop):
+            for path in BLOCKS:
+                np.testing.assert_array_equal(
+                    np.asarray(b[path]["kernel"]) == 0, np.asarray(lp[path]["kernel"]) == 0
+                )
+                np.testing.assert_allclose(
+                    b[path]["kernel"], lp[path]["kernel"], rtol=1e-6, atol=1e-7
+                )
+    with pytest.raises(ValueError, match="prune_levels: solver"):
+        prune_levels(v["params"], stats, [0.5], solver=GPTQ())

@@ -52,3 +52,11 @@ __all__ = [
     "magnitude_nm",
     "rtn_quantize",
 ]
+
+# Appended: the working-set estimate callers size vmapped batches with, and the ExactOBS engine's
+# static schedules (cost accounting in benchmarks), public so that nothing outside the kernels
+# imports the private ``_engine`` module.
+from obcjax.kernels._engine import blocked_plan, phase_plan  # noqa: E402
+from obcjax.kernels.solve import solve_bytes  # noqa: E402
+
+__all__ += ["solve_bytes", "blocked_plan", "phase_plan"]

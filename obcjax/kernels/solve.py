@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from obcjax.kernels._engine import AUTO_FAST_COLS
 from obcjax.kernels.baselines import magnitude_nm, magnitude_prune, rtn_quantize
 from obcjax.kernels.exactobs import (
+    CACHE_BYTES,
+    DEFAULT_MEMORY_BYTES,
     Result,
     exactobs_block,
     exactobs_nm,
@@ -25,6 +28,7 @@ from obcjax.specs import (
     GPTQ,
     NM,
     OBQ,
+    SOLVER_NAMES,
     Block,
     ExactOBS,
     Magnitude,
@@ -32,12 +36,11 @@ from obcjax.specs import (
     Unstructured,
     as_prune,
     as_quant,
+    as_solver,
     check_fits,
 )
 
-__all__ = ["solve", "solver_options", "SOLVER_NAMES"]
-
-SOLVER_NAMES = ("obc", "gptq", "magnitude")
+__all__ = ["solve", "solver_options", "solve_bytes", "SOLVER_NAMES"]
 
 
 def solver_options(solver, prune, quant, method: str | None = None):
@@ -49,15 +52,14 @@ def solver_options(solver, prune, quant, method: str | None = None):
     :class:`~obcjax.specs.Magnitude`. A record of the other member of a family is converted
     (``GPTQ(blocksize=64)`` on a pruning spec is ``SparseGPT(blocksize=64)``).
     """
+    solver = as_solver(solver)
     if isinstance(solver, str):
         if solver == "obc":
             m = method or "auto"
             return OBQ(method=m) if quant is not None else ExactOBS(method=m)
         if solver == "gptq":
             return SparseGPT() if prune is not None else GPTQ()
-        if solver == "magnitude":
-            return Magnitude()
-        raise ValueError(f"solver must be one of {SOLVER_NAMES} or an option record, got {solver!r}")
+        return Magnitude()
     if isinstance(solver, ExactOBS) and quant is not None:
         return OBQ(method=solver.method)
     if isinstance(solver, OBQ) and quant is None:
@@ -66,9 +68,26 @@ def solver_options(solver, prune, quant, method: str | None = None):
         return SparseGPT(blocksize=solver.blocksize)
     if isinstance(solver, SparseGPT) and prune is None:
         return GPTQ(blocksize=solver.blocksize)
-    if isinstance(solver, ExactOBS | OBQ | GPTQ | SparseGPT | Magnitude):
-        return solver
-    raise TypeError(f"solver must be one of {SOLVER_NAMES} or an option record, got {solver!r}")
+    return solver
+
+
+def solve_bytes(rows: int, cols: int, options, itemsize: int = 4) -> int:
+    """A generous estimate of the working set of one :func:`solve` of a ``(rows, cols)`` matrix
+    with the option record ``options`` (from :func:`solver_options`), in bytes.
+
+    Callers that ``vmap`` many problems (``compress``) size their batches with it: the ExactOBS /
+    OBQ engine keeps a ``(cols, cols)`` inverse per row in flight, chunked to the kernels' own
+    memory budget; the other solvers hold a few ``(cols, cols)`` and ``(rows, cols)`` arrays.
+    """
+    base = itemsize * (3 * cols * cols + 8 * rows * cols)
+    if isinstance(options, ExactOBS | OBQ):
+        per_row = 3 * cols * cols * itemsize
+        blocked = options.method in ("blocked", "fast") or (
+            options.method == "auto" and cols >= AUTO_FAST_COLS
+        )
+        budget = CACHE_BYTES if blocked else DEFAULT_MEMORY_BYTES
+        base += max(per_row, min(rows * per_row, budget))
+    return base
 
 
 def solve(
@@ -81,6 +100,8 @@ def solve(
     rel_damp: float = 0.01,
     method: str | None = None,
     layer: str = "<matrix>",
+    prepared=None,
+    mesh=None,
 ) -> Result:
     """Compress one matrix as ``(prune, quant)`` says, with the solver ``solver`` names.
 
@@ -92,6 +113,9 @@ def solve(
       rel_damp: relative damping. method: the ExactOBS/OBQ engine for ``"obc"`` (overrides
         nothing when the record gives one).
       layer: name used in error messages.
+      prepared: the problem already prepared by :func:`~obcjax.kernels.prepare` (skips that
+        work; the ExactOBS / OBQ, GPTQ and SparseGPT solvers). mesh: rows split over a device
+        mesh (the ExactOBS / OBQ solvers; the others run on one device).
 
     Returns:
       The solver's :class:`~obcjax.kernels.Result`.
@@ -114,6 +138,8 @@ def solve(
             check_fits(s, cols, layer)
     opts = solver_options(solver, prune, quant, method)
     kw = dict(rel_damp=rel_damp, layer=layer)
+    pre = {} if prepared is None else dict(prepared=prepared)
+    obc = dict(pre, **({} if mesh is None else dict(mesh=mesh)))
     if isinstance(opts, Magnitude):
         if prune is None:
             return rtn_quantize(W, quant, H=H, **kw)
@@ -136,19 +162,19 @@ def solve(
                       P.damp * P.h_scale)
     if isinstance(opts, GPTQ):
         return gptq_quantize(W, H, quant, blocksize=opts.blocksize, act_order=opts.act_order,
-                             static_groups=opts.static_groups, **kw)
+                             static_groups=opts.static_groups, **pre, **kw)
     if isinstance(opts, SparseGPT):
         if isinstance(prune, Block):
             raise ValueError(f"layer {layer!r}: SparseGPT has no block pruning; use solver='obc'")
-        return sparsegpt_prune(W, H, prune, quant=quant, blocksize=opts.blocksize, **kw)
+        return sparsegpt_prune(W, H, prune, quant=quant, blocksize=opts.blocksize, **pre, **kw)
     if isinstance(opts, OBQ):
         if prune is None:
             return obq_quantize(W, H, quant, outlier_rule=opts.outlier_rule, order=opts.order,
-                                method=opts.method, **kw)
+                                method=opts.method, **obc, **kw)
         return obq_prune_quantize(W, H, prune, quant, outlier_rule=opts.outlier_rule,
-                                  method=opts.method, **kw)
+                                  method=opts.method, **obc, **kw)
     if isinstance(prune, Unstructured):
-        return exactobs_prune(W, H, prune.sparsity, method=opts.method, **kw)
+        return exactobs_prune(W, H, prune.sparsity, method=opts.method, **obc, **kw)
     if isinstance(prune, NM):
-        return exactobs_nm(W, H, prune, method=opts.method, **kw)
-    return exactobs_block(W, H, prune, **kw)
+        return exactobs_nm(W, H, prune, method=opts.method, **obc, **kw)
+    return exactobs_block(W, H, prune, **pre, **kw)

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from obcjax.specs import NM, Int, Unstructured, check_fits
+from obcjax.specs import GPTQ, NM, SOLVER_NAMES, Int, Unstructured, check_fits, solver_family
 
 __all__ = [
     "ENCODER_DENSE",
@@ -61,6 +61,7 @@ __all__ = [
     "calibration_batches",
     "calibrate_minilm",
     "compress_minilm",
+    "with_gptq_options",
     "dense_size_bits",
     "evaluate",
     "Evaluation",
@@ -70,7 +71,7 @@ __all__ = [
 
 #: The compressed layers: every encoder Dense layer (embeddings are ``Embed`` tables, not Dense).
 ENCODER_DENSE = r"layer_\d+/(attention/(query|key|value|output)|ffn/(intermediate|output))"
-SOLVERS = ("gptq", "obc", "magnitude")
+SOLVERS = SOLVER_NAMES
 #: Sentences per split of the offline corpus (the held-out set must not move with --ncalib).
 CORPUS_SPLIT = 1024
 _ATTENTION = ("query", "key", "value", "output")
@@ -164,7 +165,7 @@ def level_spec(
     bits: int | None = None,
     *,
     group: int | None = None,
-    solver: str = "gptq",
+    solver="gptq",
     sym: bool = False,
     search: str = "minmax",
 ):
@@ -177,7 +178,8 @@ def level_spec(
       prune: ``Unstructured``, ``NM`` or None.
       bits: weight bits 2..8, or None.
       group: group size of the quantization grid (None or 0: one grid per output row).
-      solver: ``"gptq"`` (GPTQ / SparseGPT), ``"obc"`` (ExactOBS / OBQ) or ``"magnitude"``.
+      solver: ``"gptq"`` (GPTQ / SparseGPT), ``"obc"`` (ExactOBS / OBQ) or ``"magnitude"``, or
+        an option record (``GPTQ(act_order=True, static_groups=True)``, ...).
       sym, search: the grid's symmetry and range search (see :class:`obcjax.specs.Int`).
 
     Returns:
@@ -211,7 +213,7 @@ def method_label(spec) -> str:
         "gptq": ("GPTQ", "SparseGPT", "SparseGPT+quant"),
         "obc": ("OBQ", "ExactOBS", "ExactOBS+OBQ"),
         "magnitude": ("RTN", "magnitude", "magnitude+RTN"),
-    }[spec.solver]
+    }[solver_family(spec.solver)]
     return names[2] if (prune and quant) else names[1] if prune else names[0]
 
 
@@ -229,7 +231,8 @@ def check_level(
       spec: a :class:`~obcjax.transforms.LayerSpec`.
       config: the model's :class:`~obcjax.zoo.minilm.BertConfig` (default all-MiniLM-L6-v2).
       layers: the layers that will be compressed (default all encoder Dense layers).
-      act_order, static_groups: the GPTQ options asked for.
+      act_order, static_groups: the GPTQ options asked for (besides those of a ``GPTQ`` record
+        in ``spec.solver``).
 
     Raises:
       ValueError: a group size or N:M pattern that does not divide some layer's input width (the
@@ -247,9 +250,12 @@ def check_level(
                 check_fits(s, cols, path)
     q = spec.quant
     grouped = q is not None and q.granularity == "group"
+    if isinstance(spec.solver, GPTQ):
+        act_order = act_order or spec.solver.act_order
+        static_groups = static_groups or spec.solver.static_groups
     if act_order or static_groups:
         what = "--act-order" if act_order else "--static-groups"
-        if spec.solver != "gptq" or spec.prune is not None or q is None:
+        if solver_family(spec.solver) != "gptq" or spec.prune is not None or q is None:
             raise ValueError(
                 f"{what} applies to GPTQ quantization only (solver 'gptq', no pruning), not to "
                 f"{method_label(spec)} at level {spec.name}"
@@ -375,35 +381,27 @@ def _get(tree, path: str):
     return tree
 
 
-def _compress_paths(params, stats, paths, spec, *, act_order, static_groups, rel_damp):
-    """Compress ``paths`` of ``params``; returns ``(params, masks, qarrays, losses)``."""
-    import jax.numpy as jnp
-
-    from obcjax import kernels as K
-    from obcjax.stats import hessian_finalize
-    from obcjax.transforms import _set_path, compress
-
+def with_gptq_options(spec, *, act_order: bool = False, static_groups: bool = False):
+    """``spec`` with GPTQ's act-order / static groups switched on in its solver record (a
+    ``"gptq"`` spec becomes ``GPTQ(act_order=..., static_groups=...)``); unchanged when neither
+    is asked for."""
     if not (act_order or static_groups):
-        out = compress(params, stats, [(re.escape(p), spec) for p in paths], rel_damp=rel_damp)
-        return out.params, out.masks, out.qarrays, out.losses
-    # GPTQ's act-order / static groups are kernel options that LayerSpec does not carry.
-    qarrays, losses = {}, {}
-    for path in paths:
-        kernel = jnp.asarray(_get(params, path)["kernel"])
-        H = hessian_finalize(stats[path], layer=path)[0]
-        r = K.gptq_quantize(
-            kernel.T.astype(jnp.float32),
-            H,
-            spec.quant,
-            act_order=act_order,
-            static_groups=static_groups,
-            rel_damp=rel_damp,
-            layer=path,
-        )
-        params = _set_path(params, path, "kernel", r.weights.T.astype(kernel.dtype))
-        qarrays[path] = [r.qarray]
-        losses[path] = float(r.loss)
-    return params, {}, qarrays, losses
+        return spec
+    base = spec.solver if isinstance(spec.solver, GPTQ) else GPTQ()
+    solver = dataclasses.replace(
+        base,
+        act_order=base.act_order or act_order,
+        static_groups=base.static_groups or static_groups,
+    )
+    return dataclasses.replace(spec, solver=solver)
+
+
+def _compress_paths(params, stats, paths, spec, *, rel_damp):
+    """Compress ``paths`` of ``params``; returns ``(params, masks, qarrays, losses)``."""
+    from obcjax.transforms import compress
+
+    out = compress(params, stats, [(re.escape(p), spec) for p in paths], rel_damp=rel_damp)
+    return out.params, out.masks, out.qarrays, out.losses
 
 
 def compress_minilm(
@@ -456,8 +454,9 @@ def compress_minilm(
             f"layers {unknown} are not encoder Dense layers; choose among {all_layers}"
         )
     check_level(spec, model.config, layers=layers, act_order=act_order, static_groups=static_groups)
+    spec = with_gptq_options(spec, act_order=act_order, static_groups=static_groups)
     params = variables["params"]
-    kw = dict(act_order=act_order, static_groups=static_groups, rel_damp=rel_damp)
+    kw = dict(rel_damp=rel_damp)
     if mode == "one-pass":
         if stats is None:
             if batches is None:
@@ -765,7 +764,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         dense_bits, comp_bits = dense_size_bits(out.summary, all_layers)
         row = {
             "method": method_label(spec),
-            "solver": spec.solver,
+            "solver": solver_family(spec.solver),
             "level": spec.name,
             "mode": args.mode,
             "act_order": args.act_order,
