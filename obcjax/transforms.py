@@ -324,11 +324,28 @@ def _stacked(fn, key, W, H, per_problem_bytes: int) -> _Groups | None:
     """:func:`_map_groups`, or None when the options cannot be traced (a combination the solver
     refuses, say): then the problems go one by one through the host wrappers, whose errors name
     the layer. Tests replace this function to force the one-by-one path."""
+    if _one_by_one_on_cpu(W.shape[1:]):
+        return None
     try:
         return _map_groups(fn, key, W, H, per_problem_bytes)
     except (ValueError, TypeError, NotImplementedError):
         _BATCHED.pop(key, None)
         return None
+
+
+# On a CPU, a vmapped solve of large problems is slower than the host wrappers one after another
+# (measured by benchmarks/suite.py on 2 cores: 2:4 ExactOBS on 12 stacked 64x256 problems took
+# 5.5 s vmapped against 1.8 s one by one, 6 stacked 384x384 15.7 s against 9.0 s; GPTQ 4-bit on
+# 6 x 384x384 0.50 s against 0.27 s): each problem already fills the cores with its rows, the
+# host path of unstructured ExactOBS stops rows early, and a vmapped batch of per-problem
+# inverses no longer fits in cache. Small problems (the groups of a depthwise conv: 1 x 9) are
+# the opposite: one call each would be all overhead. Accelerators batch everything.
+_CPU_LOOP_WORK = 1 << 21  # rows * cols^2 from which a CPU solves problems one by one
+
+
+def _one_by_one_on_cpu(shape) -> bool:
+    rows, cols = shape
+    return jax.default_backend() == "cpu" and rows * cols * cols >= _CPU_LOOP_WORK
 
 
 def _problem_name(path: str, G: int, g: int) -> str:
