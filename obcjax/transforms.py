@@ -5,27 +5,34 @@
 match wins; a rule matching nothing is an error), maps its kernel to weight matrices, runs the
 solver with the layer's Hessian, and maps the result back. Inputs are never mutated.
 
-Kernel layout, in one place:
-
-* Dense kernel ``(in, out)``: ``W = kernel.T``.
-* Conv kernel ``(*spatial, in/G, out)`` (Flax HWIO): group ``g`` owns output channels
-  ``g·out/G … (g+1)·out/G - 1`` and ``W_g = kernel[..., g-th slice].reshape(-1, out/G).T``, whose
-  columns run ``(kh, kw, cin)`` -- the order of the calibration patches, and the order in which
-  N:M groups run along input channels at a fixed spatial tap.
+The kernel <-> matrix layout lives in :mod:`obcjax.layout`: Dense ``(in, out)`` is
+``W = kernel.T``; a conv ``(*spatial, in/G, out)`` (Flax HWIO) is ``G`` problems whose columns run
+``(kh, kw, cin)`` -- the order of the calibration patches, and the order in which N:M groups run
+along input channels at a fixed spatial tap; a DenseGeneral kernel (attention query / key / value
+``(in, heads, head_dim)``, output ``(heads, head_dim, out)``) contracts the leading axes whose
+sizes multiply to the width of its statistics.
 
 Grouped and depthwise convs have one Hessian per group, so each group is its own problem. Every
 set of same-shaped problems with the same ``(prune, quant, solver options)`` -- the groups of a
 depthwise conv, a transformer's query / key / value, its repeated blocks -- is solved as one
 ``jit(vmap)`` of the pure solver (:func:`obcjax.kernels.solve`), compiled once per (shape,
-options) and run in power-of-two chunks sized to a memory budget. A problem alone of its kind goes
+options) and run in power-of-two chunks sized to a memory budget (on a CPU, large problems go one
+by one through the host wrappers instead, which is faster there). A problem alone of its kind goes
 through the solver's host wrapper. Either way a bad problem raises the error that names its layer
 (``path``, or ``path[group g]``), the first in the order of the layers.
 
 Example:
-    >>> stats = calibrate(model, variables, batches)
-    >>> out = compress(variables["params"], stats, [("conv1", None), (".*", LayerSpec(
+    >>> import flax.linen as nn, jax, numpy as np
+    >>> from obcjax.calibration import calibrate
+    >>> from obcjax.specs import NM, Int
+    >>> model = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(4)])
+    >>> x = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)
+    >>> variables = model.init(jax.random.key(0), x)
+    >>> stats = calibrate(model, variables, [x])
+    >>> out = compress(variables["params"], stats, [("layers_0", None), (".*", LayerSpec(
     ...     prune=NM(2, 4), quant=Int(4)))])
-    >>> logits = model.apply({**variables, "params": out.params}, x)
+    >>> sorted(out.specs), model.apply({"params": out.params}, x).shape
+    (['layers_2'], (64, 4))
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from obcjax import kernels as K
+from obcjax._checks import check_kernel, check_rel_damp, check_rules, rule_spec, sparsity_list
 from obcjax.kernels.prepare import blas_one_thread
 from obcjax.layout import Layout, from_matrices, layout_for, set_path, to_matrices
 from obcjax.quant import QArray
@@ -59,6 +67,7 @@ from obcjax.specs import (
     solver_family,
     spec_name,
 )
+from obcjax.stats import check_stats
 
 __all__ = [
     "LayerSpec",
@@ -468,20 +477,19 @@ def compress(
 
     _check_dead_inputs(dead_inputs, "compress")
     solver = as_solver(solver, what="compress: solver")
+    check_rules(rules, "compress")
+    rel_damp = check_rel_damp(rel_damp, "compress")
     if isinstance(rules, Mapping):
         rules = list(rules.items())
     layers = find_layers(params)
     if not layers:
         raise ValueError("compress: no layer with a 'kernel' was found in params")
     chosen = match_rules(list(layers), [(r, v) for r, v in rules], what="layer")
-    specs = {p: as_layer_spec(v, solver) for p, v in chosen.items()}
+    specs = {p: rule_spec(v, solver, p, "compress") for p, v in chosen.items()}
     specs = {p: s for p, s in specs.items() if s is not None and (s.prune or s.quant)}
-    missing = [p for p in specs if p not in stats]
-    if missing:
-        raise ValueError(
-            f"compress: no calibration statistics for layer(s) {missing}; the statistics hold "
-            f"{sorted(stats)} -- were they captured from this model?"
-        )
+    check_stats(stats, list(specs), what="compress")
+    for path in specs:
+        check_kernel(path, layers[path], "compress")
     problems: dict[str, _Layer] = {}
     layouts: dict[str, Layout] = {}
     for path, spec in specs.items():
@@ -607,6 +615,8 @@ def prune_levels(
     from obcjax.rules import match_rules
 
     _check_dead_inputs(dead_inputs, "prune_levels")
+    rel_damp = check_rel_damp(rel_damp, "prune_levels")
+    levels = sparsity_list(sparsities, "prune_levels")
     layers = find_layers(params)
     chosen = {
         p: v
@@ -616,7 +626,9 @@ def prune_levels(
     if not (solver in ("obc", "magnitude") or isinstance(solver, ExactOBS | Magnitude)):
         raise ValueError(f"prune_levels: solver must be 'obc' or 'magnitude', got {solver!r}")
     options = K.solver_options(solver, Unstructured(0.5), None, method)
-    levels = tuple(float(Unstructured(s).sparsity) for s in sparsities)
+    check_stats(stats, list(chosen), what="prune_levels")
+    for path in chosen:
+        check_kernel(path, layers[path], "prune_levels")
     problems: dict[str, _Layer] = {}
     for path in chosen:
         kernel = jnp.asarray(layers[path])
