@@ -67,6 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from obcjax import kernels as K
+from obcjax._checks import check_kernel, check_rel_damp
 from obcjax.fileio import CorruptedFileError, atomic_write
 from obcjax.layout import set_path
 from obcjax.specs import (
@@ -79,7 +80,7 @@ from obcjax.specs import (
     solver_family,
     spec_name,
 )
-from obcjax.stats import HessianState
+from obcjax.stats import HessianState, check_stats
 from obcjax.transforms import (
     LayerSpec,
     as_layer_spec,
@@ -1310,6 +1311,7 @@ def build_database(
         raise ValueError(
             f"build_database: on_mismatch must be 'raise' or 'recompute', got {on_mismatch!r}"
         )
+    rel_damp = check_rel_damp(rel_damp, "build_database")
     base_levels = _levels_tuple(levels, "build_database")
     layers = find_layers(params)
     if not layers:
@@ -1330,12 +1332,9 @@ def build_database(
             )
     if not plan:
         raise ValueError("build_database: the rules leave every layer out of the database")
-    missing = [p for p in plan if p not in stats]
-    if missing:
-        raise ValueError(
-            f"build_database: no calibration statistics for layer(s) {missing}; the statistics "
-            f"hold {sorted(stats)} -- were they captured from this model?"
-        )
+    check_stats(stats, list(plan), what="build_database", arrays=True)
+    for p in plan:
+        check_kernel(p, layers[p], "build_database")
     positions = dict(positions or {})
     for p, n in positions.items():
         if p not in layers:
@@ -1438,6 +1437,14 @@ def build_database(
 # ----------------------------------------------------------------------------------------------
 
 
+def _check_database(database, what: str) -> None:
+    if not isinstance(database, Database):
+        raise TypeError(
+            f"{what}: database must be a Database (from build_database or Database.from_table), "
+            f"got {type(database).__name__}"
+        )
+
+
 def _check_budget(budget) -> float:
     try:
         b = float(budget)
@@ -1478,6 +1485,7 @@ def solve(
         >>> db.cost_of(choice) <= 0.25 * db.dense_cost("size")
         True
     """
+    _check_database(database, "solve")
     b = _check_budget(budget)
     if not isinstance(buckets, (int, np.integer)) or buckets < 1:
         raise ValueError(f"solve: buckets must be a positive int, got {buckets!r}")
@@ -1546,6 +1554,7 @@ def uniform(
         >>> uniform(db, 0.25 * db.dense_cost("size"))["dense_0"].name
         '75%'
     """
+    _check_database(database, "uniform")
     b = _check_budget(budget)
     if by not in ("cost", "loss"):
         raise ValueError(f"uniform: by must be 'cost' or 'loss', got {by!r}")
@@ -1647,6 +1656,7 @@ def materialize(params, database: Database, assignment: Mapping[str, Any], *, st
         >>> new = materialize(params, db, solve(db, budget))
         >>> logits = model.apply({"params": new}, x)
     """
+    _check_database(database, "materialize")
     idx = database._indices(assignment)
     layers = find_layers(params)
     for p in database.paths:

@@ -52,7 +52,13 @@ from jax.sharding import PartitionSpec as P
 
 from obcjax.capture import BoundModel, CaptureError, LayerCall, layer_kinds, layer_rows
 from obcjax.rules import match_rules, normalize_rules
-from obcjax.stats import HessianState, hessian_finalize, hessian_init, hessian_update
+from obcjax.stats import (
+    HessianState,
+    check_stats,
+    hessian_finalize,
+    hessian_init,
+    hessian_update,
+)
 
 __all__ = ["calibrate", "finalize"]
 
@@ -88,7 +94,14 @@ class _Sink:
         x = call.input
         if x is None:
             raise CaptureError(f"layer {path!r}: could not find the layer's input argument")
-        rows = layer_rows(call.kind, call.module, x, path)
+        shape = tuple(jnp.shape(x))
+        rows = layer_rows(call.kind, call.module, x, path) if shape and shape[-1] else None
+        if rows is None or rows.shape[-1] == 0:
+            raise CaptureError(
+                f"layer {path!r}: its input has no features (input shape {shape}); a layer "
+                "without inputs has nothing to calibrate -- give it inputs, or exclude it with a "
+                "(regex, None) rule"
+            )
         state = self.states.get(path)
         if state is None:
             state = hessian_init(rows.shape[-1], rows.shape[1])
@@ -231,6 +244,22 @@ def calibrate(
     """
     kinds = layer_kinds(layer_types, what="calibrate")
     compiled = normalize_rules(rules, what="layer")  # validate the rules before any batch runs
+    if batches is None or isinstance(batches, str | bytes) or not hasattr(batches, "__iter__"):
+        raise TypeError(
+            "calibrate: batches must be an iterable of batches (arrays, (x, ...) tuples or "
+            f"{{'x': ...}} dicts), e.g. a list or a generator; got {type(batches).__name__}"
+            + (f" {batches!r}" if isinstance(batches, str | bytes) and len(batches) < 40 else "")
+        )
+    if forward is not None and not callable(forward):
+        raise TypeError(
+            f"calibrate: forward must be a function forward(module, batch), got "
+            f"{type(forward).__name__}"
+        )
+    if apply_kwargs is not None and not isinstance(apply_kwargs, Mapping):
+        raise TypeError(
+            f"calibrate: apply_kwargs must be a dict of keyword arguments, got "
+            f"{type(apply_kwargs).__name__}"
+        )
     kwargs = dict(apply_kwargs or {})
     if forward is None:
         # Only the input travels to the device, not labels riding along in the batch.
@@ -359,4 +388,5 @@ def _check(states, paths, finite_flags):
 
 def finalize(stats: Mapping[str, HessianState]) -> dict[str, jax.Array]:
     """``{path: H (G, cols, cols)}`` from :func:`calibrate`'s output (``2 · sum / count``)."""
+    check_stats(stats, list(stats) if isinstance(stats, Mapping) else (), what="finalize")
     return {p: hessian_finalize(s, layer=p) for p, s in stats.items()}

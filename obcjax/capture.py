@@ -55,7 +55,14 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
-from flax.errors import ScopeCollectionNotFound
+from flax.errors import (
+    ApplyScopeInvalidVariablesStructureError,
+    ApplyScopeInvalidVariablesTypeError,
+    InvalidRngError,
+    ScopeCollectionNotFound,
+    ScopeParamNotFoundError,
+    ScopeVariableNotFoundError,
+)
 from flax.traverse_util import flatten_dict
 
 from obcjax.stats import conv_patches, dense_inputs
@@ -438,6 +445,13 @@ class BoundModel:
                     f"{what}: Linen variables must be a dict like {{'params': ...}}, got "
                     f"{type(variables).__name__}"
                 )
+            bad = {c: type(v).__name__ for c, v in variables.items() if not isinstance(v, Mapping)}
+            if bad:
+                raise TypeError(
+                    f"{what}: every collection of the Linen variables must be a nested dict (as "
+                    f"model.init returns, e.g. {{'params': {{'fc1': {{'kernel': ...}}}}}}), got "
+                    f"{bad}"
+                )
             self.variables = variables
         else:
             raise TypeError(
@@ -510,6 +524,18 @@ class BoundModel:
             if self.is_nnx:
                 raise
             raise self._missing(variables, e) from e
+        except (ScopeParamNotFoundError, ScopeVariableNotFoundError, InvalidRngError) as e:
+            if self.is_nnx:
+                raise
+            raise self._missing_variable(variables, e) from e
+        except (ApplyScopeInvalidVariablesTypeError, ApplyScopeInvalidVariablesStructureError) as e:
+            if self.is_nnx:
+                raise
+            raise CaptureError(
+                f"{self.what}: variables must be a dict of collections, each a nested dict of "
+                f"arrays ({{'params': {{'layer': {{'kernel': ...}}}}}}), as model.init returns; got "
+                f"collections {_kinds(variables)}"
+            ) from e
         if not self.is_nnx:
             self._check_created(module, variables)
         return out
@@ -519,10 +545,40 @@ class BoundModel:
         col, where = (
             (m.group(2), f" (variable {m.group(1)!r} of {m.group(3)!r})") if m else ("?", "")
         )
+        example = "{'params': ...}" if col == "params" else f"{{'params': ..., {col!r}: ...}}"
         return CaptureError(
             f"{self.what}: the model reads the collection {col!r}{where}, which the variables do "
             f"not have (they have {sorted(variables)}); give every collection the model was "
-            f"trained with, e.g. {{'params': ..., {col!r}: ...}}, as model.apply needs them"
+            f"trained with, e.g. {example}, as model.apply needs them"
+        )
+
+    def _missing_variable(self, variables, e) -> CaptureError:
+        """A layer whose variable is missing from ``variables`` (Flax's ScopeParamNotFoundError,
+        or an InvalidRngError when it would have to initialise one)."""
+        text = str(e)
+        m = re.search(r'named "([^"]*)" in scope "([^"]*)"', text) or re.search(
+            r'"([^"]*)" in collection "[^"]*" in scope "([^"]*)"', text
+        )
+        if m:
+            name, layer = m.group(1), m.group(2).strip("/") or "<root>"
+            col = "params"
+            m2 = re.search(r'collection "([^"]*)"', text)
+            if m2:
+                col = m2.group(1)
+            held = variables.get(col, {})
+            held = sorted(held) if isinstance(held, Mapping) else type(held).__name__
+            return CaptureError(
+                f"{self.what}: layer {layer!r} needs the variable {name!r} of the collection "
+                f"{col!r}, which the variables do not have (variables[{col!r}] holds {held}); "
+                "give the variables the model was initialised or trained with"
+            )
+        m = re.search(r'(\S+) needs PRNG for "([^"]*)"', text)
+        layer, col = (m.group(1), m.group(2)) if m else ("a layer", "params")
+        return CaptureError(
+            f"{self.what}: {layer} has no {col!r} variables in the variables given and would have "
+            f"to initialise them (which needs an RNG); the variables lack that layer (they hold "
+            f"collections {sorted(variables)}); give the variables the model was initialised or "
+            "trained with"
         )
 
     def _check_created(self, module, variables) -> None:
@@ -538,6 +594,12 @@ class BoundModel:
                     f"{col!r}, which the variables do not have; give the variables the model was "
                     "trained with"
                 )
+
+
+def _kinds(variables) -> str:
+    if not isinstance(variables, Mapping):
+        return type(variables).__name__
+    return str({k: type(v).__name__ for k, v in variables.items()})
 
 
 # ----------------------------------------------------------------------------- layer rows

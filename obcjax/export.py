@@ -558,6 +558,13 @@ def pack_layer(
             "dense", W.shape, {"values": np.array(W, dtype=vdt, order="C")}, vdt.name, nnz=W.size
         )
 
+    if qarray is not None and not all(
+        hasattr(qarray, f) for f in ("codes", "scale", "zero", "bits", "group_size")
+    ):
+        raise TypeError(
+            f"layer {name!r}: qarray must be an obcjax.quant.QArray (codes, scale, zero, bits, "
+            f"group_size), got {type(qarray).__name__}"
+        )
     if qarray is not None:
         q_codes = np.asarray(qarray.codes)
         if q_codes.ndim != 2:

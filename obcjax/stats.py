@@ -30,13 +30,15 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from obcjax._checks import describe as _describe
 
 __all__ = [
     "HessianState",
@@ -45,6 +47,8 @@ __all__ = [
     "hessian_finalize",
     "dense_inputs",
     "conv_patches",
+    "check_state",
+    "check_stats",
 ]
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -62,6 +66,144 @@ class HessianState(NamedTuple):
     count: jax.Array
 
 
+def _is_traced(x) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def _numeric(x, what: str) -> jax.Array:
+    """``x`` as a JAX array of a real numeric (or bool) dtype, or a ``TypeError`` naming ``what``."""
+    if isinstance(x, jax.Array | np.ndarray) or _is_traced(x):
+        arr = x
+    else:
+        try:
+            arr = np.asarray(x)
+        except (TypeError, ValueError) as e:  # ragged nested lists
+            raise TypeError(f"{what} must be a numeric array, got {_describe(x)} ({e})") from None
+    dtype = np.dtype(arr.dtype) if not _is_traced(arr) else arr.dtype
+    if not (
+        jnp.issubdtype(dtype, jnp.floating)
+        or jnp.issubdtype(dtype, jnp.integer)
+        or jnp.issubdtype(dtype, jnp.bool_)
+    ):
+        raise TypeError(
+            f"{what} must be a real numeric array, got {_describe(x)}"
+        )
+    return jnp.asarray(arr)
+
+
+def check_state(state, layer: str | None = None) -> HessianState:
+    """Check that ``state`` is one layer's statistics, a :class:`HessianState`, before any work.
+
+    Static checks only (types, shapes, dtypes), so it also runs on traced states; the values
+    (no token, NaN or inf) are checked by :func:`hessian_finalize`.
+
+    Args:
+      state: ``HessianState(sum (G, cols, cols) or (cols, cols), count ())``, as
+        :func:`obcjax.calibration.calibrate` returns per layer.
+      layer: the layer's path, named in errors.
+
+    Returns:
+      ``state``.
+
+    Raises:
+      TypeError: ``state`` is not a :class:`HessianState` (for example an already finalized
+        Hessian array, or a dict), or its fields are not numeric arrays. ValueError: its ``sum``
+        is not square ``(G, cols, cols)`` or its ``count`` is not a scalar.
+
+    Example:
+        >>> check_state(hessian_init(4), layer="fc1").sum.shape
+        (1, 4, 4)
+        >>> check_state(jnp.eye(4), layer="fc1")
+        Traceback (most recent call last):
+        ...
+        TypeError: layer 'fc1': statistics: expected a HessianState(sum, count) from obcjax.calibration.calibrate, got an array of shape (4, 4) (float32) ...
+    """
+    name = f"layer {layer!r}: statistics" if layer else "statistics"
+    total = getattr(state, "sum", None)
+    count = getattr(state, "count", None)
+    if not isinstance(state, HessianState) and (callable(total) or callable(count)):
+        total = count = None  # a tuple's .count / an array's .sum are methods, not fields
+    if total is None or count is None:
+        hint = ""
+        shape = getattr(state, "shape", None)
+        if isinstance(shape, tuple) and len(shape) in (2, 3):
+            hint = (
+                " (a finalized Hessian?); pass calibrate's output itself, not "
+                "obcjax.calibration.finalize's or hessian_finalize's"
+            )
+        raise TypeError(
+            f"{name}: expected a HessianState(sum, count) from obcjax.calibration.calibrate, got "
+            f"{_describe(state)}{hint}"
+        )
+    total = _numeric(total, f"{name}: sum")
+    count = _numeric(count, f"{name}: count")
+    if total.ndim not in (2, 3) or total.shape[-1] != total.shape[-2] or total.shape[-1] < 1:
+        raise ValueError(
+            f"{name}: sum must be (groups, cols, cols) with cols >= 1, got shape "
+            f"{tuple(total.shape)}"
+        )
+    if count.ndim != 0:
+        raise ValueError(
+            f"{name}: count must be a scalar (the number of tokens), got shape {tuple(count.shape)}"
+        )
+    return state
+
+
+def check_stats(stats, paths, *, what: str, arrays: bool = False) -> None:
+    """Check, before any work, that ``stats`` holds valid statistics for every layer of ``paths``.
+
+    Args:
+      stats: ``{path: HessianState}`` from :func:`obcjax.calibration.calibrate`.
+      paths: the layers that need statistics.
+      what: the caller's name (``"compress"``), for error messages.
+      arrays: also accept a Hessian array ``(cols, cols)`` / ``(G, cols, cols)`` per layer.
+
+    Raises:
+      TypeError: ``stats`` is not a mapping, or a layer's entry is not a :class:`HessianState`
+        (nor, with ``arrays``, a numeric array); the message names the layer, what was expected
+        and what was given. ValueError: layers without statistics (named, with the layers the
+        statistics hold), or a malformed entry.
+
+    Example:
+        >>> check_stats({"fc1": hessian_init(4)}, ["fc1", "fc2"], what="compress")
+        Traceback (most recent call last):
+        ...
+        ValueError: compress: no calibration statistics for layer(s) ['fc2']; the statistics hold ['fc1'] -- were they captured from this model?
+    """
+    if not isinstance(stats, Mapping):
+        raise TypeError(
+            f"{what}: stats must be a mapping {{layer path: HessianState}} from "
+            f"obcjax.calibration.calibrate, got {_describe(stats)}"
+        )
+    paths = list(paths)
+    missing = [p for p in paths if p not in stats]
+    if missing:
+        held = sorted(map(str, stats))
+        shown = held if len(held) <= 20 else held[:20] + [f"... ({len(held)} in all)"]
+        raise ValueError(
+            f"{what}: no calibration statistics for layer(s) {missing}; the statistics hold "
+            f"{shown} -- were they captured from this model?"
+        )
+    for p in paths:
+        value = stats[p]
+        if arrays and not hasattr(value, "count") and hasattr(value, "shape"):
+            H = _numeric(value, f"{what}: layer {p!r}: statistics")
+            if H.ndim not in (2, 3) or H.shape[-1] != H.shape[-2] or H.shape[-1] < 1:
+                raise ValueError(
+                    f"{what}: layer {p!r}: statistics must be a HessianState or a Hessian array "
+                    f"(cols, cols) / (groups, cols, cols), got shape {tuple(H.shape)}"
+                )
+            continue
+        try:
+            check_state(value, p)
+        except (TypeError, ValueError) as e:
+            also = " or a Hessian array (cols, cols) / (groups, cols, cols)" if arrays else ""
+            msg = str(e)
+            if also:
+                msg = msg.replace("from obcjax.calibration.calibrate", f"from obcjax.calibration.calibrate{also}", 1)
+            raise type(e)(f"{what}: {msg}") from None
+
+
 def hessian_init(cols: int, groups: int = 1) -> HessianState:
     """An empty accumulator for a layer with ``cols`` input columns per group.
 
@@ -72,6 +214,9 @@ def hessian_init(cols: int, groups: int = 1) -> HessianState:
     Returns:
       A :class:`HessianState` of zeros: ``sum (G, cols, cols)`` float32, ``count ()`` int32.
     """
+    for name, v in (("cols", cols), ("groups", groups)):
+        if isinstance(v, bool) or not isinstance(v, int | np.integer):
+            raise TypeError(f"hessian_init: {name} must be an int >= 1, got {v!r}")
     cols, groups = int(cols), int(groups)
     if cols < 1 or groups < 1:
         raise ValueError(f"hessian_init: cols and groups must be >= 1, got cols={cols}, groups={groups}")
@@ -93,8 +238,9 @@ def hessian_update(state: HessianState, x: jax.typing.ArrayLike, mask=None) -> H
     Returns:
       The new state; ``state`` is not modified. Works inside ``jit``.
     """
-    x = jnp.asarray(x)
-    G, cols = state.sum.shape[0], state.sum.shape[-1]
+    check_state(state)
+    x = _numeric(x, "hessian_update: x")
+    G, cols = (1, state.sum.shape[-1]) if state.sum.ndim == 2 else state.sum.shape[:2]
     if x.ndim == 2:
         x = x[:, None, :]
     if x.ndim != 3 or x.shape[1:] != (G, cols):
@@ -135,7 +281,8 @@ def hessian_finalize(state: HessianState, *, layer: str | None = None) -> jax.Ar
       ValueError: (outside ``jit`` only) if no token was accumulated or the sum is not finite.
     """
     name = f"layer {layer!r}" if layer else "hessian_finalize"
-    total, count = state.sum, state.count
+    check_state(state, layer)
+    total, count = jnp.asarray(state.sum), jnp.asarray(state.count)
     if not isinstance(count, jax.core.Tracer) and int(count) <= 0:
         raise ValueError(
             f"{name}: no token was accumulated (count = {int(count)}); the layer received no "
@@ -151,10 +298,10 @@ def hessian_finalize(state: HessianState, *, layer: str | None = None) -> jax.Ar
 
 def dense_inputs(x: jax.typing.ArrayLike) -> jax.Array:
     """Rows of a Dense layer's input: ``(..., in) -> (tokens, in)``, all leading dims flattened."""
-    x = jnp.asarray(x)
+    x = _numeric(x, "dense_inputs: x")
     if x.ndim < 1:
         raise ValueError("dense_inputs: a Dense input needs a feature axis, got a scalar")
-    return x.reshape(-1, x.shape[-1])
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
 def _tuple(v, n: int, what: str) -> tuple[int, ...]:
@@ -192,7 +339,13 @@ def _explicit_padding(padding, nd: int):
 
 def _prepare(x, kernel_shape, strides, padding, dilation, feature_group_count, input_dilation):
     """Canonicalise the geometry like Flax, pad ``x``; return it and the output spatial shape."""
-    kernel_shape = tuple(int(k) for k in kernel_shape)
+    try:
+        kernel_shape = tuple(int(k) for k in kernel_shape)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"conv_patches: kernel_shape must be a sequence of ints (*spatial, in/G, out), got "
+            f"{kernel_shape!r}"
+        ) from None
     nd = len(kernel_shape) - 2
     if nd < 1:
         raise ValueError(
@@ -297,7 +450,7 @@ def conv_patches(
         >>> bool(jnp.allclose(y, ref, atol=1e-4))
         True
     """
-    x = jnp.asarray(x)
+    x = _numeric(x, "conv_patches: x")
     x, ks, strides, dilation, G, out = _prepare(
         x, kernel_shape, strides, padding, dilation, feature_group_count, input_dilation
     )

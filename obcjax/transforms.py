@@ -477,7 +477,7 @@ def compress(
 
     _check_dead_inputs(dead_inputs, "compress")
     solver = as_solver(solver, what="compress: solver")
-    check_rules(rules, "compress")
+    rules = check_rules(rules, "compress")
     rel_damp = check_rel_damp(rel_damp, "compress")
     if isinstance(rules, Mapping):
         rules = list(rules.items())

@@ -14,7 +14,14 @@ import numpy as np
 
 from obcjax.kernels.exactobs import Result, finish, setup
 from obcjax.kernels.gptq import rank_in_row
-from obcjax.kernels.prepare import Status, check_inputs, compute_dtype, is_traced, layer_loss
+from obcjax.kernels.prepare import (
+    Status,
+    check_inputs,
+    compute_dtype,
+    is_traced,
+    layer_loss,
+    matrix_cols,
+)
 from obcjax.quant import expand_params, find_params, make_qarray, quantize
 from obcjax.specs import NM, Int, Unstructured, as_prune, as_quant, check_fits
 
@@ -26,11 +33,8 @@ _HP = jax.lax.Precision.HIGHEST
 def _problem(W, H, rel_damp, layer):
     """``(W0, P, out_dtype)``: solver-units weights and preparation when ``H`` is given."""
     if H is None:
+        matrix_cols(W, layer)  # a non-empty real (rows, cols) matrix, or the error naming layer
         W = jnp.asarray(W)
-        if W.ndim != 2:
-            raise ValueError(f"layer {layer!r}: W must be (rows, cols), got shape {W.shape}")
-        if W.size == 0:
-            raise ValueError(f"layer {layer!r}: W is empty (shape {W.shape})")
         out = W.dtype if jnp.issubdtype(W.dtype, jnp.floating) else jnp.float32
         W = W.astype(compute_dtype(W.dtype))
         if not is_traced(W) and not bool(np.all(np.isfinite(np.asarray(W)))):
@@ -82,7 +86,7 @@ def magnitude_nm(
     spec = as_prune(n, what="n:m pattern", layer=layer) if m is None else NM(n, m)
     if not isinstance(spec, NM):
         raise TypeError(f"layer {layer!r}: expected an N:M pattern (NM(2, 4), '2:4'), got {n!r}")
-    check_fits(spec, jnp.shape(W)[-1], layer)
+    check_fits(spec, matrix_cols(W, layer), layer)
     W0, P, out = _problem(W, H, rel_damp, layer)
     rows, cols = W0.shape
     g = jnp.abs(W0).reshape(rows, cols // spec.m, spec.m)
@@ -95,7 +99,12 @@ def rtn_quantize(
 ) -> Result:
     """Round each weight to the nearest grid point (grid from ``find_params``)."""
     spec = as_quant(spec, what="spec", layer=layer)
-    check_fits(spec, jnp.shape(W)[-1], layer)
+    if spec is None:
+        raise TypeError(
+            f"layer {layer!r}: spec: expected a number of bits in 2..8 (4, 'w4') or an Int spec, "
+            "got None"
+        )
+    check_fits(spec, matrix_cols(W, layer), layer)
     W0, P, out = _problem(W, H, rel_damp, layer)
     scale, zero = find_params(W0, spec)
     s, z = expand_params(scale, zero, W0.shape[1])

@@ -31,8 +31,10 @@ import numpy as np
 from obcjax.kernels._engine import AUTO_FAST_COLS, NMRule, PruneRule, QuantRule, run_rows
 from obcjax.kernels.prepare import (
     Prepared,
+    _real_array,
     blas_one_thread,
     is_traced,
+    matrix_cols,
     prepare_solver_units,
     to_solver_units,
 )
@@ -94,7 +96,7 @@ def setup(W, H, rel_damp, layer, prepared):
     Shapes are checked (statically, also under a trace); outside a trace a bad status raises the
     error that names ``layer``. ``prepared`` (a :class:`Prepared` in caller units) skips the work.
     """
-    Wa = jnp.asarray(W)
+    Wa = jnp.asarray(_real_array(W, "W", layer))
     out = Wa.dtype if jnp.issubdtype(Wa.dtype, jnp.floating) else jnp.float32
     if prepared is not None:
         return to_solver_units(prepared), out
@@ -628,6 +630,17 @@ def exactobs_prune(
     return _run_staged(P, _given, out, res)
 
 
+def _require_quant(value, what: str, layer: str) -> Int:
+    """A quantization grid that must be given: ``as_quant``, and None is a ``TypeError``."""
+    spec = as_quant(value, what=what, layer=layer)
+    if spec is None:
+        raise TypeError(
+            f"layer {layer!r}: {what}: expected a number of bits in 2..8 (4, 'w4') or an Int "
+            "spec, got None"
+        )
+    return spec
+
+
 def _as_nm(n, m, layer) -> NM:
     if m is None:
         spec = as_prune(n, what="n:m pattern", layer=layer)
@@ -679,7 +692,7 @@ def exactobs_nm(
       True
     """
     spec = _as_nm(n, m, layer)
-    check_fits(spec, jnp.shape(W)[-1], layer)
+    check_fits(spec, matrix_cols(W, layer), layer)
     P, out = setup(W, H, rel_damp, layer, prepared)
     return _run_staged(P, _nm_body, out, spec=spec, method=method, chunk_rows=chunk_rows,
                        memory_bytes=memory_bytes, mesh=mesh)
@@ -741,10 +754,10 @@ def obq_quantize(
       >>> bool((r.qarray.dequantize() == r.weights).all())
       True
     """
-    spec = as_quant(spec, what="spec", layer=layer)
+    spec = _require_quant(spec, "spec", layer)
     if order not in ("greedy", "natural"):
-        raise ValueError(f"order must be 'greedy' or 'natural', got {order!r}")
-    check_fits(spec, jnp.shape(W)[-1], layer)
+        raise ValueError(f"layer {layer!r}: order must be 'greedy' or 'natural', got {order!r}")
+    check_fits(spec, matrix_cols(W, layer), layer)
     P, out = setup(W, H, rel_damp, layer, prepared)
     return _run_staged(P, _obq_body, out, spec=spec, outlier_rule=bool(outlier_rule), order=order,
                        method=method, chunk_rows=chunk_rows, memory_bytes=memory_bytes, mesh=mesh)
@@ -782,10 +795,10 @@ def obq_prune_quantize(
       True
     """
     prune = as_prune(prune, what="prune", layer=layer)
-    quant = as_quant(quant, what="quant", layer=layer)
+    quant = _require_quant(quant, "quant", layer)
     if not isinstance(prune, Unstructured | NM):
         raise TypeError(f"layer {layer!r}: prune must be Unstructured or NM, got {prune!r}")
-    cols = jnp.shape(W)[-1]
+    cols = matrix_cols(W, layer)
     check_fits(prune, cols, layer)
     check_fits(quant, cols, layer)
     P, out = setup(W, H, rel_damp, layer, prepared)
@@ -891,8 +904,10 @@ def exactobs_block(
     if isinstance(sparsity, Block):
         sparsity, size = sparsity.sparsity, sparsity.size
     levels, single = _sparsity_list(sparsity, layer)
-    Block(levels[0], size)  # validates size
-    check_fits(Block(levels[0], size), jnp.shape(W)[-1], layer)
+    if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1:
+        raise ValueError(f"layer {layer!r}: size must be a positive int (the block width), got {size!r}")
+    size = int(size)
+    check_fits(Block(levels[0], size), matrix_cols(W, layer), layer)
     P, out = setup(W, H, rel_damp, layer, prepared)
     rows, cols = P.W.shape
     nb = cols // size

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from obcjax.kernels.exactobs import Result, finish, setup
-from obcjax.kernels.prepare import Prepared, Status, is_traced
+from obcjax.kernels.prepare import Prepared, Status, is_traced, matrix_cols
 from obcjax.quant import find_params, make_qarray, quantize
 from obcjax.specs import Int, as_quant, check_fits
 
@@ -367,8 +367,13 @@ def gptq_quantize(
       True
     """
     spec = as_quant(spec, what="spec", layer=layer)
+    if spec is None:
+        raise TypeError(
+            f"layer {layer!r}: spec: expected a number of bits in 2..8 (4, 'w4') or an Int spec, "
+            "got None"
+        )
     blocksize = check_blocksize(blocksize, layer)
-    check_fits(spec, jnp.shape(W)[-1], layer)
+    check_fits(spec, matrix_cols(W, layer), layer)
     grouped = spec.granularity == "group"
     if act_order and grouped and not static_groups:
         raise ValueError(

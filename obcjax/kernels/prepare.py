@@ -45,6 +45,7 @@ __all__ = [
     "raise_for_status",
     "layer_loss",
     "check_inputs",
+    "matrix_cols",
     "is_traced",
 ]
 
@@ -109,20 +110,63 @@ def compute_dtype(*dtypes):
     return jnp.float32
 
 
+def _real_array(x, name: str, layer: str):
+    """``x`` (a JAX array or tracer as it is, anything else through ``np.asarray``), checked to
+    have a real numeric or bool dtype; a ``TypeError`` naming ``name`` and ``layer`` otherwise."""
+    if isinstance(x, jax.Array | jax.core.Tracer):
+        arr = x
+    else:
+        try:
+            arr = np.asarray(x)
+        except (TypeError, ValueError) as e:  # ragged nested lists
+            raise TypeError(
+                f"layer {layer!r}: {name} must be a numeric array, got {type(x).__name__} ({e})"
+            ) from None
+    dt = arr.dtype
+    if not (
+        jnp.issubdtype(dt, jnp.floating)
+        or jnp.issubdtype(dt, jnp.integer)
+        or jnp.issubdtype(dt, jnp.bool_)
+    ):
+        given = f"{x!r}" if x is None or isinstance(x, str) else f"an array of dtype {dt}"
+        raise TypeError(
+            f"layer {layer!r}: {name} must be a real numeric array (float, int or bool), got "
+            f"{given}"
+        )
+    return arr
+
+
+def _check_W(W, layer: str):
+    if W.ndim != 2:
+        raise ValueError(
+            f"layer {layer!r}: W must be a (rows, cols) matrix, got shape {tuple(W.shape)}"
+        )
+    if W.size == 0:
+        raise ValueError(
+            f"layer {layer!r}: W is empty (shape {tuple(W.shape)}); expected at least one row "
+            "and one column"
+        )
+
+
+def matrix_cols(W, layer: str = "<matrix>") -> int:
+    """The number of columns of ``W`` once it is known to be a non-empty real ``(rows, cols)``
+    matrix (static checks, also under a trace); errors name ``layer``."""
+    W = _real_array(W, "W", layer)
+    _check_W(W, layer)
+    return int(W.shape[1])
+
+
 def check_inputs(W, H, layer: str = "<matrix>"):
     """Validate shapes (static, also under a trace); returns ``(W, H)`` in the compute dtype."""
-    W = jnp.asarray(W)
-    H = jnp.asarray(H)
-    if W.ndim != 2:
-        raise ValueError(f"layer {layer!r}: W must be a (rows, cols) matrix, got shape {W.shape}")
+    W = jnp.asarray(_real_array(W, "W", layer))
+    H = jnp.asarray(_real_array(H, "H", layer))
+    _check_W(W, layer)
     cols = W.shape[1]
     if H.shape != (cols, cols):
         raise ValueError(
             f"layer {layer!r}: H must be (cols, cols) = ({cols}, {cols}) to match W of shape "
             f"{W.shape}, got {H.shape}"
         )
-    if W.size == 0:
-        raise ValueError(f"layer {layer!r}: W is empty (shape {W.shape})")
     dtype = compute_dtype(W.dtype, H.dtype)
     return W.astype(dtype), H.astype(dtype)
 

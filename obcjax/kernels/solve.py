@@ -23,6 +23,7 @@ from obcjax.kernels.exactobs import (
     setup,
 )
 from obcjax.kernels.gptq import gptq_quantize
+from obcjax.kernels.prepare import matrix_cols
 from obcjax.kernels.sparsegpt import sparsegpt_prune
 from obcjax.specs import (
     GPTQ,
@@ -132,7 +133,7 @@ def solve(
     quant = as_quant(quant, what="quant", layer=layer)
     if prune is None and quant is None:
         raise ValueError(f"layer {layer!r}: nothing to do (no pruning and no quantization)")
-    cols = jnp.shape(W)[-1]
+    cols = matrix_cols(W, layer)
     for s in (prune, quant):
         if s is not None:
             check_fits(s, cols, layer)

@@ -40,7 +40,7 @@ from obcjax.kernels.gptq import (
     round_up,
     sweep,
 )
-from obcjax.kernels.prepare import Prepared
+from obcjax.kernels.prepare import Prepared, matrix_cols
 from obcjax.quant import find_params, make_qarray
 from obcjax.specs import NM, Block, Int, Unstructured, as_prune, as_quant, check_fits
 
@@ -123,9 +123,10 @@ def sparsegpt_prune(
     prune = as_prune_spec(prune, layer)
     quant = as_quant(quant, what="quant", layer=layer)
     blocksize = check_blocksize(blocksize, layer)
-    check_fits(prune, jnp.shape(W)[-1], layer)
+    cols = matrix_cols(W, layer)
+    check_fits(prune, cols, layer)
     if quant is not None:
-        check_fits(quant, jnp.shape(W)[-1], layer)
+        check_fits(quant, cols, layer)
     P, out = setup(W, H, rel_damp, layer, prepared)
     rows, cols = P.W.shape
     dtype = P.W.dtype

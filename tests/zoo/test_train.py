@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import re
 import warnings
 
 import jax
@@ -346,6 +347,85 @@ def test_pretrained_rejects_unknown_pairs(cache):
     with pytest.raises(ValueError, match="seed"):
         train.pretrained("mlp", "digits", seed=-1)
     assert not cache.exists()
+
+
+def test_cache_write_failure_leaves_the_old_file_and_no_temp(cache, monkeypatch):
+    """A write that dies half-way (a full disk at fsync) keeps the old cache file byte for byte,
+    removes its temporary file, warns, and still returns the model."""
+    from obcjax import fileio
+
+    train.pretrained("mlp", "digits", config=TINY)
+    path = train.cache_path("mlp", "digits", config=TINY)
+    before = path.read_bytes()
+    _rewrite_record(path, key="0" * 64)  # stale: the next call retrains and rewrites it
+    stale = path.read_bytes()
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fileio.os, "fsync", full_disk)
+    with pytest.warns(ZooCacheWarning) as seen:
+        v, info = train.pretrained("mlp", "digits", config=TINY)
+    assert [bool(re.search("could not write.*No space left", str(w.message))) for w in seen] == [
+        False,  # stale
+        True,
+    ]
+    assert info["source"] == "trained" and "fc1" in v["params"]
+    assert path.read_bytes() == stale  # untouched: never half a file
+    assert [p.name for p in cache.iterdir()] == [path.name]  # no temporary file left
+    monkeypatch.undo()
+    monkeypatch.setenv("OBCJAX_CACHE", str(cache.parent))
+    with pytest.warns(ZooCacheWarning, match="is stale"):
+        train.pretrained("mlp", "digits", config=TINY)
+    payload = lambda b: serialization.msgpack_restore(b)["payload"]  # noqa: E731
+    assert payload(path.read_bytes()) == payload(before)  # deterministic: the same weights
+
+
+def test_cache_write_removes_temp_files_of_killed_writers(cache):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()  # its pid is now (almost certainly) free: a writer that was killed
+    path = train.cache_path("mlp", "digits", config=TINY)
+    cache.mkdir(parents=True)
+    dead = cache / f".{path.name}.{proc.pid}.0123456789ab.tmp"
+    dead.write_bytes(b"half a checkpoint")
+    train.pretrained("mlp", "digits", config=TINY)
+    assert sorted(p.name for p in cache.iterdir()) == [path.name]
+
+
+def test_cache_byte_flips_load_the_original_or_retrain(tmp_path):
+    """Every byte of a cache file's header (format, key, checksums, info, the start of the
+    weights) and a sample of the weights, flipped: the file loads as the exact original (a flip
+    that changes nothing) or is refused (retrained), never as another model or other info."""
+    variables = jax.tree.map(np.asarray, models.init_variables("mlp", (8, 8, 1)))
+    template = jax.eval_shape(lambda: models.init_variables("mlp", (8, 8, 1)))
+    key = "ab" * 32
+    info = {"test_accuracy": 0.97, "config": {"epochs": 2}, "key": key}
+    data = train._record_bytes(variables, key, info)
+    path = tmp_path / "mlp.msgpack"
+    path.write_bytes(data)
+    loaded = train._load_cached(path, key, template, "mlp")
+    assert loaded is not None and _equal_trees(loaded[0], variables) and loaded[1] == info
+    head = data.index(b"payload") + 64  # the record's fields, then the start of the weights
+    rng = np.random.default_rng(0)
+    where = list(range(head)) + sorted(rng.choice(np.arange(head, len(data)), 150, replace=False))
+    where += list(range(len(data) - 16, len(data)))
+    refused = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ZooCacheWarning)
+        for i in where:
+            flipped = bytearray(data)
+            flipped[i] ^= 0xFF
+            path.write_bytes(bytes(flipped))
+            got = train._load_cached(path, key, template, "mlp")
+            if got is None:
+                refused += 1
+                continue
+            assert _equal_trees(got[0], variables), f"byte {i}: another model loaded"
+            assert got[1] == info, f"byte {i}: other info loaded"
+    assert refused >= len(where) - 8  # almost every flip is caught (a few hit ignored bytes)
 
 
 # ---------------------------------------------------------------------------------------------
