@@ -52,8 +52,9 @@ def _exact_export(shadow, masks, codebooks):
     sit an ulp off the grid point): the weights a deployment stores as codes + codebook."""
     import jax.numpy as jnp
 
+    from obcjax.layout import set_path as _set_path
     from obcjax.quant import quantize
-    from obcjax.transforms import _set_path, find_layers
+    from obcjax.transforms import find_layers
 
     layers = find_layers(shadow)
     out = shadow

@@ -988,7 +988,7 @@ def obs_compensate(
         True
     """
     from obcjax.kernels import prepare
-    from obcjax.transforms import _hessians, kernel_to_matrices, matrices_to_kernel
+    from obcjax.transforms import kernel_to_matrices, layer_hessians, matrices_to_kernel
 
     layers = find_layers(params)
     new = params
@@ -1003,7 +1003,7 @@ def obs_compensate(
             raise ValueError(
                 f"obs_compensate: layer {path!r}: mask {m.shape} != kernel {kernel.shape}"
             )
-        H = _hessians(stats[path], path)
+        H = layer_hessians(stats[path], path)
         G = H.shape[0]
         outs = []
         for g, (W, Mg) in enumerate(

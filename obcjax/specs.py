@@ -183,6 +183,11 @@ def _where(layer: str | None, what: str) -> str:
     return f"layer {layer!r}: {what}" if layer else what
 
 
+_PRUNE_FORMS = ("expected a sparsity in [0, 1) (0.5, '50%'), an N:M pattern ('2:4') or a spec "
+                "(Unstructured, NM, Block)")
+_QUANT_FORMS = "expected a number of bits in 2..8 (4, 'w4') or an Int spec"
+
+
 def as_prune(value, *, what: str = "prune", layer: str | None = None):
     """A pruning spec from a spec or a shorthand, the same everywhere (Python, rules, CLI).
 
@@ -213,14 +218,8 @@ def as_prune(value, *, what: str = "prune", layer: str | None = None):
             return Unstructured(float(value))
     except (TypeError, ValueError) as e:
         detail = f" ({e})" if str(e) else ""
-        raise ValueError(
-            _where(layer, f"{what}: expected a sparsity in [0, 1) (0.5, '50%'), an N:M pattern "
-                   f"('2:4') or a spec (Unstructured, NM, Block), got {value!r}{detail}")
-        ) from None
-    raise TypeError(
-        _where(layer, f"{what}: expected a sparsity in [0, 1) (0.5, '50%'), an N:M pattern "
-               f"('2:4') or a spec (Unstructured, NM, Block), got {value!r}")
-    )
+        raise ValueError(_where(layer, f"{what}: {_PRUNE_FORMS}, got {value!r}{detail}")) from None
+    raise TypeError(_where(layer, f"{what}: {_PRUNE_FORMS}, got {value!r}"))
 
 
 def as_quant(value, *, what: str = "quant", layer: str | None = None):
@@ -234,8 +233,7 @@ def as_quant(value, *, what: str = "quant", layer: str | None = None):
     if value is None or isinstance(value, Int):
         return value
     if isinstance(value, bool):
-        raise TypeError(_where(layer, f"{what}: expected a number of bits in 2..8 (4, 'w4') or "
-                               f"an Int spec, got {value!r}"))
+        raise TypeError(_where(layer, f"{what}: {_QUANT_FORMS}, got {value!r}"))
     try:
         if isinstance(value, str):
             text = value.strip().lower().removeprefix("w")
@@ -246,14 +244,8 @@ def as_quant(value, *, what: str = "quant", layer: str | None = None):
             return Int(int(value))
     except (TypeError, ValueError) as e:
         detail = f" ({e})" if str(e) else ""
-        raise ValueError(
-            _where(layer, f"{what}: expected a number of bits in 2..8 (4, 'w4') or an Int spec, "
-                   f"got {value!r}{detail}")
-        ) from None
-    raise TypeError(
-        _where(layer, f"{what}: expected a number of bits in 2..8 (4, 'w4') or an Int spec, "
-               f"got {value!r}")
-    )
+        raise ValueError(_where(layer, f"{what}: {_QUANT_FORMS}, got {value!r}{detail}")) from None
+    raise TypeError(_where(layer, f"{what}: {_QUANT_FORMS}, got {value!r}"))
 
 
 _METHODS = ("auto", "blocked", "fast", "naive")

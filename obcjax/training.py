@@ -39,8 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from obcjax.layout import set_path as _set_path
 from obcjax.quant import QArray, quantize
-from obcjax.transforms import _set_path, find_layers
+from obcjax.transforms import find_layers
 
 __all__ = [
     "Codebook",

@@ -274,6 +274,20 @@ def _over_rows(run, mesh, W, Hinv, *per_row):
     )(W, Hinv, *per_row)
 
 
+def _pad_rows(W, perm, counts, ndev: int):
+    """``(W, perm, counts, pad)`` with rows padded to a multiple of ``ndev`` (zero weights,
+    identity order, no eliminations); ``counts (L, rows)`` stays NumPy or jax as given."""
+    rows, cols = W.shape
+    pad = (-rows) % ndev
+    if not pad:
+        return W, perm, counts, 0
+    xp = np if isinstance(counts, np.ndarray) else jnp
+    Wp = jnp.concatenate([W, jnp.zeros((pad, cols), W.dtype)])
+    pp = jnp.concatenate([perm, jnp.tile(jnp.arange(cols, dtype=perm.dtype), (pad, 1))])
+    cp = xp.concatenate([counts, xp.zeros((counts.shape[0], pad), counts.dtype)], axis=1)
+    return Wp, pp, cp, pad
+
+
 @functools.partial(jax.jit, static_argnames=("chunk", "mesh"))
 def _rebuild_chol(W, Hinv, perm, counts, chunk, mesh=None):
     """All levels at once: one Cholesky per row of ``Hinv`` in pivot order.
@@ -364,12 +378,7 @@ def rebuild_levels(
     cost_solve = sum(bucket(n) ** 3 / 3 + 2 * cols * bucket(n) for n in nmaxes)
     perm = jnp.asarray(perm, jnp.int32)
     ndev = 1 if mesh is None else mesh.shape[mesh.axis_names[0]]
-    pad = (-rows) % ndev
-    Wp, pp, cp = W, perm, counts
-    if pad:
-        Wp = jnp.concatenate([W, jnp.zeros((pad, cols), W.dtype)])
-        pp = jnp.concatenate([perm, jnp.tile(jnp.arange(cols, dtype=jnp.int32), (pad, 1))])
-        cp = np.concatenate([counts, np.zeros((L, pad), np.int32)], axis=1)
+    Wp, pp, cp, pad = _pad_rows(W, perm, counts, ndev)
     # unbatched rows on the CPU (see _rebuild_solve), vmapped chunks elsewhere
     default = 1 if jax.default_backend() == "cpu" else None
     want = chunk_rows if chunk_rows else default
@@ -508,12 +517,7 @@ def _rebuild_traced(W, Hinv, perm, counts, chunk_rows, memory_bytes, mesh):
     L = counts.shape[0]
     item = jnp.dtype(W.dtype).itemsize
     ndev = 1 if mesh is None else mesh.shape[mesh.axis_names[0]]
-    pad = (-rows) % ndev
-    Wp, pp, cp = W, perm, counts
-    if pad:
-        Wp = jnp.concatenate([W, jnp.zeros((pad, cols), W.dtype)])
-        pp = jnp.concatenate([perm, jnp.tile(jnp.arange(cols, dtype=perm.dtype), (pad, 1))])
-        cp = jnp.concatenate([counts, jnp.zeros((L, pad), counts.dtype)], axis=1)
+    Wp, pp, cp, pad = _pad_rows(W, perm, counts, ndev)
     want = chunk_rows if chunk_rows else (1 if jax.default_backend() == "cpu" else None)
     ch = _chunk(rows, (3 * cols * cols + 2 * L * cols) * item, want, memory_bytes)
     ch = max(1, min(ch, (rows + pad) // ndev))
