@@ -44,9 +44,9 @@ pytest_collect_file = (
 # module's examples pass. ``run=False`` only where running has side effects or costs a minute.
 _BEING_FIXED = {
     "obcjax/allocation.py": "examples use undefined names (params, db, model, activations)",
-    "obcjax/zoo/minilm_compress.py": "run() prints a report and writes runs/minilm_w4 (a minute)",
+    "obcjax/recipes/minilm.py": "run() prints a report and writes runs/minilm_w4 (a minute)",
 }
-_NOT_RUN = {"obcjax/zoo/minilm_compress.py"}
+_NOT_RUN = {"obcjax/recipes/minilm.py"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -433,9 +433,9 @@ def _model_problem(model, ncalib):
         stats = calibrate(net, variables, batches, apply_kwargs={"train": False})
         return variables["params"], stats, ".*", f"{len(x)} digits images"
     if model == "minilm":
+        from obcjax.recipes import minilm as mc
         from obcjax.zoo import data as zdata
         from obcjax.zoo import minilm
-        from obcjax.zoo import minilm_compress as mc
 
         net, variables, tok = minilm.load_minilm()
         sentences = zdata.text_corpus(per_split=max(ncalib, 1))["calib"][:ncalib]

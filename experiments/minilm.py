@@ -53,11 +53,11 @@ def _probe_obc(model, variables, stats, spec_of, log) -> dict:
     import jax
 
     from obcjax import kernels as K
+    from obcjax.layout import get_path
     from obcjax.stats import hessian_finalize
-    from obcjax.zoo import minilm_compress as mc
 
     path = "layer_0/attention/query"
-    W = mc._get(variables["params"], path)["kernel"].T
+    W = get_path(variables["params"], path, "kernel").T
     H = hessian_finalize(stats[path])[0]
     spec = spec_of("s50", "obc")
     times = []
@@ -173,8 +173,8 @@ def main(argv=None) -> int:
     import jax
     import numpy as np
 
+    from obcjax.recipes import minilm as mc
     from obcjax.zoo import minilm
-    from obcjax.zoo import minilm_compress as mc
 
     jax.config.update("jax_default_matmul_precision", "highest")
     # Twice on a loaded 2-core CPU an ExactOBS call never returned: every XLA thread asleep and

@@ -856,9 +856,9 @@ def _minilm_argv(argv: list[str]) -> list[str] | None:
 
 def _run_minilm(rest: list[str]) -> int:
     """``compress --model minilm``: the transformer job, its option errors as one line too."""
-    from obcjax.zoo import minilm_compress
+    from obcjax.recipes import minilm as minilm_recipe
 
-    build = minilm_compress.build_parser
+    build = minilm_recipe.build_parser
 
     def build_one_line():
         ap = build()
@@ -866,15 +866,15 @@ def _run_minilm(rest: list[str]) -> int:
         return ap
 
     _enable_compile_cache()
-    minilm_compress.build_parser = build_one_line
+    minilm_recipe.build_parser = build_one_line
     try:
-        return minilm_compress.run(rest)
+        return minilm_recipe.run(rest)
     finally:
-        minilm_compress.build_parser = build
+        minilm_recipe.build_parser = build
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The options of ``obcjax`` (``--model minilm`` has its own, in ``minilm_compress``)."""
+    """The options of ``obcjax`` (``--model minilm`` has its own: :mod:`obcjax.recipes.minilm`)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true",
                         help="show the traceback of errors in the options too")

@@ -1,4 +1,4 @@
-"""MiniLM compression entry point: padding-free calibration, level checks, bad input, end to end.
+"""MiniLM compression recipe (obcjax.recipes.minilm): padding-free calibration, level checks, bad input, end to end.
 
 Already covered elsewhere (not repeated here): a group size that does not divide a matrix's width
 and act-order with dynamic groups at the kernel level (tests/kernels/test_gptq.py); truncated,
@@ -25,9 +25,10 @@ pytest.importorskip(
 
 import safetensors.numpy  # noqa: E402
 
+from obcjax.layout import get_path  # noqa: E402
+from obcjax.recipes import minilm as mc  # noqa: E402
 from obcjax.specs import NM, Int, Unstructured  # noqa: E402
 from obcjax.zoo import minilm  # noqa: E402
-from obcjax.zoo import minilm_compress as mc  # noqa: E402
 from tests.zoo.test_minilm import TINY, tiny_state_dict, write_tiny_tokenizer  # noqa: E402
 
 # Token counts 8, 5, 8 (with [CLS] and [SEP]): one (4, 16) batch with a filler row.
@@ -95,7 +96,7 @@ def test_sequential_mode_uses_the_compressed_prefix(tiny):
     )
     # The first layer reads the embeddings: the same statistics, the same result in both modes;
     # the last one reads the output of a compressed prefix in sequential mode only.
-    get = lambda out, p: np.asarray(mc._get(out.params, p)["kernel"])
+    get = lambda out, p: np.asarray(get_path(out.params, p, "kernel"))
     np.testing.assert_allclose(get(one, first), get(seq, first), atol=1e-6)
     assert not np.allclose(get(one, last), get(seq, last))
     dense = tiny_state_dict()
@@ -109,7 +110,7 @@ def test_sequential_mode_uses_the_compressed_prefix(tiny):
             dense["encoder.layer.1.intermediate.dense.weight"].T,
         )
     np.testing.assert_array_equal(
-        mc._get(variables["params"], last)["kernel"], dense["encoder.layer.1.output.dense.weight"].T
+        get_path(variables["params"], last, "kernel"), dense["encoder.layer.1.output.dense.weight"].T
     )
 
 
@@ -123,11 +124,11 @@ def test_act_order_static_groups_reach_the_kernel(tiny):
     out = mc.compress_minilm(
         model, variables, spec, stats=stats, layers=[path], act_order=True, static_groups=True
     )
-    W = mc._get(variables["params"], path)["kernel"].T
+    W = get_path(variables["params"], path, "kernel").T
     H = hessian_finalize(stats[path])[0]
     want = K.gptq_quantize(W, H, spec.quant, act_order=True, static_groups=True).weights
     natural = K.gptq_quantize(W, H, spec.quant, static_groups=True).weights
-    got = np.asarray(mc._get(out.params, path)["kernel"]).T
+    got = np.asarray(get_path(out.params, path, "kernel")).T
     np.testing.assert_allclose(got, want, atol=1e-6)
     assert not np.allclose(got, natural, atol=1e-6)
     np.testing.assert_allclose(np.asarray(out.qarrays[path][0].dequantize()), got, atol=1e-6)

@@ -1,6 +1,6 @@
 """Compress the real pretrained all-MiniLM-L6-v2 with GPTQ / SparseGPT, ExactOBS / OBQ or baselines.
 
-The library behind ``obcjax compress --model minilm``: load the sentence encoder offline
+The recipe behind ``obcjax compress --model minilm``: load the sentence encoder offline
 (:mod:`obcjax.zoo.minilm`), calibrate on sentences of the offline text corpus
 (:func:`obcjax.zoo.data.text_corpus`, whose calibration and test splits are disjoint), compress
 every encoder ``Dense`` layer (6 layers x query/key/value/attention-output/FFN-intermediate/
@@ -373,12 +373,6 @@ def calibrate_minilm(
 # --------------------------------------------------------------------------------------------
 # Compression
 # --------------------------------------------------------------------------------------------
-
-
-def _get(tree, path: str):
-    for p in path.split("/"):
-        tree = tree[p]
-    return tree
 
 
 def with_gptq_options(spec, *, act_order: bool = False, static_groups: bool = False):
