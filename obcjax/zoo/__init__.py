@@ -4,6 +4,8 @@ Everything here runs without network access (see ``shared/algorithms/offline-dat
 
 * :mod:`obcjax.zoo.data` -- scikit-learn digits, procedural MNIST-1D and a text corpus that
   ships with Python, with deterministic train/calib/test splits.
+* :mod:`obcjax.zoo.text` -- English sentences from several offline sources (IDLE's docs, licences,
+  package READMEs, ...), with held-out sets drawn from other sources than the calibration text.
 * :mod:`obcjax.zoo.models` -- MLP, LeNet-5, a small ResNet and a 1-D CNN, each as a Flax Linen
   and a Flax NNX twin with one parameter layout.
 * :mod:`obcjax.zoo.train` -- deterministic training and evaluation, and :func:`pretrained`,
@@ -32,7 +34,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-_SUBMODULES = ("data", "models", "train", "minilm", "efficientnet", "torch_legacy")
+_SUBMODULES = ("data", "text", "models", "train", "minilm", "efficientnet", "torch_legacy")
 
 # public name -> submodule that defines it
 _EXPORTS = {
@@ -86,6 +88,7 @@ _EXPORTS = {
 # Spelled out (not built from _EXPORTS) so that linters and IDEs can read it.
 __all__ = [
     "data",
+    "text",
     "models",
     "train",
     "minilm",

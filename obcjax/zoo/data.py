@@ -22,14 +22,7 @@ Example:
 
 from __future__ import annotations
 
-import codecs
-import contextlib
 import functools
-import importlib
-import inspect
-import io
-import re
-import warnings
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -281,81 +274,18 @@ def mnist1d(num_samples: int = 5000, seed: int = 42, calib_fraction: float = 0.1
 # Text
 # ---------------------------------------------------------------------------------------------
 
-# Standard-library modules whose docstrings (module + public members) feed the corpus, in a fixed
-# order. A module missing from a stripped-down Python is skipped.
-_TEXT_MODULES = (
-    "abc", "argparse", "array", "asyncio", "base64", "bisect", "calendar", "collections",
-    "concurrent.futures", "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal",
-    "difflib", "email", "enum", "fnmatch", "fractions", "functools", "getopt", "gettext", "glob",
-    "gzip", "hashlib", "heapq", "hmac", "html", "http.client", "imaplib", "inspect", "io",
-    "ipaddress", "itertools", "json", "locale", "logging", "mailbox", "math", "mimetypes",
-    "operator", "optparse", "os", "pathlib", "pickle", "platform", "pprint", "queue", "random",
-    "re", "sched", "secrets", "selectors", "shelve", "shlex", "shutil", "smtplib", "socket",
-    "statistics", "string", "struct", "subprocess", "tarfile", "tempfile", "textwrap",
-    "threading", "time", "timeit", "tokenize", "trace", "traceback", "typing", "unittest",
-    "urllib.parse", "urllib.request", "uuid", "warnings", "wave", "weakref", "xml.dom",
-    "zipfile", "zlib",
-)  # fmt: skip
-
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
-_CODE_CHARS = set("=_{}[]\\|#*`<>~^$@%/;")
-_MIN_CHARS, _MAX_CHARS, _MIN_WORDS = 30, 200, 6
-
-
-def _zen_of_python() -> str:
-    # Importing `this` prints the Zen; its text is stored rot13-encoded in `this.s`.
-    with contextlib.redirect_stdout(io.StringIO()):
-        this = importlib.import_module("this")
-    return codecs.decode(this.s, "rot13")
-
 
 def _raw_texts() -> list[str]:
-    texts = []
-    try:
-        texts.append(_zen_of_python())
-    except ImportError:
-        pass
-    try:
-        topics = importlib.import_module("pydoc_data.topics").topics
-        texts.extend(topics[key] for key in sorted(topics))
-    except ImportError:
-        pass
-    # Reading docstrings touches deprecated aliases (e.g. typing.re); their warnings are noise.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        for name in _TEXT_MODULES:
-            try:
-                mod = importlib.import_module(name)
-            except ImportError:
-                continue
-            texts.append(inspect.getdoc(mod) or "")
-            for attr in sorted(vars(mod)):
-                obj = vars(mod)[attr]
-                if attr.startswith("_") or not (inspect.isclass(obj) or inspect.isroutine(obj)):
-                    continue
-                texts.append(inspect.getdoc(obj) or "")
-    return texts
+    # The sources and the sentence filter live in obcjax.zoo.text (one home for offline text).
+    from obcjax.zoo import text
+
+    return [t for name in text.IN_DOMAIN for t in text.source_texts(name)]
 
 
-def _sentences(text: str) -> Iterator[str]:
-    # Paragraphs first: indented blocks and lists rarely hold prose.
-    for para in re.split(r"\n\s*\n", text):
-        lines = para.strip().splitlines()
-        if not lines or any(line.startswith((" ", "\t", ">>>", "-", "*", "+")) for line in lines):
-            continue
-        for s in _SENTENCE_END.split(" ".join(line.strip() for line in lines)):
-            s = s.strip()
-            if not (_MIN_CHARS <= len(s) <= _MAX_CHARS) or not s[0].isupper():
-                continue
-            if s[-1] not in ".!?" or _CODE_CHARS & set(s) or "()" in s or ".." in s:
-                continue
-            words = s.split()
-            if len(words) < _MIN_WORDS or not s.isascii():
-                continue
-            # Mostly letters: drops tables of numbers, signatures and option lists.
-            if sum(ch.isalpha() or ch == " " for ch in s) < 0.9 * len(s):
-                continue
-            yield s
+def _sentences(t: str) -> Iterator[str]:
+    from obcjax.zoo import text
+
+    return text.split_sentences(t)
 
 
 def text_corpus(seed: int = 0, per_split: int = 400) -> dict[str, list[str]]:
