@@ -7,6 +7,12 @@ magnitude + round-to-nearest baseline at the same target; it prints a before/aft
 per-layer table, sweeps sparsity for a plot of accuracy against compression, and writes
 ``summary.json`` and ``accuracy_vs_sparsity.png`` to ``--out``.
 
+``--model package.module:factory`` compresses a model of your own, Linen or NNX: ``factory()``
+returns ``(model, variables, batches)`` or ``(model, variables, batches, evaluate)``; the
+contract is :func:`load_user_model`'s (and ``obcjax compress --help``'s). The zoo models need
+the zoo extra; without it the command says so in one line (``pip install obcjax[zoo]``, exit
+status 1); ``--sweep`` without matplotlib is refused up front (``obcjax[plots]``, exit status 2).
+
 Every option is checked before any work starts (training, calibration, compression): a bad
 value is one line on stderr that names the option and the form it accepts, with exit status 2
 and no traceback (``--debug`` shows the traceback of such errors too). The output folder is made
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -301,14 +308,206 @@ def _check_model_data(model: str, data: str | None, *, cmd: str) -> tuple[str, s
     return model, data
 
 
+# ``--model package.module:factory``: a model of the user's, next to the zoo names
+_USER_MODEL = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
+USER_MODEL_FORM = ("package.module:factory, a function of no arguments returning (model, "
+                   "variables, batches) or (model, variables, batches, evaluate)")
+# every layer type with a kernel that calibration captures (attention projections included)
+USER_LAYER_TYPES = ("Dense", "Conv", "DenseGeneral")
+
+
+def is_user_model(name: str | None) -> bool:
+    """Whether a ``--model`` value names a factory (``package.module:factory``), not a zoo model."""
+    return name is not None and ":" in name
+
+
+@dataclasses.dataclass
+class UserModel:
+    """What a ``--model package.module:factory`` gave, checked.
+
+    Attributes:
+      name: the ``--model`` value.
+      model: the ``flax.linen.Module`` or ``flax.nnx.Module``.
+      variables: Linen: the variable dict; NNX: the ``nnx.State`` of the whole model (the
+        factory's variables applied over a copy of the model's own state).
+      params: the params as the solvers take them (Linen ``variables["params"]``; NNX the pure
+        dict of the ``nnx.Param`` state).
+      batches: the calibration batches, as a list.
+      evaluate: ``evaluate(variables) -> float`` or None.
+    """
+
+    name: str
+    model: object
+    variables: object
+    params: dict
+    batches: list
+    evaluate: object
+
+    @property
+    def is_nnx(self) -> bool:
+        from flax import nnx
+
+        return isinstance(self.model, nnx.Module)
+
+    def with_params(self, params):
+        """The variables with ``params`` in place of the model's params (the form ``evaluate``
+        takes): Linen a variable dict, NNX an ``nnx.State`` of the whole model."""
+        if not self.is_nnx:
+            return {**self.variables, "params": params}
+        from obcjax.capture import BoundModel
+
+        return BoundModel(self._nnx_module(self.variables), params).variables
+
+    def saved_tree(self, variables) -> dict:
+        """What ``--save`` writes: the Linen variable dict, or the NNX params (pure dict)."""
+        if not self.is_nnx:
+            return dict(variables)
+        from flax import nnx
+
+        return nnx.to_pure_dict(nnx.state(self._nnx_module(variables), nnx.Param))
+
+    def _nnx_module(self, state):
+        from flax import nnx
+
+        return nnx.merge(nnx.graphdef(self.model), state)
+
+
+def load_user_model(spec: str, flag: str = "--model") -> UserModel:
+    """Import ``package.module``, call ``factory()`` and check what it returns.
+
+    The factory is the command line's whole view of a user's model. It takes no arguments and
+    returns ``(model, variables, batches)`` or ``(model, variables, batches, evaluate)``:
+
+    * ``model``: a ``flax.linen.Module`` (run as ``model.apply(variables, x)``) or a
+      ``flax.nnx.Module`` (run as ``model(x)``; put it in evaluation mode, ``model.eval()``,
+      if it has dropout or batch norm). Every ``Dense`` / ``Conv`` / ``DenseGeneral`` layer
+      (``nnx.Linear`` / ``nnx.Conv`` / ``nnx.LinearGeneral``) the forward pass calls is
+      compressed, except those ``--keep`` (and ``--keep-first``) leave dense.
+    * ``variables``: Linen: the variable dict (``{"params": ..., "batch_stats": ...}``, every
+      collection the model reads). NNX: None (the model's own state), or an ``nnx.State`` / pure
+      dict applied over it.
+    * ``batches``: an iterable of calibration batches (read once, kept as a list): an array, a
+      tuple/list whose first element is the input, or a dict with an ``"x"`` entry.
+    * ``evaluate`` (optional): ``evaluate(variables) -> float``, the model's accuracy in
+      ``[0, 1]`` (any score where higher is better is shown the same way, times 100), given the
+      variables in the form above with the compressed params in place: Linen a variable dict,
+      NNX an ``nnx.State`` of the whole model (``nnx.update(model, state)``). Without it the
+      tables show no accuracy and ``--sweep`` is skipped.
+
+    The current folder is put on ``sys.path`` first (as ``python -m`` does), so a module next to
+    where the command runs is found.
+
+    Raises:
+      UsageError: a malformed value, a module that cannot be imported, a missing or
+        uncallable factory, a factory that fails, or a result that breaks the contract above.
+    """
+    if not _USER_MODEL.match(spec):
+        raise UsageError(flag, f"expected a zoo model name or {USER_MODEL_FORM}; got {spec!r}")
+    modname, _, fname = spec.partition(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(modname)
+    except ModuleNotFoundError as e:
+        raise UsageError(flag, f"cannot import {modname!r} ({e}); expected {USER_MODEL_FORM} "
+                               f"with the module importable from the current folder or "
+                               f"PYTHONPATH") from e
+    except Exception as e:
+        raise UsageError(flag, f"importing {modname!r} failed: {type(e).__name__}: {e}") from e
+    factory = getattr(module, fname, None)
+    if factory is None:
+        raise UsageError(flag, f"module {modname!r} has no {fname!r}; expected {USER_MODEL_FORM}")
+    if not callable(factory):
+        raise UsageError(flag, f"{spec} is a {type(factory).__name__}, not a function; expected "
+                               f"{USER_MODEL_FORM}")
+    try:
+        got = factory()
+    except Exception as e:
+        raise UsageError(flag, f"{spec}() failed: {type(e).__name__}: {e}") from e
+    if not (isinstance(got, tuple | list) and len(got) in (3, 4)):
+        what = f"a {len(got)}-tuple" if isinstance(got, tuple | list) else type(got).__name__
+        raise UsageError(flag, f"{spec}() returned {what}; expected (model, variables, batches) "
+                               f"or (model, variables, batches, evaluate)")
+    model, variables, batches, evaluate = (*got, None) if len(got) == 3 else got
+    import flax.linen as nn
+    from flax import nnx
+
+    from obcjax.capture import BoundModel
+
+    if not isinstance(model, nn.Module | nnx.Module):
+        raise UsageError(flag, f"{spec}(): the model must be a flax.linen.Module or a "
+                               f"flax.nnx.Module, got {type(model).__name__}")
+    if isinstance(model, nn.Module) and not (isinstance(variables, dict) and "params" in variables):
+        raise UsageError(flag, f"{spec}(): a Linen model's variables must be a dict with a "
+                               f"'params' entry, as model.init returns; got "
+                               f"{type(variables).__name__}")
+    try:
+        bound = BoundModel(model, variables, what=f"{spec}()")
+    except (TypeError, ValueError) as e:
+        raise UsageError(flag, str(e)) from e
+    if evaluate is not None and not callable(evaluate):
+        raise UsageError(flag, f"{spec}(): evaluate must be a function of the variables, got "
+                               f"{type(evaluate).__name__}")
+    try:
+        batches = list(batches)
+    except TypeError as e:
+        raise UsageError(flag, f"{spec}(): batches must be an iterable of batches, got "
+                               f"{type(batches).__name__}") from e
+    if not batches:
+        raise UsageError(flag, f"{spec}(): batches is empty; give at least one calibration batch")
+    if bound.is_nnx:
+        params = nnx.to_pure_dict(nnx.state(bound.module(), nnx.Param))
+    else:
+        params = variables["params"]
+    return UserModel(spec, model, bound.variables, params, batches, evaluate)
+
+
+def _batch_input(batch):
+    if isinstance(batch, dict):
+        return batch["x"]
+    if isinstance(batch, tuple | list):
+        return batch[0]
+    return batch
+
+
 @dataclasses.dataclass
 class _Layers:
-    """A zoo model's compressible layers: paths in forward order, input widths, the variables'
-    shapes (``jax.ShapeDtypeStruct`` leaves)."""
+    """A model's compressible layers: paths in forward order, input widths (the columns of each
+    layer's matrix), and for a zoo model the variables' shapes (``jax.ShapeDtypeStruct``
+    leaves)."""
 
     order: list[str]
     cols: dict[str, int]
-    abstract: dict
+    abstract: dict | None = None
+
+
+def _user_layers(user: UserModel) -> _Layers:
+    """The layers a user's model calls on its first batch, traced (``jax.eval_shape``: nothing
+    is computed or compiled); a forward pass that fails is a ``--model`` error."""
+    import jax
+
+    from obcjax.capture import BoundModel, layer_rows
+
+    cols: dict[str, int] = {}
+
+    def hook(call, proceed):
+        if call.path not in cols:
+            cols[call.path] = int(layer_rows(call.kind, call.module, call.input, call.path)
+                                  .shape[-1])
+        return proceed(*call.args, **call.kwargs)
+
+    bound = BoundModel(user.model, user.variables, what=user.name)
+    x = _batch_input(user.batches[0])
+    try:
+        jax.eval_shape(lambda v: bound.run(lambda m, x: m(x), x, variables=v, hook=hook,
+                                           layer_types=USER_LAYER_TYPES), bound.variables)
+    except Exception as e:
+        raise UsageError("--model", f"{user.name}(): the model does not run on its first batch "
+                                    f"({type(e).__name__}: {_one_line(str(e))[:300]})") from e
+    if not cols:
+        raise UsageError("--model", f"{user.name}(): the forward pass calls no Dense, Conv or "
+                                    f"DenseGeneral layer; nothing to compress")
+    return _Layers(list(cols), cols)
 
 
 def _zoo_layers(model: str, ds) -> _Layers:
@@ -377,19 +576,29 @@ def _check_save(save: Path, out_missing: list[Path]) -> None:
 class _Plan:
     """What ``compress`` will do, from options that passed every check."""
 
-    ds: dict
+    ds: dict | None
     prune: object
     quant: object
     keep_list: list[str]
     levels: list | None
     out_missing: list[Path]
+    layers: _Layers | None = None
+    user: UserModel | None = None
 
 
 def _check_compress(args) -> _Plan:
     """Every check of ``compress`` that argparse cannot do alone, before any work starts."""
-    from obcjax.zoo import data as zdata
-
-    args.model, args.data = _check_model_data(args.model, args.data, cmd="compress")
+    user = is_user_model(args.model)
+    if user:
+        if args.data is not None:
+            raise UsageError("--data", f"not used with --model {args.model}: the factory's "
+                                       f"batches are the calibration data")
+        if args.abits.mixed:
+            raise UsageError("--abits", "a list of widths (quantized activations) is for the zoo "
+                                        "models; with --model package.module:factory give one "
+                                        "width")
+    else:
+        args.model, args.data = _check_model_data(args.model, args.data, cmd="compress")
     prune, bits = args.prune, args.wbits
     quant = Int(bits, sym=not args.asym) if bits else None
     budget, abits = args.budget, args.abits
@@ -416,8 +625,18 @@ def _check_compress(args) -> _Plan:
     if budget is not None:
         levels = _budget_levels(args.levels, abits)
 
-    ds = zdata.load_dataset(args.data)
-    layers = _zoo_layers(args.model, ds)
+    if user:
+        ds, user = None, load_user_model(args.model)
+        layers = _user_layers(user)
+    else:
+        from obcjax.zoo import data as zdata
+
+        ds, user = zdata.load_dataset(args.data), None
+        layers = _zoo_layers(args.model, ds)
+    swept = args.sweep and (user is None or user.evaluate is not None)
+    if swept and importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--sweep", "the accuracy plot needs matplotlib: pip install "
+                                    "obcjax[plots] (or --sweep '' to skip it)")
     keep_list = list(args.keep)
     for pattern in keep_list:
         if not any(re.fullmatch(pattern, p) for p in layers.order):
@@ -432,7 +651,7 @@ def _check_compress(args) -> _Plan:
                     "--prune", f"{prune.n}:{prune.m} needs the input width of every compressed "
                     f"layer to be a multiple of {prune.m}, but {p} has {layers.cols[p]}; leave it "
                     f"dense with --keep {p}, or choose another N:M")
-    return _Plan(ds, prune, quant, keep_list, levels, out_missing)
+    return _Plan(ds, prune, quant, keep_list, levels, out_missing, layers, user)
 
 
 def _budget_levels(texts: list[str] | None, abits: ABits) -> list:
@@ -497,6 +716,13 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join([line, sep, *body])
 
 
+def _pct(acc: float | None, dense: float | None = None) -> str:
+    """An accuracy in percent, or its change from dense; "-" without an evaluation."""
+    if acc is None:
+        return "-"
+    return f"{100 * acc:.2f}" if dense is None else f"{100 * (acc - dense):+.2f}"
+
+
 def _kb(bits: float) -> str:
     return f"{bits / 8 / 1024:.1f}"
 
@@ -516,18 +742,29 @@ def cmd_compress(args) -> int:
             out.clean()
 
 
-def _compress(args, plan: _Plan, out_dir: Path) -> int:
-    import jax
-    import numpy as np
+@dataclasses.dataclass
+class _Job:
+    """A model ready to compress, zoo or user's, in the one form ``_compress`` works on."""
 
-    from obcjax.calibration import calibrate
-    from obcjax.pipeline import compress_sequential, reestimate_batchnorm
-    from obcjax.transforms import LayerSpec, compress, prune_levels
+    model: object
+    variables: object  # Linen variable dict, or NNX nnx.State of the whole model
+    params: dict  # what the solvers take (Linen params, NNX pure Param dict)
+    seq_variables: object  # what compress_sequential takes for the variables
+    calib_batches: list
+    apply_kwargs: dict | None
+    layer_types: tuple
+    evaluate: object  # evaluate(variables) -> float, or None
+    with_params: object  # params -> variables
+    saved_tree: object  # variables -> the tree --save writes
+    bn_kwargs: dict | None  # apply_kwargs of batch-norm re-estimation; None: not re-estimated
+    test: object = None  # a zoo model's test split (activation quantization's evaluation)
+
+
+def _zoo_job(args, plan: _Plan) -> _Job:
     from obcjax.zoo import data as zdata
     from obcjax.zoo import models as zmodels
     from obcjax.zoo import train as ztrain
 
-    t0 = time.perf_counter()
     ds = plan.ds
     variables, info = ztrain.pretrained(args.model, args.data, seed=args.seed)
     model = zmodels.linen_model(args.model, num_classes=zmodels.num_classes_of(args.model, variables))
@@ -535,47 +772,87 @@ def _compress(args, plan: _Plan, out_dir: Path) -> int:
     calib = ds["calib"]
     if args.nsamples:
         calib = zdata.Split(calib.x[: args.nsamples], calib.y[: args.nsamples])
-
-    def evaluate(v):
-        return ztrain.evaluate(args.model, v, test)["accuracy"]
-
     print(f"model {args.model} on {args.data}: {info.get('source', '?')} "
           f"(test accuracy {100 * info['test_accuracy']:.2f}%), calibrating on {len(calib.y)} "
           f"examples", flush=True)
-    calib_batches = [x for x, _ in zdata.batches(calib, 128)]
-    stats = calibrate(model, variables, calib_batches, apply_kwargs={"train": False},
-                      progress=args.progress)
+    has_bn = bool(variables.get("batch_stats")) and not args.no_bn
+    return _Job(
+        model=model, variables=variables, params=variables["params"], seq_variables=variables,
+        calib_batches=[x for x, _ in zdata.batches(calib, 128)], apply_kwargs={"train": False},
+        layer_types=("Dense", "Conv"),
+        evaluate=lambda v: ztrain.evaluate(args.model, v, test)["accuracy"],
+        with_params=lambda p: {**variables, "params": p}, saved_tree=dict,
+        bn_kwargs={"train": True} if has_bn else None, test=test)
+
+
+def _user_job(args, plan: _Plan) -> _Job:
+    user = plan.user
+    batches = user.batches[: args.nsamples] if args.nsamples else user.batches
+    kind = "NNX" if user.is_nnx else "Linen"
+    print(f"model {user.name} ({kind}, {len(plan.layers.order)} layers), calibrating on "
+          f"{len(batches)} batches" + ("" if user.evaluate else "; no evaluate function, so no "
+                                       "accuracy (see obcjax compress --help)"), flush=True)
+    if not args.no_bn:
+        print("note: batch norm is not re-estimated for --model package.module:factory (in "
+              "Python: obcjax.oneshot(..., repair_batchnorm=True))", flush=True)
+    return _Job(
+        model=user.model, variables=user.variables, params=user.params,
+        seq_variables=user.params if user.is_nnx else user.variables, calib_batches=batches,
+        apply_kwargs=None, layer_types=USER_LAYER_TYPES, evaluate=user.evaluate,
+        with_params=user.with_params, saved_tree=user.saved_tree, bn_kwargs=None)
+
+
+def _compress(args, plan: _Plan, out_dir: Path) -> int:
+    import jax
+    import numpy as np
+
+    from obcjax.calibration import calibrate
+    from obcjax.pipeline import compress_sequential, reestimate_batchnorm
+    from obcjax.transforms import LayerSpec, compress, prune_levels
+
+    t0 = time.perf_counter()
+    job = _user_job(args, plan) if plan.user else _zoo_job(args, plan)
+    model, variables, params0 = job.model, job.variables, job.params
+    calib_batches = job.calib_batches
+    nsamples = sum(len(_batch_input(b)) for b in calib_batches)
+
+    def evaluate(v):
+        return None if job.evaluate is None else float(job.evaluate(v))
+
+    stats = calibrate(model, variables, calib_batches, apply_kwargs=job.apply_kwargs,
+                      layer_types=job.layer_types, progress=args.progress)
     prune, quant, bits = plan.prune, plan.quant, args.wbits
     keep_list = plan.keep_list
     keep = [(r, None) for r in keep_list]
-    has_bn = bool(variables.get("batch_stats")) and not args.no_bn
+    every = "|".join(re.escape(p) for p in plan.layers.order)  # the layers the model calls
+    has_bn = job.bn_kwargs is not None
 
     def run(solver, p=prune, q=quant):
-        rules = keep + [(".*", LayerSpec(prune=p, quant=q, solver=solver))]
+        rules = keep + [(every, LayerSpec(prune=p, quant=q, solver=solver))]
         if args.mode == "sequential":
-            out = compress_sequential(model, variables, calib_batches, rules,
-                                      apply_kwargs={"train": False}, rel_damp=args.rel_damp,
-                                      progress=args.progress)
+            out = compress_sequential(model, job.seq_variables, calib_batches, rules,
+                                      apply_kwargs=job.apply_kwargs, layer_types=job.layer_types,
+                                      rel_damp=args.rel_damp, progress=args.progress)
         else:
-            out = compress(variables["params"], stats, rules, rel_damp=args.rel_damp,
+            out = compress(params0, stats, rules, rel_damp=args.rel_damp,
                            progress=args.progress)
         return out, finish(out.params)
 
     def finish(params):
         # batch-norm re-estimation on the calibration data (OBC's BN tuning)
-        v = {**variables, "params": params}
+        v = job.with_params(params)
         if has_bn:
-            v = reestimate_batchnorm(model, v, calib_batches, apply_kwargs={"train": True})
+            v = reestimate_batchnorm(model, v, calib_batches, apply_kwargs=job.bn_kwargs)
         return v
 
     dense_acc = evaluate(variables)
     results = {}
     if args.budget and args.abits.mixed:
         results.update(_mixed_runs(args, plan.levels, model, variables, stats, keep,
-                                   calib_batches, test, has_bn, len(calib.y)))
+                                   calib_batches, job.test, has_bn, nsamples))
     elif args.budget:
-        results.update(_budget_runs(args, plan.levels, variables, stats, keep, finish, evaluate,
-                                    len(calib.y)))
+        results.update(_budget_runs(args, plan.levels, params0, stats, keep, every, finish,
+                                    evaluate, nsamples))
     else:
         for solver in args.solvers:
             t = time.perf_counter()
@@ -585,14 +862,15 @@ def _compress(args, plan: _Plan, out_dir: Path) -> int:
 
     first = next(iter(results.values()))[0]
     dense_bits = first.summary["total/dense_bits"]
-    rows = [["dense", f"{100 * dense_acc:.2f}", "+0.00", _kb(dense_bits), "1.0x", "0.0%", "32", "-"]]
+    rows = [["dense", _pct(dense_acc), _pct(dense_acc, dense_acc), _kb(dense_bits), "1.0x",
+             "0.0%", "32", "-"]]
     for solver, (res, a, secs, _) in results.items():
         s = res.summary
         layers = [k[: -len("/params")] for k in s if k.endswith("/params") and k != "total/params"]
         nparams = sum(s[f"{p}/params"] for p in layers)
         nz = sum(s[f"{p}/params"] * (1 - s[f"{p}/sparsity"]) for p in layers)
         rows.append([
-            solver, f"{100 * a:.2f}", f"{100 * (a - dense_acc):+.2f}", _kb(s["total/size_bits"]),
+            solver, _pct(a), _pct(a, dense_acc), _kb(s["total/size_bits"]),
             f"{s['total/compression']:.1f}x", f"{100 * (1 - nz / nparams):.1f}%",
             "mixed" if args.budget else str(bits or 32), f"{secs:.1f}s",
         ])
@@ -631,25 +909,30 @@ def _compress(args, plan: _Plan, out_dir: Path) -> int:
         res, acc, _, v = results[solver]
         save_path = Path(args.save)
         packed = {f"params/{k}": layer for k, layer in export.pack_compressed(res).items()}
-        export.save_params(save_path, dict(v), packed, metadata={
+        if plan.user and plan.user.is_nnx:  # the NNX params alone, as a pure dict
+            packed = {k.removeprefix("params/"): layer for k, layer in packed.items()}
+        saved = job.saved_tree(v)
+        export.save_params(save_path, saved, packed, metadata={
             "model": args.model, "data": args.data, "target": spec_name, "solver": solver,
             "test_accuracy": acc})
         on_disk = save_path.stat().st_size
         theory_bits = sum(export.theoretical_bits(x) for x in packed.values())
         n_packed = sum(int(np.prod(x.shape)) for x in packed.values())
-        n_all = sum(int(np.size(a)) for a in jax.tree.leaves(dict(v)))
+        n_all = sum(int(np.size(a)) for a in jax.tree.leaves(saved))
         theory = theory_bits / 8 + 4 * (n_all - n_packed)
         print(f"\nsaved {solver} model to {save_path}: {on_disk / 1024:.1f} KB on disk, "
               f"theoretical {theory / 1024:.1f} KB, dense float32 {4 * n_all / 1024:.1f} KB "
               f"({4 * n_all / on_disk:.1f}x smaller)")
         summary["saved"] = {"path": str(save_path), "bytes_on_disk": on_disk,
                             "bytes_theoretical": theory, "bytes_dense_float32": 4 * n_all}
-    if args.sweep:
+    if args.sweep and job.evaluate is None:
+        print("sweep: skipped (the factory returns no evaluate function)")
+    elif args.sweep:
         levels = args.sweep
         sweep = {}
-        keep_rules = keep + [(".*", True)]
+        keep_rules = keep + [(every, True)]
         for solver in [s for s in args.solvers if s in ("obc", "magnitude")]:
-            plist = prune_levels(variables["params"], stats, levels, rules=keep_rules,
+            plist = prune_levels(params0, stats, levels, rules=keep_rules,
                                  solver=solver, rel_damp=args.rel_damp)
             accs = [evaluate(finish(p)) for p in plist]
             sweep[solver] = accs
@@ -669,7 +952,8 @@ def _compress(args, plan: _Plan, out_dir: Path) -> int:
         ax.axhline(100 * dense_acc, color="gray", ls="--", label="dense")
         ax.set_xlabel("unstructured sparsity of every layer (%)")
         ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"{args.model} on {args.data}: one-shot pruning, no retraining")
+        on = f" on {args.data}" if args.data else ""
+        ax.set_title(f"{args.model}{on}: one-shot pruning, no retraining")
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
@@ -695,7 +979,7 @@ def _solve_or_explain(args, name, assign):
         return None
 
 
-def _budget_runs(args, levels, variables, stats, keep, finish, evaluate, ncalib):
+def _budget_runs(args, levels, params, stats, keep, every, finish, evaluate, ncalib):
     """OBC's database of levels + dynamic program against the best uniform level, same budget."""
     from obcjax import allocation as A
     from obcjax.transforms import compress
@@ -704,7 +988,7 @@ def _budget_runs(args, levels, variables, stats, keep, finish, evaluate, ncalib)
     positions = {p: max(1, round(int(s.count) / ncalib)) for p, s in stats.items()}
     abits = 32 if metric != "bops" else (lambda level: args.abits.widths[0])
     t = time.perf_counter()
-    db = A.build_database(variables["params"], stats, levels, rules=keep + [(".*", True)],
+    db = A.build_database(params, stats, levels, rules=keep + [(every, True)],
                           path=args.database, rel_damp=args.rel_damp, positions=positions,
                           abits=abits, overhead=False, progress=args.progress)
     t_db = time.perf_counter() - t
@@ -718,8 +1002,7 @@ def _budget_runs(args, levels, variables, stats, keep, finish, evaluate, ncalib)
         assignment = _solve_or_explain(args, name, assign)
         if assignment is None:
             continue
-        res = compress(variables["params"], stats, keep + A.to_rules(assignment),
-                       rel_damp=args.rel_damp)
+        res = compress(params, stats, keep + A.to_rules(assignment), rel_damp=args.rel_damp)
         secs = time.perf_counter() - t + t_db
         v = finish(res.params)
         out[name] = (res, evaluate(v), secs, v)
@@ -773,7 +1056,6 @@ def _mixed_runs(args, levels, model, variables, stats, keep, calib_batches, test
 def _check_evaluate(args):
     """``evaluate``: the file, its model and data, and that they fit, before evaluating."""
     from obcjax import export
-    from obcjax.zoo import data as zdata
 
     path = Path(args.load)
     if not path.exists():
@@ -789,11 +1071,16 @@ def _check_evaluate(args):
         why = str(e).replace(f"{str(path)!r}: ", "").replace(f"{path!r}: ", "")
         raise UsageError("--load", f"{not_ours} ({why})") from e
     meta = meta or {}
-    model, data = args.model or meta.get("model"), args.data or meta.get("data")
+    model = args.model or meta.get("model")
+    if is_user_model(model):
+        return (path, meta, *_check_evaluate_user(args, path, model, export))
+    data = args.data or meta.get("data")
     if not model or not data:
         raise UsageError("--model/--data", f"{str(path)!r} names no model or data set; give "
                                            f"--model and --data")
     model, data = _check_model_data(model, data, cmd="evaluate")
+    from obcjax.zoo import data as zdata
+
     ds = zdata.load_dataset(data)
     like = _zoo_layers(model, ds).abstract
     try:
@@ -805,11 +1092,38 @@ def _check_evaluate(args):
     return path, meta, model, data, ds, variables
 
 
-def cmd_evaluate(args) -> int:
-    from obcjax.zoo import train as ztrain
+def _check_evaluate_user(args, path, model, export):
+    """``evaluate`` of a file saved from ``--model package.module:factory``: the factory's
+    evaluate function on the loaded params."""
+    if args.data is not None:
+        raise UsageError("--data", f"not used with --model {model}: its factory's evaluate "
+                                   f"function is the evaluation")
+    user = load_user_model(model)
+    if user.evaluate is None:
+        raise UsageError("--model", f"{model}() returns no evaluate function (the 4th element), "
+                                    f"so there is nothing to evaluate the file with")
+    like = user.saved_tree(user.variables)
+    try:
+        loaded = export.load_params(path, like=like)
+    except (OSError, ValueError) as e:
+        raise UsageError("--load", f"{str(path)!r} does not hold the parameters of {model}() "
+                                   f"(names or shapes differ)") from e
+    if user.is_nnx:
+        variables = user.with_params(loaded)
+    else:
+        variables = {**user.variables, **loaded}
+    return model, "-", None, variables, user.evaluate
 
-    path, meta, model, data, ds, variables = _check_evaluate(args)
-    acc = ztrain.evaluate(model, variables, ds["test"])["accuracy"]
+
+def cmd_evaluate(args) -> int:
+    checked = _check_evaluate(args)
+    path, meta, model, data, ds, variables = checked[:6]
+    if len(checked) > 6:  # a user's model: its own evaluate function
+        acc = float(checked[6](variables))
+    else:
+        from obcjax.zoo import train as ztrain
+
+        acc = ztrain.evaluate(model, variables, ds["test"])["accuracy"]
     print(_table([[str(path), model, data, meta.get("target", "?"), f"{100 * acc:.2f}",
                    f"{path.stat().st_size / 1024:.1f}"]],
                   ["file", "model", "data", "target", "acc %", "KB on disk"]))
@@ -873,6 +1187,31 @@ def _run_minilm(rest: list[str]) -> int:
         minilm_recipe.build_parser = build
 
 
+USER_MODEL_HELP = """\
+Your own model: --model package.module:factory. The module is imported (the current folder is
+on the path) and factory() is called with no arguments. It returns
+
+  (model, variables, batches)  or  (model, variables, batches, evaluate)
+
+  model      a flax.linen.Module (run as model.apply(variables, x)) or a flax.nnx.Module
+             (run as model(x); call model.eval() first if it has dropout or batch norm)
+  variables  Linen: the variable dict, every collection the model reads ({"params": ...});
+             NNX: None (the model's own state), or an nnx.State / pure dict applied over it
+  batches    an iterable of calibration batches: an array, a tuple whose first element is
+             the input, or a dict with an "x" entry
+  evaluate   optional: evaluate(variables) -> accuracy in [0, 1] (any higher-is-better score),
+             given the variables with the compressed params in place (Linen: a variable dict;
+             NNX: an nnx.State of the whole model). Without it no accuracy is shown and
+             --sweep is skipped.
+
+Every Dense, Conv and DenseGeneral layer the model calls (nnx.Linear, nnx.Conv,
+nnx.LinearGeneral) is compressed, except those --keep / --keep-first leave dense. Batch norm
+is not re-estimated (in Python: obcjax.oneshot(..., repair_batchnorm=True)). --save writes
+the Linen variables, or the NNX params as a pure dict; obcjax evaluate --load FILE reads it back
+with the same --model (stored in the file) and its evaluate function.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The options of ``obcjax`` (``--model minilm`` has its own: :mod:`obcjax.recipes.minilm`)."""
     common = argparse.ArgumentParser(add_help=False)
@@ -881,11 +1220,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="obcjax", description=__doc__.splitlines()[0], parents=[common])
     sub = ap.add_subparsers(dest="cmd", metavar="command")
     c = sub.add_parser("compress", parents=[common],
-                       help="calibrate and compress a zoo model (default: LeNet-5/digits)")
+                       help="calibrate and compress a zoo model or your own (default: "
+                            "LeNet-5/digits)",
+                       description=USER_MODEL_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("--model", default="lenet5",
-                   help="zoo model (mlp, lenet5, resnet, cnn1d), or minilm: the pretrained "
+                   help="zoo model (mlp, lenet5, resnet, cnn1d); minilm: the pretrained "
                         "sentence encoder, with its own options (obcjax compress --model minilm "
-                        "--help)")
+                        "--help); or package.module:factory, your own model (see above)")
     c.add_argument("--data", default=None,
                    help="data set: digits or mnist1d (default: digits, or the model's own)")
     c.add_argument("--prune", type=_prune_arg, default="0.5",
@@ -930,7 +1272,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", parents=[common],
                        help="evaluate a packed model written by compress --save")
     e.add_argument("--load", required=True)
-    e.add_argument("--model", default=None, help="zoo model (default: from the file)")
+    e.add_argument("--model", default=None,
+                   help="zoo model or package.module:factory (default: from the file)")
     e.add_argument("--data", default=None, help="data set (default: from the file)")
     t = sub.add_parser("train", parents=[common], help="train (or load from cache) a zoo model")
     t.add_argument("--model", default="lenet5")
@@ -965,6 +1308,11 @@ def main(argv=None) -> int:
             raise
         sys.stderr.write(f"obcjax: error: {_one_line(str(e))}\n")
         return 2
+    except ImportError as e:  # an optional dependency (obcjax._extras.require names its extra)
+        if debug or "pip install obcjax[" not in str(e):
+            raise
+        sys.stderr.write(f"obcjax: error: {_one_line(str(e))}\n")
+        return 1
 
 
 if __name__ == "__main__":

@@ -78,6 +78,7 @@ def compress_sequential(
     *,
     apply_kwargs: Mapping[str, Any] | None = None,
     forward: Callable | None = None,
+    layer_types: Sequence[str] = ("Dense", "Conv"),
     solver: str = "obc",
     rel_damp: float = 0.01,
     method: str = "auto",
@@ -91,7 +92,8 @@ def compress_sequential(
         its ``nnx.Param`` state.
       batches: a re-iterable sequence of calibration batches (it is run once per layer).
       rules: ordered ``(regex, spec)`` rules as for :func:`obcjax.transforms.compress`.
-      apply_kwargs, forward: how to run the model, as for :func:`obcjax.calibration.calibrate`.
+      apply_kwargs, forward, layer_types: how to run the model and which layer classes to
+        capture, as for :func:`obcjax.calibration.calibrate`.
       solver, rel_damp, method: as for :func:`obcjax.transforms.compress`.
 
     Returns:
@@ -110,7 +112,7 @@ def compress_sequential(
     specs = {p: s for p, s in specs.items() if s is not None and (s.prune or s.quant)}
     if not specs:
         raise ValueError("compress_sequential: the rules leave every layer dense")
-    cal = dict(apply_kwargs=apply_kwargs, forward=forward)
+    cal = dict(apply_kwargs=apply_kwargs, forward=forward, layer_types=layer_types)
     # The forward order comes from one abstract-free calibration pass over the first batch.
     order = [p for p in calibrate(model, _vars(model, variables, params), batches[:1],
                                   rules=[re.escape(p) for p in specs], **cal) if p in specs]

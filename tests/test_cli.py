@@ -40,3 +40,44 @@ def test_compress_rejects_nothing_to_do(tmp_path, capsys):
                  "--out", str(tmp_path)]) == 2
     with pytest.raises(SystemExit):
         main(["compress", "--mode", "bogus"])
+
+
+def test_compress_user_model_end_to_end(tmp_path, capsys):
+    # --model package.module:factory: a Linen model defined outside the package
+    # (tests/cli_user_model.py), compressed, saved, and evaluated again from the file
+    model = "tests.cli_user_model:factory"
+    out, saved = tmp_path / "run", tmp_path / "user.safetensors"
+    rc = main(["compress", "--model", model, "--prune", "0.5", "--wbits", "4", "--solvers",
+               "magnitude", "--sweep", "0.5", "--out", str(out), "--save", str(saved)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "magnitude" in text and "fc2" in text
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"] == model and summary["data"] is None
+    assert summary["kept_dense"] == ["fc1"]  # --keep-first: the first layer in forward order
+    assert summary["dense_accuracy"] == 1.0  # agreement of the dense model with itself
+    mag = summary["methods"]["magnitude"]
+    assert set(mag["losses"]) == {"fc2", "fc3"}
+    assert mag["summary"]["fc2/sparsity"] == 0.5 and mag["summary"]["fc2/bits"] == 4
+    assert 0 < mag["accuracy"] <= 1
+    assert len(summary["sweep"]["accuracy"]["magnitude"]) == 1
+    # the file holds the compressed model: its evaluation is the one in memory
+    assert main(["evaluate", "--load", str(saved)]) == 0
+    assert f"{100 * mag['accuracy']:.2f}" in capsys.readouterr().out
+
+
+def test_compress_user_nnx_model_end_to_end(tmp_path, capsys):
+    # the NNX twin (variables None: the model's own state), SparseGPT layer by layer
+    model = "tests.cli_user_model:factory_nnx"
+    out, saved = tmp_path / "run", tmp_path / "nnx.safetensors"
+    rc = main(["compress", "--model", model, "--prune", "2:4", "--wbits", "none", "--solvers",
+               "gptq", "--mode", "sequential", "--sweep", "", "--out", str(out), "--save",
+               str(saved)])
+    assert rc == 0
+    capsys.readouterr()
+    summary = json.loads((out / "summary.json").read_text())
+    gptq = summary["methods"]["gptq"]
+    assert summary["mode"] == "sequential" and "sweep" not in summary
+    assert gptq["summary"]["fc2/sparsity"] == 0.5 and gptq["summary"]["fc3/sparsity"] == 0.5
+    assert main(["evaluate", "--load", str(saved)]) == 0
+    assert f"{100 * gptq['accuracy']:.2f}" in capsys.readouterr().out

@@ -72,6 +72,20 @@ BAD = [
     (["--model", "minilm", "--group", "x"], "--group", "int"),
     (["--model", "minilm", "--solver", "foo"], "--solver", "gptq"),
     (["--model", "minilm", "--prune", "2:4:8"], "--prune", "2:4"),
+    # a user's model: --model package.module:factory (tests/cli_user_model.py)
+    (["--model", "tests.cli_user_model:"], "--model", "package.module:factory"),
+    (["--model", "no such:factory"], "--model", "package.module:factory"),
+    (["--model", "tests.no_such_module:factory"], "--model", "cannot import"),
+    (["--model", "tests.cli_user_model:nosuch"], "--model", "has no 'nosuch'"),
+    (["--model", "tests.cli_user_model:NOT_CALLABLE"], "--model", "not a function"),
+    (["--model", "tests.cli_user_model:factory_bad_tuple"], "--model",
+     "(model, variables, batches)"),
+    (["--model", "tests.cli_user_model:factory_raises"], "--model", "no data here"),
+    (["--model", "tests.cli_user_model:factory_not_a_model"], "--model", "flax.linen.Module"),
+    (["--model", "tests.cli_user_model:factory", "--data", "digits"], "--data", "factory"),
+    (["--model", "tests.cli_user_model:factory", "--keep", "nosuch"], "--keep", "fc1, fc2, fc3"),
+    (["--model", "tests.cli_user_model:factory", "--budget", "bops=8x", "--abits", "4,8"],
+     "--abits", "one width"),
 ]
 
 BAD_OTHER = [
@@ -81,6 +95,10 @@ BAD_OTHER = [
     (["evaluate", "--load", "{tmp}/anonymous.safetensors"], "--model/--data", "give --model"),
     (["evaluate", "--load", "{tmp}/mlp.safetensors"], "--load", "does not hold a mlp model"),
     (["evaluate", "--load", "{tmp}/mlp.safetensors", "--model", "nosuch"], "--model", "lenet5"),
+    (["evaluate", "--load", "{tmp}/mlp.safetensors", "--model",
+      "tests.cli_user_model:factory_no_eval"], "--model", "no evaluate function"),
+    (["evaluate", "--load", "{tmp}/mlp.safetensors", "--model", "tests.cli_user_model:factory"],
+     "--load", "does not hold the parameters"),
     (["evaluate"], "--load", "required"),
     (["train", "--model", "nosuch"], "--model", "lenet5"),
     (["train", "--seed", "-1"], "--seed", ">= 0"),
@@ -201,6 +219,24 @@ def test_failed_run_removes_only_the_folders_it_made(tmp_path, monkeypatch, caps
     assert existing.is_dir()  # a folder that was there before is never removed
 
 
+def test_missing_extra_is_one_line(tmp_path, monkeypatch, capsys):
+    # Without the zoo extra the zoo's data sets fail in obcjax._extras.require: one line that
+    # names the extra, exit status 1, no traceback, no output folder.
+    from obcjax.zoo import data as zdata
+
+    def no_sklearn(*a, **k):
+        from obcjax._extras import require
+
+        require("sklearn_not_installed_here", "obcjax.zoo.digits")
+
+    monkeypatch.setattr(zdata, "load_dataset", no_sklearn)
+    out = tmp_path / "out"
+    rc, stdout, err = _run(["compress", "--model", "mlp", "--out", str(out)], capsys)
+    assert rc == 1 and stdout == "" and "Traceback" not in err
+    assert err.count("\n") == 1 and err.strip().endswith("pip install obcjax[zoo]"), err
+    assert not out.exists()
+
+
 def test_installed_script_answers_on_stderr(tmp_path):
     script = Path(sys.executable).parent / "obcjax"
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", "obcjax.cli"]
@@ -212,3 +248,11 @@ def test_installed_script_answers_on_stderr(tmp_path):
     assert proc.stderr.splitlines() == [
         "obcjax: error: --prune: expected " + cli.PRUNE_FORM + "; got 'abc'"]
     assert json.dumps(sorted(p.name for p in tmp_path.iterdir())) == "[]"  # no runs/ folder
+    # --model package.module:factory finds a module of the folder the command runs in
+    (tmp_path / "my_model.py").write_text("def factory():\n    return None, None\n")
+    proc = subprocess.run([*cmd, "compress", "--model", "my_model:factory"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        "obcjax: error: --model: my_model:factory() returned a 2-tuple; expected (model, "
+        "variables, batches) or (model, variables, batches, evaluate)"]
