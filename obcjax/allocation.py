@@ -60,7 +60,7 @@ import os
 import re
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -101,6 +101,10 @@ __all__ = [
     "Database",
     "build_database",
     "sparsity_levels",
+    "SCORES",
+    "network_scores",
+    "SPDYResult",
+    "spdy",
     "solve",
     "uniform",
     "to_rules",
@@ -108,7 +112,9 @@ __all__ = [
 ]
 
 METRICS = ("size", "bops", "flops")
-FORMAT_VERSION = 1
+#: The per-(layer, level) scores the solvers can minimise (see :class:`Database`).
+SCORES = ("obs", "relative", "squared", "network")
+FORMAT_VERSION = 2  # 2: optional network scores (member 'net_loss', meta 'network') per layer
 _DENSE = LayerSpec()
 _SCALE_BITS = 32  # float32 scale per grid group (obcjax.export stores scales as float32)
 _ZERO_BITS = 8  # integer zero point stored as uint8 (obcjax.export)
@@ -388,6 +394,9 @@ class LayerRecord:
       weights_file: the ``.npz`` file that holds them on disk, or None.
       file_index: position of each level in ``weights_file`` (None: the same as in ``levels``).
       act_loss: ``(S,)`` the activation part of ``loss`` (mixed levels; None when there is none).
+      net_loss: ``(S,)`` the network score of each level: the calibration loss of the model with
+        only this layer at that level, minus the dense model's (OBC's ``loss`` mode; ``inf``
+        where the level is unavailable), or None before :func:`network_scores`.
     """
 
     path: str
@@ -403,6 +412,7 @@ class LayerRecord:
     weights_file: str | None = None
     file_index: tuple[int, ...] | None = None
     act_loss: np.ndarray | None = None
+    net_loss: np.ndarray | None = None
 
     def slot(self, i: int) -> int:
         """Position of level ``i`` in ``weights_file``."""
@@ -423,9 +433,20 @@ class Database:
     Built by :func:`build_database`, or from plain tables with :meth:`from_table`.
 
     Attributes:
-      paths: layer paths in order. error: ``"obs"`` (absolute loss) or ``"relative"`` (loss
-        divided by the layer's ``energy``). computed / loaded: layers computed by this call / read
-        back from ``path``. path: the directory the database lives in, or None.
+      paths: layer paths in order. error: the default score of :meth:`losses` and the solvers,
+        one of :data:`SCORES`. computed / loaded: layers computed by this call / read back from
+        ``path``. path: the directory the database lives in, or None. base_loss: the dense
+        model's calibration loss once :func:`network_scores` ran (else None).
+
+    Scores (``score=`` of :meth:`losses`, :func:`solve`, :func:`uniform`, :func:`spdy`):
+
+    * ``"obs"``: the layer's OBS loss ``0.5·tr(ΔW H ΔWᵀ)`` (plus the activation part of a mixed
+      level);
+    * ``"relative"``: that loss divided by the layer's ``energy`` ``0.5·tr(W H Wᵀ)``;
+    * ``"squared"``: OBC's ``squared`` mode, the layer's output error divided by its largest
+      output error over the layer's levels (each layer's worst level scores 1);
+    * ``"network"``: OBC's ``loss`` mode, the calibration loss of the whole model with only this
+      layer at this level minus the dense model's (:func:`network_scores`).
 
     Example:
         >>> db.levels("dense_1")[2], db.losses()["dense_1"][2], db.costs("size")["dense_1"][2]
@@ -444,9 +465,10 @@ class Database:
         computed: Sequence[str] = (),
         loaded: Sequence[str] = (),
         tables: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+        base_loss: float | None = None,
     ):
-        if error not in ("obs", "relative"):
-            raise ValueError(f"Database: error must be 'obs' or 'relative', got {error!r}")
+        if error not in SCORES:
+            raise ValueError(f"Database: error must be one of {SCORES}, got {error!r}")
         self.records = {r.path: r for r in records}
         self.paths = tuple(self.records)
         self.error = error
@@ -457,6 +479,12 @@ class Database:
         self.rel_damp = rel_damp
         self.computed = list(computed)
         self.loaded = list(loaded)
+        self.base_loss = None if base_loss is None else float(base_loss)
+        if error == "network" and any(r.net_loss is None for r in self.records.values()):
+            raise ValueError(
+                "Database: error='network' needs the network scores of every layer; run "
+                "network_scores(database, params, loss_fn) first"
+            )
         self._tables = {
             m: {p: np.asarray(v, np.float64) for p, v in t.items()}
             for m, t in (tables or {}).items()
@@ -512,14 +540,35 @@ class Database:
         """The levels of layer ``path``."""
         return self._record(path).levels
 
-    def losses(self) -> dict[str, np.ndarray]:
-        """``{path: (S,) loss}`` in the database's ``error`` mode (``inf`` = unavailable)."""
+    def losses(self, score: str | None = None) -> dict[str, np.ndarray]:
+        """``{path: (S,) score}`` (``inf`` = unavailable).
+
+        Args:
+          score: one of :data:`SCORES` (see the class docstring); None: the database's ``error``.
+
+        Raises:
+          ValueError: an unknown score, or ``"network"`` before :func:`network_scores`.
+        """
+        score = self.error if score is None else score
+        if score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {score!r}")
         out = {}
         for p, r in self.records.items():
-            l = r.loss
-            if self.error == "relative":
+            l = np.asarray(r.loss, np.float64)
+            if score == "relative":
                 l = l / r.energy if r.energy > 0 else np.where(l > 0, np.inf, 0.0)
-            out[p] = np.asarray(l, np.float64)
+            elif score == "squared":
+                fin = l[np.isfinite(l)]
+                top = float(fin.max()) if fin.size else 0.0
+                l = l / top if top > 0 else np.where(np.isfinite(l), 0.0, np.inf)
+            elif score == "network":
+                if r.net_loss is None:
+                    raise ValueError(
+                        f"score 'network': layer {p!r} has no network scores; run "
+                        "network_scores(database, params, loss_fn) first"
+                    )
+                l = np.where(np.isfinite(l), np.asarray(r.net_loss, np.float64), np.inf)
+            out[p] = l
         return out
 
     def costs(self, metric: str = "size") -> dict[str, np.ndarray]:
@@ -596,9 +645,9 @@ class Database:
         """
         return {p: self.records[p].levels[i] for p, i in self._indices(assignment).items()}
 
-    def loss_of(self, assignment: Mapping[str, Any]) -> float:
-        """Summed loss of ``{path: level}``."""
-        l = self.losses()
+    def loss_of(self, assignment: Mapping[str, Any], score: str | None = None) -> float:
+        """Summed score of ``{path: level}`` (``score``: see :meth:`losses`)."""
+        l = self.losses(score)
         return float(sum(l[p][i] for p, i in self._indices(assignment).items()))
 
     def weights(self, path: str, level) -> np.ndarray | None:
@@ -623,6 +672,9 @@ class Database:
                 act = self.records[p].act_loss
                 if act is not None:
                     row["act_loss"] = float(act[i])
+                net = self.records[p].net_loss
+                if net is not None:
+                    row["net_loss"] = float(net[i])
                 row.update({m: float(cs[m][p][i]) for m in metrics})
                 rows.append(row)
         return rows
@@ -653,20 +705,27 @@ class Database:
                     weights=w,
                     file_index=tuple(r.slot(i) for i in idx),
                     act_loss=None if r.act_loss is None else r.act_loss[idx],
+                    net_loss=None if r.net_loss is None else r.net_loss[idx],
                 )
             )
             for m, t in self._tables.items():
                 tables[m][p] = t[p][idx]
-        return Database(
-            records,
+        return self._with(records, tables=tables or None)
+
+    def _with(self, records, **changes) -> Database:
+        """A database like this one with other records (and other attributes as given)."""
+        kw = dict(
             error=self.error,
             positions=self.positions,
             abits=self.abits,
             overhead=self.overhead,
             path=self.path,
             rel_damp=self.rel_damp,
-            tables=tables or None,
+            tables=self._tables or None,
+            base_loss=self.base_loss,
         )
+        kw.update(changes)
+        return Database(records, **kw)
 
     # -- helpers -----------------------------------------------------------------------------
     def _has_metric(self, m: str) -> bool:
@@ -1277,8 +1336,10 @@ def build_database(
       mesh: optional ``jax.sharding.Mesh``; each layer's rows are split over its first axis
         (ExactOBS, N:M, OBQ and joint levels; block and non-OBC solvers run on one device).
       progress: show a tqdm bar over layers.
-      error: ``"obs"`` sums the OBS losses ``0.5·tr(ΔW H ΔWᵀ)``; ``"relative"`` divides each by the
-        layer's ``0.5·tr(W H Wᵀ)`` (OBC's normalised "squared" score).
+      error: the default score of the solvers: ``"obs"`` sums the OBS losses
+        ``0.5·tr(ΔW H ΔWᵀ)``; ``"relative"`` divides each by the layer's ``0.5·tr(W H Wᵀ)``;
+        ``"squared"`` by the layer's largest loss over its levels (OBC's ``squared`` mode). Any
+        score can also be asked of :func:`solve` directly (``score=``).
       positions: ``{path: output positions}`` for MAC counts (BOPs, FLOPs); Dense defaults to 1,
         conv layers need it for those metrics.
       abits: activation bits for BOPs: an int, or a function of the level.
@@ -1305,8 +1366,11 @@ def build_database(
     """
     from obcjax.rules import match_rules
 
-    if error not in ("obs", "relative"):
-        raise ValueError(f"build_database: error must be 'obs' or 'relative', got {error!r}")
+    if error not in ("obs", "relative", "squared"):
+        raise ValueError(
+            f"build_database: error must be 'obs', 'relative' or 'squared' (the 'network' score "
+            f"comes from network_scores), got {error!r}"
+        )
     if on_mismatch not in ("raise", "recompute"):
         raise ValueError(
             f"build_database: on_mismatch must be 'raise' or 'recompute', got {on_mismatch!r}"
@@ -1433,6 +1497,522 @@ def build_database(
 
 
 # ----------------------------------------------------------------------------------------------
+# network scores (OBC's `loss` mode) and the SPDY search
+# ----------------------------------------------------------------------------------------------
+
+
+def _tree_sha(tree) -> str:
+    """SHA-256 of every leaf of a pytree together with its key path."""
+    h = hashlib.sha256()
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        h.update(jax.tree_util.keystr(kp).encode())
+        h.update(_sha(np.asarray(leaf)).encode())
+    return h.hexdigest()
+
+
+def _check_params(params, database: Database, what: str) -> dict[str, Any]:
+    """``find_layers(params)`` once ``params`` are those the database was built from."""
+    layers = find_layers(params)
+    for p in database.paths:
+        r = database.records[p]
+        if p not in layers:
+            raise ValueError(
+                f"{what}: layer {p!r} of the database is not in params; params hold "
+                f"{list(layers)} -- these params do not belong to this database"
+            )
+        k = np.asarray(layers[p])
+        if r.shape and tuple(k.shape) != r.shape:
+            raise ValueError(
+                f"{what}: layer {p!r} has a kernel of shape {tuple(k.shape)} in params but "
+                f"{r.shape} in the database"
+            )
+        if r.fingerprint.get("kernel") and _sha(k) != r.fingerprint["kernel"]:
+            raise ValueError(
+                f"{what}: the kernel of layer {p!r} differs from the one the database was "
+                "built from; pass the same params"
+            )
+    return layers
+
+
+def _level_kernels(database: Database, path: str, what: str) -> np.ndarray:
+    """``(S, *shape)`` stored kernels of every level of ``path``, in the record's order."""
+    r = database.records[path]
+    if r.weights is not None:
+        return np.asarray(r.weights)
+    if r.weights_file is not None:
+        allw = _load_weights(r.weights_file, None, path)
+        if allw is not None:
+            return allw[[r.slot(i) for i in range(len(r.levels))]]
+    raise ValueError(
+        f"{what}: the database stores no weights for layer {path!r}; build it with "
+        "store_weights=True (the stitched models are made of the stored levels)"
+    )
+
+
+def _has_act_levels(database: Database) -> bool:
+    return any(_abits_of(lv) is not None for r in database.records.values() for lv in r.levels)
+
+
+class _LossCaller:
+    """Calls the user's ``loss_fn`` (jitted once per activation pattern when it can be)."""
+
+    def __init__(self, loss_fn, act: bool, jit: bool | None, what: str):
+        if not callable(loss_fn):
+            raise TypeError(
+                f"{what}: loss_fn must be a callable loss_fn(params) -> scalar calibration loss"
+                f"{' (loss_fn(params, abits) for activation levels)' if act else ''}, got "
+                f"{type(loss_fn).__name__}"
+            )
+        if jit not in (None, True, False):
+            raise ValueError(f"{what}: jit must be None (try, else eager), True or False, got {jit!r}")
+        self.loss_fn, self.act, self.jit, self.what = loss_fn, act, jit, what
+        self._one: dict[tuple, Callable] = {}
+        self._many: dict[tuple, Callable] = {}
+
+    def __call__(self, params, abits: Mapping[str, int]):
+        return self.loss_fn(params, dict(abits)) if self.act else self.loss_fn(params)
+
+    def _value(self, v, where: str) -> float:
+        try:
+            x = float(np.asarray(v))
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"{self.what}: loss_fn must return a scalar, got {type(v).__name__} {np.shape(v)}"
+                f" ({where})"
+            ) from None
+        if not math.isfinite(x):
+            raise ValueError(f"{self.what}: loss_fn returned {x} ({where})")
+        return x
+
+    def _try(self, jitted, eager):
+        if self.jit is False:
+            return eager()
+        try:
+            return jitted()
+        except jax.errors.JAXTypeError:
+            if self.jit:
+                raise
+            self.jit = False  # not traceable: every later call runs eagerly
+            return eager()
+
+    def one(self, params, abits: Mapping[str, int], where: str) -> float:
+        """The loss of ``params`` (activation bits ``abits``)."""
+        key = tuple(sorted(abits.items()))
+        if key not in self._one:
+            self._one[key] = jax.jit(lambda prm: self(prm, dict(key)))
+        return self._value(
+            self._try(lambda: self._one[key](params), lambda: self(params, abits)), where
+        )
+
+    def levels(self, params, path: str, kernels, abits, chunk: int, where: str) -> np.ndarray:
+        """Losses of ``params`` with the kernel of ``path`` set to each of ``kernels``."""
+        key = (path, tuple(sorted(abits.items())))
+
+        def eager():
+            return np.asarray(
+                [self(set_path(params, path, "kernel", k), abits) for k in kernels], np.float64
+            )
+
+        def jitted():
+            if key not in self._many:
+                ab = dict(key[1])
+                self._many[key] = jax.jit(
+                    lambda prm, ks: jax.vmap(lambda k: self(set_path(prm, path, "kernel", k), ab))(
+                        ks
+                    )
+                )
+            fn, out = self._many[key], []
+            for s in range(0, len(kernels), chunk):
+                ks = kernels[s : s + chunk]
+                n = len(ks)
+                if n < chunk:  # pad: one compiled shape per layer
+                    ks = jnp.concatenate([ks, jnp.repeat(ks[-1:], chunk - n, axis=0)])
+                out.append(np.asarray(fn(params, ks), np.float64).reshape(-1)[:n])
+            return np.concatenate(out)
+
+        vals = self._try(jitted, eager)
+        if vals.shape != (len(kernels),):
+            raise TypeError(f"{self.what}: loss_fn must return a scalar ({where})")
+        bad = ~np.isfinite(vals)
+        if bad.any():
+            raise ValueError(f"{self.what}: loss_fn returned {vals[bad][0]} ({where})")
+        return vals
+
+
+_NET_WHAT = {
+    "version": "the database format version differs",
+    "record": "the layer's database entry was rebuilt",
+    "params": "the params differ",
+    "key": "the key differs",
+    "base_loss": "the dense model's calibration loss differs (another loss_fn or other data)",
+}
+
+
+def _read_network(fname: str, layer: str):
+    """``(network meta, net_loss)`` stored in a layer's file, or None; every member verified."""
+    import zipfile
+
+    meta = _verify_members(fname, layer)
+    net = meta.get("network")
+    if net is None:
+        return None
+    try:
+        with zipfile.ZipFile(fname) as z:
+            vals = _npy_member(z, "net_loss")
+        names = net["levels"]
+        if not isinstance(names, list) or vals.shape != (len(names),) or vals.dtype.kind != "f":
+            raise ValueError(f"member 'net_loss' is {vals.dtype} {vals.shape}")
+        float(net["base_loss"])
+        if not isinstance(net["fingerprint"], dict):
+            raise TypeError("the field 'network.fingerprint' is not a dict")
+    except CorruptedFileError:
+        raise
+    except (zipfile.BadZipFile, *_DB_READ_ERRORS) as e:
+        raise _db_corrupted(fname, layer, f"the network scores are invalid ({e!r})") from None
+    return net, vals
+
+
+def _write_network(fname: str, layer: str, names, net_loss, fingerprint, base: float) -> None:
+    """Rewrite a layer's file with its network scores (other members unchanged, re-verified)."""
+    import zipfile
+
+    meta = _verify_members(fname, layer)
+    with zipfile.ZipFile(fname) as z:
+        members = [n[: -len(".npy")] for n in z.namelist()]
+        arrays = {
+            m: _npy_member(z, m)
+            for m in members
+            if m not in ("meta", "meta_sha256", "net_loss")
+        }
+    meta = {k: v for k, v in meta.items() if k != "checksums"}
+    meta["network"] = {"fingerprint": fingerprint, "levels": list(names), "base_loss": base}
+    arrays["net_loss"] = np.asarray(net_loss, np.float64)
+    _atomic_savez(fname, arrays, meta)
+
+
+def network_scores(
+    database: Database,
+    params,
+    loss_fn: Callable[..., Any],
+    *,
+    key: str = "",
+    levels_per_call: int = 8,
+    jit: bool | None = None,
+    progress: bool = True,
+    on_mismatch: str = "raise",
+    base_rtol: float = 1e-6,
+) -> Database:
+    """OBC's ``loss`` score: the calibration loss with only one layer at one level.
+
+    For every (layer, level) of ``database`` the layer's kernel is replaced by the level's stored
+    kernel, every other layer kept dense, and ``loss_fn`` evaluated; the score is that loss minus
+    the dense model's (it may be slightly negative). The levels of a layer are evaluated
+    ``levels_per_call`` at a time as one ``jit(vmap)`` of ``loss_fn`` over the stacked kernels
+    (one compilation per layer); a ``loss_fn`` that cannot be traced runs eagerly, one level at a
+    time. The dense level scores exactly 0.
+
+    With ``database.path`` the scores are cached in each layer's database file (member
+    ``net_loss``, with the dense loss and a fingerprint of the params, ``key`` and the layer's
+    entry); a re-run reads them back, every member verified, when the fingerprint matches and the
+    dense loss agrees within ``base_rtol``; otherwise ``on_mismatch`` decides. A rebuilt layer
+    drops its stored scores.
+
+    Args:
+      database: a :class:`Database` with stored weights (``store_weights=True``).
+      params: the params the database was built from (checked by content hash).
+      loss_fn: the model-specific part, supplied by the caller: ``loss_fn(params) -> scalar``,
+        the model's loss on the calibration batches with these params (traceable for the
+        batched path; e.g. the mean cross-entropy, batch norm as the caller wants it). When the
+        database has levels with activation bits (:class:`WALevel`) it is called as
+        ``loss_fn(params, abits)`` with ``abits = {path: bits}`` of the layers whose inputs are
+        quantized (``{}`` for none).
+      key: a name for ``loss_fn`` and its data, stored in the fingerprint.
+      levels_per_call: levels per vmapped call (memory: that many forward passes at once).
+      jit: None: jit + vmap, else eagerly if ``loss_fn`` cannot be traced; True / False: always
+        / never jit.
+      progress: a tqdm bar over layers.
+      on_mismatch: stored scores with another fingerprint: ``"raise"`` (ValueError naming the
+        layer and what differs) or ``"recompute"`` (overwrite them).
+      base_rtol: relative tolerance on the stored dense loss.
+
+    Returns:
+      A new :class:`Database` whose records carry ``net_loss`` and whose ``base_loss`` is the
+      dense loss; solve on it with ``score="network"``.
+
+    Raises:
+      ValueError: no stored weights; params of another model; a non-finite loss; a stored
+        fingerprint that differs (``on_mismatch="raise"``).
+      obcjax.fileio.CorruptedFileError: a damaged database file.
+
+    Example:
+        >>> def loss_fn(p):                      # the caller's calibration loss
+        ...     return jnp.mean(jnp.square(model.apply({"params": p}, x_calib) - y_calib))
+        >>> db = network_scores(build_database(params, stats, levels, path="db/"), params, loss_fn)
+        >>> choice = solve(db, budget, score="network")
+    """
+    _check_database(database, "network_scores")
+    if database._tables:
+        raise ValueError("network_scores: a database built from tables has no weights to stitch")
+    if on_mismatch not in ("raise", "recompute"):
+        raise ValueError(
+            f"network_scores: on_mismatch must be 'raise' or 'recompute', got {on_mismatch!r}"
+        )
+    if isinstance(levels_per_call, bool) or not isinstance(levels_per_call, (int, np.integer)) or (
+        levels_per_call < 1
+    ):
+        raise ValueError(
+            f"network_scores: levels_per_call must be a positive int, got {levels_per_call!r}"
+        )
+    if not isinstance(key, str):
+        raise TypeError(f"network_scores: key must be a str, got {type(key).__name__}")
+    layers = _check_params(params, database, "network_scores")
+    call = _LossCaller(loss_fn, _has_act_levels(database), jit, "network_scores")
+    base = call.one(params, {}, "the dense model")
+    fp = {"version": str(FORMAT_VERSION), "params": _tree_sha(params), "key": key}
+    items = list(database.paths)
+    if progress:
+        from tqdm.auto import tqdm
+
+        items = tqdm(items, desc="network scores", unit="layer")
+    records = []
+    for p in items:
+        r = database.records[p]
+        names = [lv.name for lv in r.levels]
+        want = {**fp, "record": _sha(np.asarray(json.dumps(dict(r.fingerprint), sort_keys=True)))}
+        fname = _layer_file(database.path, p) if database.path is not None else None
+        if fname is not None and not os.path.exists(fname):
+            fname = None
+        net = None
+        if fname is not None:
+            stored = _read_network(fname, p)
+            if stored is not None:
+                meta, vals = stored
+                diff = [k for k in want if meta["fingerprint"].get(k) != want[k]]
+                sb = float(meta["base_loss"])
+                if abs(sb - base) > base_rtol * max(abs(base), abs(sb), 1e-30):
+                    diff.append("base_loss")
+                if not diff and not set(names) <= set(meta["levels"]):
+                    diff.append("levels")
+                if diff and on_mismatch == "raise":
+                    why = "; ".join(_NET_WHAT.get(k, "the list of levels differs") for k in diff)
+                    raise ValueError(
+                        f"network_scores: layer {p!r}: the network scores stored in {fname!r} "
+                        f"were computed differently: {why}. Pass another key or database path, "
+                        "or on_mismatch='recompute' to overwrite them"
+                    )
+                if not diff:
+                    pos = {n: i for i, n in enumerate(meta["levels"])}
+                    net = np.asarray([vals[pos[n]] for n in names], np.float64)
+        if net is None:
+            net = _layer_network(database, p, params, layers[p], call, base, levels_per_call)
+            if fname is not None:
+                _write_network(fname, p, names, net, want, base)
+        records.append(dataclasses.replace(r, net_loss=net))
+    return database._with(records, base_loss=base)
+
+
+def _layer_network(database, path, params, kernel, call, base, chunk) -> np.ndarray:
+    r = database.records[path]
+    S = len(r.levels)
+    out = np.full(S, np.inf)
+    kernels = None
+    groups: dict[int | None, list[int]] = {}
+    for i, lv in enumerate(r.levels):
+        if not np.isfinite(r.loss[i]):
+            continue
+        if _weight_level(lv) == _DENSE and _abits_of(lv) is None:
+            out[i] = 0.0  # the dense model itself
+            continue
+        groups.setdefault(_abits_of(lv), []).append(i)
+    dtype = jnp.asarray(kernel).dtype
+    for b, idx in groups.items():
+        if kernels is None:
+            kernels = _level_kernels(database, path, "network_scores")
+        ks = jnp.asarray(kernels[idx], dtype)
+        abits = {} if b is None else {path: b}
+        vals = call.levels(params, path, ks, abits, chunk, f"layer {path!r}")
+        out[idx] = vals - base
+    return out
+
+
+class SPDYResult(NamedTuple):
+    """Result of :func:`spdy`.
+
+    Attributes:
+      assignment: ``{path: level}`` of the best stitched model found.
+      loss: its calibration loss (``loss_fn``).
+      dp_assignment, dp_loss: the DP's choice on the unscaled scores (the search's starting
+        point) and its calibration loss; ``loss <= dp_loss`` always.
+      coefs: ``(layers,)`` the per-layer multipliers of the best candidate (ones for the DP's).
+      evaluations: how many stitched models were evaluated (repeated candidates are not
+        re-evaluated).
+      history: the best loss after each evaluation.
+    """
+
+    assignment: dict[str, Any]
+    loss: float
+    dp_assignment: dict[str, Any]
+    dp_loss: float
+    coefs: np.ndarray
+    evaluations: int
+    history: list[float]
+
+
+def spdy(
+    database: Database,
+    budget: float,
+    params,
+    loss_fn: Callable[..., Any],
+    *,
+    metric: str = "size",
+    score: str | None = None,
+    seed: int = 0,
+    inits: int = 100,
+    tries: int = 100,
+    max_evals: int | None = None,
+    buckets: int = 10_000,
+    jit: bool | None = None,
+    progress: bool = True,
+) -> SPDYResult:
+    """SPDY search over the DP (OBC's default search): the stitched model's real calibration loss.
+
+    A candidate is a vector of per-layer multipliers ``c ∈ [0, 1]^L``; the DP of :func:`solve`
+    runs on the score table with layer ``l``'s scores multiplied by ``c_l`` and the levels it picks
+    are stitched into ``params`` (stored kernels) and evaluated with ``loss_fn``. The search starts
+    from the DP on the unscaled scores (``c = 1``), draws ``inits`` random candidates (uniform),
+    then runs a local search: for ``k`` from ``max(1, ⌊0.1·L⌋)`` down to 1, resample ``k``
+    random coordinates of the best candidate up to ``tries`` times, restarting on every
+    improvement and moving to ``k − 1`` after ``tries`` failures. Only strict improvements are
+    kept, so the result is never worse than the DP's choice; every candidate meets the budget
+    exactly as :func:`solve` does (costs are never rounded). Deterministic under ``seed``.
+
+    (The reference skips the local search when ``⌊0.1·L⌋ = 0``, i.e. below 10 layers; here it
+    then resamples one coordinate.)
+
+    Args:
+      database: a :class:`Database` with stored weights.
+      budget: the largest total cost in ``metric``.
+      params: the params the database was built from.
+      loss_fn: ``loss_fn(params) -> scalar`` calibration loss (``loss_fn(params, abits)`` with
+        activation levels), as in :func:`network_scores`; OBC evaluates with batch norm on batch
+        statistics (train mode), an implicit re-estimation.
+      metric: ``"size"``, ``"bops"`` or ``"flops"``.
+      score: the score table the multipliers scale (see :func:`solve`); None: the database's.
+      seed: seed of the random multipliers.
+      inits: random initial candidates (OBC: 100).
+      tries: failed resamplings before ``k`` decreases (OBC: 100).
+      max_evals: stop after this many evaluations (None: no limit).
+      buckets: the DP's cost buckets.
+      jit: as in :func:`network_scores`.
+      progress: a tqdm bar over evaluations.
+
+    Returns:
+      A :class:`SPDYResult`.
+
+    Example:
+        >>> res = spdy(db, db.dense_cost("size") / 8, params, loss_fn, score="network", seed=0)
+        >>> res.loss <= res.dp_loss
+        True
+    """
+    _check_database(database, "spdy")
+    b = _check_budget(budget)
+    for name, v, lo in (("inits", inits, 0), ("tries", tries, 1), ("buckets", buckets, 1)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+            raise ValueError(f"spdy: {name} must be an int >= {lo}, got {v!r}")
+    if max_evals is not None and (
+        isinstance(max_evals, bool) or not isinstance(max_evals, (int, np.integer)) or max_evals < 1
+    ):
+        raise ValueError(f"spdy: max_evals must be a positive int or None, got {max_evals!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"spdy: seed must be an int, got {seed!r}")
+    costs, scores = database.costs(metric), database.losses(score)
+    layers = _check_params(params, database, "spdy")
+    call = _LossCaller(loss_fn, _has_act_levels(database), jit, "spdy")
+    paths = database.paths
+    kernels = {
+        p: jnp.asarray(_level_kernels(database, p, "spdy"), jnp.asarray(layers[p]).dtype)
+        for p in paths
+    }
+    rng = np.random.default_rng(int(seed))
+    L = len(paths)
+    seen: dict[tuple[int, ...], float] = {}
+    history: list[float] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=max_evals, desc="spdy", unit="eval")
+
+    def choose(coefs) -> tuple[int, ...]:
+        scaled = {
+            p: np.where(np.isfinite(scores[p]), c * np.nan_to_num(scores[p], posinf=0.0), np.inf)
+            for p, c in zip(paths, coefs)
+        }
+        return _dp(database, costs, scaled, b, metric, int(buckets))
+
+    def evaluate(idx: tuple[int, ...]) -> float:
+        if idx in seen:
+            return seen[idx]
+        new, abits = params, {}
+        for p, i in zip(paths, idx):
+            lv = database.records[p].levels[i]
+            if _weight_level(lv) != _DENSE:
+                new = set_path(new, p, "kernel", kernels[p][i])
+            if _abits_of(lv) is not None:
+                abits[p] = _abits_of(lv)
+        seen[idx] = call.one(new, abits, "a stitched model")
+        best_so_far = min(history[-1], seen[idx]) if history else seen[idx]
+        history.append(best_so_far)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{best_so_far:.5g}")
+        return seen[idx]
+
+    def budget_left() -> bool:
+        return max_evals is None or len(seen) < max_evals
+
+    try:
+        coefs = np.ones(L)
+        dp_idx = choose(coefs)
+        dp_loss = best = evaluate(dp_idx)
+        best_idx = dp_idx
+        for _ in range(int(inits)):
+            if not budget_left():
+                break
+            c1 = rng.uniform(0.0, 1.0, size=L)
+            idx = choose(c1)
+            l1 = evaluate(idx)
+            if l1 < best:
+                best, best_idx, coefs = l1, idx, c1
+        for k in range(max(1, int(0.1 * L)), 0, -1):
+            improved = True
+            while improved and budget_left():
+                improved = False
+                for _ in range(int(tries)):
+                    if not budget_left():
+                        break
+                    c1 = coefs.copy()
+                    for _ in range(k):
+                        c1[rng.integers(L)] = rng.uniform(0.0, 1.0)
+                    idx = choose(c1)
+                    l1 = evaluate(idx)
+                    if l1 < best:
+                        best, best_idx, coefs = l1, idx, c1
+                        improved = True
+                        break
+    finally:
+        if bar is not None:
+            bar.close()
+
+    def as_dict(idx):
+        return {p: database.records[p].levels[i] for p, i in zip(paths, idx)}
+
+    return SPDYResult(
+        as_dict(best_idx), float(best), as_dict(dp_idx), float(dp_loss), coefs, len(seen), history
+    )
+
+
+# ----------------------------------------------------------------------------------------------
 # solving
 # ----------------------------------------------------------------------------------------------
 
@@ -1456,7 +2036,12 @@ def _check_budget(budget) -> float:
 
 
 def solve(
-    database: Database, budget: float, *, metric: str = "size", buckets: int = 10_000
+    database: Database,
+    budget: float,
+    *,
+    metric: str = "size",
+    buckets: int = 10_000,
+    score: str | None = None,
 ) -> dict[str, LayerSpec]:
     """Levels minimising the summed loss with the total cost within ``budget`` (OBC's DP).
 
@@ -1473,6 +2058,8 @@ def solve(
       budget: the largest allowed total cost, in the units of ``metric`` (bits for ``"size"``).
       metric: ``"size"``, ``"bops"`` or ``"flops"``.
       buckets: the number of cost buckets kept per layer (OBC: 10,000).
+      score: what is summed and minimised, one of :data:`SCORES` (``"obs"``, ``"relative"``,
+        ``"squared"``, ``"network"``; see :class:`Database`); None: the database's ``error``.
 
     Returns:
       ``{path: level}`` (a :class:`~obcjax.transforms.LayerSpec` per layer).
@@ -1489,7 +2076,13 @@ def solve(
     b = _check_budget(budget)
     if not isinstance(buckets, (int, np.integer)) or buckets < 1:
         raise ValueError(f"solve: buckets must be a positive int, got {buckets!r}")
-    costs, losses = database.costs(metric), database.losses()
+    costs, losses = database.costs(metric), database.losses(score)
+    idx = _dp(database, costs, losses, b, metric, int(buckets))
+    return {p: database.levels(p)[i] for p, i in zip(database.paths, idx)}
+
+
+def _dp(database, costs, losses, b, metric, buckets):
+    """The DP of :func:`solve` on given ``{path: (S,)}`` cost and loss tables."""
     paths = database.paths
     cs, ls = [], []
     for p in paths:
@@ -1532,23 +2125,29 @@ def solve(
         back.append((ix % n, lev[ix // n]))
         sc, sl = cc, ll
     k = int(np.argmin(sl))
-    out: dict[str, LayerSpec] = {}
+    out: list[int] = [0] * len(paths)
     for li in range(len(paths) - 1, -1, -1):
         prev, choice = back[li]
-        out[paths[li]] = database.levels(paths[li])[int(choice[k])]
+        out[li] = int(choice[k])
         k = int(prev[k])
-    return {p: out[p] for p in paths}
+    return tuple(out)
 
 
 def uniform(
-    database: Database, budget: float, metric: str = "size", *, by: str = "cost"
+    database: Database,
+    budget: float,
+    metric: str = "size",
+    *,
+    by: str = "cost",
+    score: str | None = None,
 ) -> dict[str, LayerSpec]:
     """Baseline: the same level for every layer.
 
     Only levels present and available in every layer compete, and only those whose total fits the
     budget. ``by="cost"`` takes the least compressed of them (the usual uniform baseline; ties go
     to the lower loss); ``by="loss"`` the one with the lowest summed loss, a stronger baseline when
-    the levels mix kinds (a 4-bit grid can beat a sparser 32-bit level of higher cost).
+    the levels mix kinds (a 4-bit grid can beat a sparser 32-bit level of higher cost);
+    ``score`` says which loss (see :func:`solve`).
 
     Example:
         >>> uniform(db, 0.25 * db.dense_cost("size"))["dense_0"].name
@@ -1558,7 +2157,7 @@ def uniform(
     b = _check_budget(budget)
     if by not in ("cost", "loss"):
         raise ValueError(f"uniform: by must be 'cost' or 'loss', got {by!r}")
-    costs, losses = database.costs(metric), database.losses()
+    costs, losses = database.costs(metric), database.losses(score)
     paths = database.paths
     common = [
         lv
@@ -1658,25 +2257,7 @@ def materialize(params, database: Database, assignment: Mapping[str, Any], *, st
     """
     _check_database(database, "materialize")
     idx = database._indices(assignment)
-    layers = find_layers(params)
-    for p in database.paths:
-        r = database.records[p]
-        if p not in layers:
-            raise ValueError(
-                f"materialize: layer {p!r} of the database is not in params; params hold "
-                f"{list(layers)} -- these params do not belong to this database"
-            )
-        k = np.asarray(layers[p])
-        if r.shape and tuple(k.shape) != r.shape:
-            raise ValueError(
-                f"materialize: layer {p!r} has a kernel of shape {tuple(k.shape)} in params but "
-                f"{r.shape} in the database"
-            )
-        if r.fingerprint.get("kernel") and _sha(k) != r.fingerprint["kernel"]:
-            raise ValueError(
-                f"materialize: the kernel of layer {p!r} differs from the one the database was "
-                "built from; pass the same params"
-            )
+    layers = _check_params(params, database, "materialize")
     new, todo = params, {}
     for p, i in idx.items():
         lv = database.records[p].levels[i]

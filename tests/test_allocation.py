@@ -1,6 +1,7 @@
 """OBC database of levels and the global solver: agreement with compress(), costs, DP optimality,
 resumability, mesh equality, errors."""
 
+import dataclasses
 import itertools
 import os
 
@@ -106,9 +107,10 @@ def test_costs_agree_with_summarize_and_export(mlp, li):
     lv = LayerSpec() if LEVELS[li] is None else db.levels("dense_0")[li]
     out = compress(params, stats, [("dense_0", None if lv == LayerSpec() else lv)])
     W = np.asarray(out.params["dense_0"]["kernel"]).T
-    mask = out.masks.get("dense_0")
+    mask = out.mask("dense_0")
     mask = None if mask is None else np.asarray(mask).T
-    qa = out.qarrays.get("dense_0", [None])[0]
+    qa = out.qarray("dense_0")
+    qa = None if qa is None else qa.as_matrix()
     nm = (lv.prune.n, lv.prune.m) if isinstance(lv.prune, NM) else None
     packed = export.pack_layer(W, mask=mask, qarray=qa, nm=nm)
     assert db.costs("size")["dense_0"][li] == export.theoretical_bits(packed)
@@ -577,3 +579,204 @@ def test_mixed_conv_groups_and_nm_width():
     assert r.act_loss[0] == pytest.approx(want, rel=1e-9)  # float weights: the dense kernel
     assert db.costs("bops")["dw"][0] == 16 * 36 * 32 * 4
     assert db.costs("bops")["pw"][2] == 16 * 16 * 4 * 4
+
+
+# ---------------------------------------------------------------------------------------------
+# network scores (OBC's `loss` mode), the `squared` score and the SPDY search
+# ---------------------------------------------------------------------------------------------
+
+# a subset of LEVELS on 16 x 16 matrices: the solvers compiled for the `mlp` fixture are reused
+NET_LEVELS = [None, Unstructured(0.5), Unstructured(0.75), NM(2, 4), Int(4),
+              (Unstructured(0.75), Int(4))]
+
+
+def _net_fwd(p, x, keep=None):
+    h = x
+    for i in range(3):
+        if keep is not None:
+            keep[f"d{i}"] = h
+        h = h @ p[f"d{i}"]["kernel"] + p[f"d{i}"]["bias"]
+        if i < 2:
+            h = jnp.tanh(h)
+    return h
+
+
+def _net_problem():
+    rng = np.random.default_rng(7)
+    dims = [16, 16, 16, 16]
+    params = {
+        f"d{i}": {
+            "kernel": jnp.asarray(rng.normal(size=dims[i : i + 2]) / np.sqrt(dims[i]), jnp.float32),
+            "bias": jnp.asarray(rng.normal(size=dims[i + 1]) * 0.1, jnp.float32),
+        }
+        for i in range(3)
+    }
+    X = jnp.asarray(rng.normal(size=(64, 16)), jnp.float32)
+    Y = _net_fwd(params, X) + 0.1 * jnp.asarray(rng.normal(size=(64, 16)), jnp.float32)
+    ins = {}
+    _net_fwd(params, X, ins)
+    stats = {
+        p: HessianState((x.T @ x)[None], jnp.asarray(x.shape[0], jnp.int32)) for p, x in ins.items()
+    }
+
+    def loss_fn(p):
+        return jnp.mean(jnp.square(_net_fwd(p, X) - Y))
+
+    def loss64(p):  # the same loss in float64 NumPy, for the brute-force stitch
+        h = np.asarray(X, np.float64)
+        for i in range(3):
+            h = h @ np.asarray(p[f"d{i}"]["kernel"], np.float64) + np.asarray(
+                p[f"d{i}"]["bias"], np.float64
+            )
+            h = np.tanh(h) if i < 2 else h
+        return float(np.mean(np.square(h - np.asarray(Y, np.float64))))
+
+    return params, stats, loss_fn, loss64
+
+
+@pytest.fixture(scope="module")
+def net():
+    from obcjax.allocation import network_scores
+
+    params, stats, loss_fn, loss64 = _net_problem()
+    db = build_database(params, stats, NET_LEVELS, progress=False)
+    return params, stats, loss_fn, loss64, network_scores(db, params, loss_fn, progress=False)
+
+
+def _stitch(params, db, assignment):
+    from obcjax.layout import set_path
+
+    new = params
+    for p, lv in assignment.items():
+        new = set_path(new, p, "kernel", jnp.asarray(db.weights(p, lv)))
+    return new
+
+
+def test_network_scores_equal_a_brute_force_stitch(net):
+    params, _, loss_fn, loss64, db = net
+    base = loss64(params)
+    assert db.base_loss == pytest.approx(base, rel=1e-5)
+    for p in db.paths:
+        r = db.records[p]
+        assert r.net_loss[0] == 0.0  # the dense level is the dense model
+        for i, lv in enumerate(r.levels[1:], 1):
+            want = loss64(_stitch(params, db, {p: lv})) - base
+            assert r.net_loss[i] == pytest.approx(want, rel=1e-3, abs=1e-6 * base)
+    # every score solves; the DP on each is optimal for that score (brute force)
+    budget = 0.3 * db.dense_cost("size")
+    for score in ("obs", "relative", "squared", "network"):
+        choice = solve(db, budget, score=score)
+        assert db.cost_of(choice) <= budget
+        table = db._with(
+            [dataclasses.replace(db.records[p], loss=db.losses(score)[p]) for p in db.paths],
+            error="obs",
+        )
+        assert db.loss_of(choice, score) == pytest.approx(_brute(table, budget), rel=1e-9)
+    # squared: each layer's largest output error scores 1
+    sq = db.losses("squared")
+    for p in db.paths:
+        ls = db.records[p].loss
+        np.testing.assert_allclose(sq[p], ls / ls.max(), rtol=1e-12)
+
+
+def test_network_scores_eager_loss_and_errors(net, tmp_path):
+    from obcjax.allocation import network_scores
+
+    params, stats, loss_fn, _, db = net
+
+    def not_traceable(p):  # np.asarray on a tracer: falls back to eager calls
+        return float(np.asarray(loss_fn(p)))
+
+    eager = network_scores(db, params, not_traceable, progress=False)
+    for p in db.paths:
+        np.testing.assert_allclose(eager.records[p].net_loss, db.records[p].net_loss, rtol=1e-4,
+                                   atol=1e-7)
+    with pytest.raises(ValueError, match="differs from the one the database was built from"):
+        network_scores(db, {**params, "d0": {**params["d0"], "kernel": params["d0"]["kernel"] + 1}},
+                       loss_fn, progress=False)
+    with pytest.raises(ValueError, match="network_scores.*no weights"):
+        network_scores(build_database(params, stats, NET_LEVELS, progress=False,
+                                      store_weights=False), params, loss_fn, progress=False)
+    with pytest.raises(ValueError, match="network_scores"):
+        solve(build_database(params, stats, NET_LEVELS[:2], progress=False), 1e9, score="network")
+    with pytest.raises(ValueError, match="returned nan"):
+        network_scores(db, params, lambda p: loss_fn(p) * jnp.nan, progress=False)
+
+
+def test_network_scores_are_cached_and_resumable(monkeypatch, tmp_path):
+    from obcjax import allocation
+    from obcjax.allocation import network_scores
+    from obcjax.fileio import CorruptedFileError
+
+    params, stats, loss_fn = _net_problem()[:3]
+    path = tmp_path / "db"
+    db = build_database(params, stats, NET_LEVELS, progress=False, path=path)
+    a = network_scores(db, params, loss_fn, progress=False, key="mse")
+    calls = []
+
+    def counting(p):
+        calls.append(1)
+        return loss_fn(p)
+
+    b = network_scores(
+        build_database(params, stats, NET_LEVELS, progress=False, path=path),
+        params, counting, progress=False, key="mse", jit=False,
+    )
+    assert len(calls) == 1  # only the dense loss: every layer read back
+    for p in db.paths:
+        np.testing.assert_array_equal(a.records[p].net_loss, b.records[p].net_loss)
+        np.testing.assert_array_equal(a.weights(p, Int(4)), b.weights(p, Int(4)))
+    # another loss (its dense loss differs) or another key: an error, or a recompute
+    with pytest.raises(ValueError, match=r"'d0'.*dense model's calibration loss differs"):
+        network_scores(db, params, lambda p: 2 * loss_fn(p), progress=False, key="mse")
+    with pytest.raises(ValueError, match=r"'d0'.*the key differs"):
+        network_scores(db, params, loss_fn, progress=False, key="other")
+    c = network_scores(db, params, lambda p: 2 * loss_fn(p), progress=False, key="mse",
+                       on_mismatch="recompute", jit=False)
+    np.testing.assert_allclose(c.records["d1"].net_loss, 2 * a.records["d1"].net_loss, rtol=1e-5)
+    # a damaged file is an error naming the layer, never a silently different result
+    import zipfile
+
+    f = allocation._layer_file(str(path), "d2")
+    with zipfile.ZipFile(f) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    raw = bytearray(members["net_loss.npy"])
+    raw[-3] ^= 0xFF  # one byte of the last score
+    members["net_loss.npy"] = bytes(raw)
+    with zipfile.ZipFile(f, "w") as z:
+        for n, data in members.items():
+            z.writestr(n, data)
+    with pytest.raises(CorruptedFileError, match=r"'d2'.*'net_loss' fails its checksum"):
+        network_scores(db, params, lambda p: 2 * loss_fn(p), progress=False, key="mse")
+    # a database written by the previous format version: an error or a recompute
+    old = tmp_path / "old"
+    monkeypatch.setattr(allocation, "FORMAT_VERSION", 1)
+    build_database(params, stats, NET_LEVELS, progress=False, path=old)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="format version differs"):
+        build_database(params, stats, NET_LEVELS, progress=False, path=old)
+    build_database(params, stats, NET_LEVELS, progress=False, path=old, on_mismatch="recompute")
+
+
+def test_spdy_is_deterministic_and_never_worse_than_the_dp(net):
+    from obcjax.allocation import spdy
+
+    params, _, loss_fn, loss64, db = net
+    budget = 0.3 * db.dense_cost("size")
+    kw = dict(score="network", inits=12, tries=6, progress=False)
+    r1 = spdy(db, budget, params, loss_fn, seed=3, **kw)
+    r2 = spdy(db, budget, params, loss_fn, seed=3, **kw)
+    assert r1.assignment == r2.assignment and r1.loss == r2.loss and r1.history == r2.history
+    np.testing.assert_array_equal(r1.coefs, r2.coefs)
+    # the starting point is the DP on the same scores, and the search only keeps improvements
+    assert r1.dp_assignment == solve(db, budget, score="network")
+    assert r1.loss <= r1.dp_loss
+    assert r1.history == sorted(r1.history, reverse=True) and r1.history[0] == r1.dp_loss
+    assert db.cost_of(r1.assignment) <= budget
+    # the reported loss is the stitched model's real calibration loss
+    assert r1.loss == pytest.approx(loss64(_stitch(params, db, r1.assignment)), rel=1e-4)
+    assert r1.dp_loss == pytest.approx(loss64(_stitch(params, db, r1.dp_assignment)), rel=1e-4)
+    capped = spdy(db, budget, params, loss_fn, seed=3, max_evals=2, **kw)
+    assert capped.evaluations <= 2
+    with pytest.raises(ValueError, match="smallest reachable cost"):
+        spdy(db, 1.0, params, loss_fn, **kw)
