@@ -70,6 +70,7 @@ def _size_ratio(params, bits_of) -> float:
 
 def run(args, log) -> dict:
     from obcjax import admm as A
+    from obcjax.recipes.admm import zoo_obs_start, zoo_progressive_admm
     from obcjax.specs import Unstructured
     from obcjax.zoo import data as zdata
     from obcjax.zoo import train as ztrain
@@ -98,7 +99,7 @@ def run(args, log) -> dict:
 
     def pa(variables_, schedule, **kw):
         kw = {**common, **kw}
-        return A.progressive_admm(name, variables_, ds, schedule, **kw)
+        return zoo_progressive_admm(name, variables_, ds, schedule, **kw)
 
     # 1. pruning at rising rates, equal epochs
     if "pruning" in parts:
@@ -237,7 +238,7 @@ def run(args, log) -> dict:
         rate = 0.9
         tgt = _targets(rate, first, last)
         res = {}
-        v_obs, _ = A.obs_start(name, variables, ds, tgt)
+        v_obs, _ = zoo_obs_start(name, variables, ds, tgt)
         res["exactobs_only"] = float(ztrain.evaluate(name, v_obs, ds["test"])["accuracy"])
         runs = {
             "admm_from_dense": (variables, dict(admm_epochs=2 * a_ep, retrain_epochs=2 * r_ep)),

@@ -80,6 +80,7 @@ def main(argv=None):
     from obcjax import allocation, fit
     from obcjax.calibration import calibrate
     from obcjax.capture import input_hook, intercept
+    from obcjax.recipes.finetune import zoo_example_loss, zoo_finetune_plan
     from obcjax.specs import Int, Unstructured
     from obcjax.transforms import LayerSpec, compress, find_layers
     from obcjax.zoo import data as zdata
@@ -116,7 +117,7 @@ def main(argv=None):
     log(f"{name}/{dataset}: dense {dense_acc:.4f}")
 
     t = time.perf_counter()
-    loss_fn = fit.zoo_example_loss(name, variables)
+    loss_fn = zoo_example_loss(name, variables)
     fisher = fit.fisher_diagonal(
         loss_fn,
         params,
@@ -163,7 +164,7 @@ def main(argv=None):
                     masks[p] = fit.fisher_mask(fisher.diag[p], layers[p], s, seed=i)
             fm = fit.fit_score(fisher, params, specs, masks=masks, noise="model")
             fa = fit.fit_score(fisher, params, specs, masks=masks, noise="actual")
-            comp = fit.materialize(params, specs, masks)
+            comp = fit.prune_and_round(params, specs, masks)
             acc, loss = score(comp.params)
             configs.append(
                 {
@@ -228,7 +229,7 @@ def main(argv=None):
             abits = {p: int(rng.choice([3, 4, 6, 8])) for p in act.trace}
             fw = fit.fit_score(fisher, params, specs)
             fa = float(sum(fit.activation_fit(act, abits).values()))
-            comp = fit.materialize(params, specs)
+            comp = fit.prune_and_round(params, specs)
             r = ztrain.evaluate_apply(
                 fq_apply, {**variables, "params": comp.params, "grids": grid_args(abits)}, test
             )
@@ -289,7 +290,7 @@ def main(argv=None):
         def finetuned(comp):
             if not ft_steps:
                 return None
-            v, _ = fit.finetune_plan(name, variables, comp, ds, ft_steps, lr=1e-3,
+            v, _ = zoo_finetune_plan(name, variables, comp, ds, ft_steps, lr=1e-3,
                                      batch_size=bsz, seed=args.seed)  # fmt: skip
             return score(v["params"])[0]
 
@@ -378,7 +379,7 @@ def main(argv=None):
             )
         result["equal_size"] = table
         result["fine_tune"] = {"steps": ft_steps, "lr": 1e-3, "batch_size": bsz,
-                               "optimizer": "AdamW, cosine (training.finetune)"}  # fmt: skip
+                               "optimizer": "AdamW, cosine (recipes.finetune.zoo_finetune_plan)"}  # fmt: skip
 
     # 3. the search path
     if "path" in parts and plans:

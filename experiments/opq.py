@@ -20,7 +20,7 @@ and scores each before and after a short fine-tune with masks and codebooks froz
 layer it records the predicted (Laplace) and measured pruning / quantization MSE and the
 relative output error on the calibration inputs. After fine-tuning the final weights are
 ``M ⊙ Q(w)`` of the shadow weights on the frozen grids, computed directly (``export_ulp_mismatches``
-counts the weights where ``obcjax.training.export``, which returns the STE expression
+counts the weights where ``obcjax.training.quantize_params``, which returns the STE expression
 ``w + (Q(w) - w)``, is an ulp off); the script checks they are zero where masked and on the grid. Writes ``<out>/opq.json`` and
 ``<out>/opq.png``.
 
@@ -48,8 +48,8 @@ def _floats(text):
 
 
 def _exact_export(shadow, masks, codebooks):
-    """``M ⊙ Q(w)`` computed directly (``training.export`` returns ``w + (Q(w) - w)``, which can
-    sit an ulp off the grid point): the weights a deployment stores as codes + codebook."""
+    """``M ⊙ Q(w)`` computed directly (the STE expression ``w + (Q(w) - w)`` can sit an ulp
+    off the grid point): the weights a deployment stores as codes + codebook."""
     import jax.numpy as jnp
 
     from obcjax.layout import set_path as _set_path
@@ -168,7 +168,7 @@ def main(argv=None):
 
     from obcjax import opq
     from obcjax.calibration import calibrate
-    from obcjax.training import finetune
+    from obcjax.recipes.finetune import zoo_finetune
     from obcjax.transforms import LayerSpec, find_layers
     from obcjax.zoo import data as zdata
     from obcjax.zoo import models as zmodels
@@ -271,7 +271,7 @@ def main(argv=None):
                 layers[p]["bits"] = s.quant.bits
             cbs = opq.kernel_codebooks(params, comp.qarrays)
             before = acc({**variables, "params": comp.params})
-            tuned, tinfo = finetune(
+            tuned, tinfo = zoo_finetune(
                 name,
                 {**variables, "params": comp.params},
                 comp.masks,

@@ -11,16 +11,17 @@ ADMM (Zhang et al. ECCV 2018; Ren et al. ADMM-NN 2019), chained over stages with
 * **Z-step / U-step** every ``update_every`` steps: ``Z = proj(W + U)``, ``U += W - Z``,
   ``rho *= rho_growth`` (x1.3 in the progressive authors' code).
 * **Hard projection + masked retraining**: :func:`hard_project` snaps each kernel into its set and
-  returns a mask of trainable entries; :func:`mask_updates` (chained *after* the optimizer) keeps
-  pruned entries at exactly zero and quantized kernels exactly on their levels.
+  returns a params-shaped mask of trainable entries; :func:`obcjax.training.keep_mask` (chained
+  *after* the optimizer) keeps pruned entries at exactly zero and quantized kernels exactly on
+  their levels.
 * **Quantization retraining**: :func:`hard_project` (``with_levels=True``) also returns each
   quantized layer's frozen :class:`Levels`; :func:`ste_apply` gives the straight-through forward
   pass (nearest level in value, identity in gradient) and :func:`snap` the final weights.
-* **Progressive schedule**: :func:`progressive_admm` runs one ADMM stage + one masked retrain per
-  target set, each warm-started from the previous stage, with weights already zero frozen;
+* **Progressive schedule**: :func:`progressive_admm` (any model: a loss function, params and
+  batches) runs one ADMM stage + one masked retrain per target set, each warm-started from the previous stage, with weights already zero frozen;
   pruning stages followed by ``(prune, quant)`` stages are the joint prune-then-quantize sequence.
 * **Hybrids with OBC** (no paper has them): :func:`obs_start` (ExactOBS/OBQ post-training
-  compression as ADMM's starting point) and :func:`obs_compensate` (ADMM's final masks with the
+  compression on calibration statistics as ADMM's starting point) and :func:`obs_compensate` (ADMM's final masks with the
   kept weights re-solved by OBS compensation before retraining; ``mask_solver="obs"``).
 
 Constraint specs (frozen, hashable): ``Unstructured`` and ``NM`` from :mod:`obcjax.specs`, and
@@ -28,8 +29,10 @@ Constraint specs (frozen, hashable): ``Unstructured`` and ``NM`` from :mod:`obcj
 ``(prune, quant)`` pair means "prune, then quantize the kept weights" (zero reserved for pruned
 weights, as ADMM-NN). Layers are the dicts holding a ``"kernel"`` (:func:`~obcjax.transforms.
 find_layers`), matched by ordered regex rules on their '/'-joined paths (first match wins).
-Kernels are viewed as matrices ``W: (rows, cols) = kernel.reshape(-1, out).T`` (rows = output
-channels, columns = (kh, kw, cin) or dense inputs), the layout of :mod:`obcjax.transforms`.
+Kernels are viewed as matrices ``W: (rows, cols)`` (rows = output channels, columns = (kh, kw,
+cin) or dense inputs) by :mod:`obcjax.layout`. Every transform here works on nested dicts and on
+``nnx.State``, functionally and inside ``nnx.Optimizer``; the zoo-bound drivers are in
+:mod:`obcjax.recipes.admm`.
 
 References:
   Zhang, Ye, Zhang, Tang, Wen, Fardad, Wang. A Systematic DNN Weight Pruning Framework using
@@ -40,16 +43,23 @@ References:
 
 Example:
     >>> import optax
-    >>> from obcjax import zoo
     >>> from obcjax.specs import Unstructured
-    >>> variables = zoo.init_variables("lenet5", (8, 8, 1))
+    >>> rng = np.random.default_rng(0)
+    >>> params = {"fc1": {"kernel": jnp.asarray(rng.normal(size=(8, 16)), jnp.float32)},
+    ...           "fc2": {"kernel": jnp.asarray(rng.normal(size=(16, 3)), jnp.float32)}}
     >>> tx = optax.chain(admm([("fc.*", Unstructured(0.9))], rho=1e-3, update_every=100),
     ...                  optax.adam(1e-3))
-    >>> state = tx.init(variables["params"])
-    >>> # the whole progressive schedule (minutes: ADMM and retraining at three targets)
-    >>> variables, history = progressive_admm(  # doctest: +SKIP
-    ...     "lenet5", variables, zoo.load_dataset("digits"),
-    ...     [[(".*", Unstructured(s))] for s in (0.9, 0.967, 0.99)])
+    >>> state = tx.init(params)
+    >>> def loss(p, batch):                        # any model's batch loss
+    ...     x, y = batch
+    ...     logits = jnp.tanh(x @ p["fc1"]["kernel"]) @ p["fc2"]["kernel"]
+    ...     return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(len(y)), y])
+    >>> data = [(rng.normal(size=(16, 8)), rng.integers(0, 3, 16)) for _ in range(4)]
+    >>> new, _, history = progressive_admm(
+    ...     loss, params, data, [[("fc.*", Unstructured(s))] for s in (0.5, 0.75)],
+    ...     admm_epochs=1, retrain_epochs=1)
+    >>> history[-1]["sparsity"]
+    0.75
 """
 
 from __future__ import annotations
@@ -67,8 +77,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from obcjax.layout import (
+    Layout,
+    from_matrices,
+    get_path,
+    layout_for,
+    replace_leaves,
+    to_matrices,
+)
 from obcjax.rules import match_rules
 from obcjax.specs import NM, Unstructured
+from obcjax.training import keep_mask, mask_tree, pure_params
 from obcjax.transforms import find_layers
 
 __all__ = [
@@ -89,8 +108,6 @@ __all__ = [
     "resolve_targets",
     "ADMMState",
     "admm",
-    "MaskState",
-    "mask_updates",
     "hard_project",
     "Levels",
     "snap",
@@ -99,7 +116,7 @@ __all__ = [
     "obs_start",
     "check_schedule",
     "progressive_admm",
-    "summarize",
+    "sparsity_report",
 ]
 
 
@@ -203,12 +220,33 @@ def _split_spec(spec, layer: str):
 # ----------------------------------------------------------------------------- projections
 
 
+def _layout(shape) -> Layout:
+    """Every axis but the last is an input (Dense, Conv); a 1-D kernel is one row."""
+    shape = tuple(shape)
+    return Layout(shape, len(shape) - 1, 1) if len(shape) > 1 else Layout((*shape, 1), 1, 1)
+
+
 def _as_matrix(kernel: jax.Array) -> jax.Array:
-    return kernel.reshape(-1, kernel.shape[-1]).T if kernel.ndim > 1 else kernel[None, :]
+    lay = _layout(kernel.shape)
+    return to_matrices(kernel.reshape(lay.shape), lay)[0]
 
 
 def _from_matrix(W: jax.Array, shape) -> jax.Array:
-    return W.T.reshape(shape) if len(shape) > 1 else W[0]
+    return from_matrices(W[None], _layout(shape)).reshape(shape)
+
+
+def _kernels(params) -> dict[str, jax.Array]:
+    """``{layer path: kernel}`` of params in any container (dicts, ``nnx.State``, variables)."""
+    return find_layers(pure_params(params))
+
+
+def _kernel_key(path: str) -> str:
+    return f"{path}/kernel" if path else "kernel"
+
+
+def _with_kernels(params, kernels: Mapping[str, Any]):
+    """``params`` (container kept) with the kernels of the given layers replaced."""
+    return replace_leaves(params, {_kernel_key(p): k for p, k in kernels.items()})
 
 
 def project_topk(v: jax.typing.ArrayLike, k: int) -> jax.Array:
@@ -511,6 +549,14 @@ class Levels(NamedTuple):
     """A quantized layer's frozen level set ``{q·k : |k| <= hi}`` (``k != 0`` when ``nonzero``),
     restricted to ``support`` (entries outside it are 0).
 
+    Relation to :class:`obcjax.quant.QArray`, and why it is not one: the levels are the
+    symmetric grid ``scale = q``, ``zero = hi`` over codes ``k + hi`` in ``[0, 2 hi]``, so the
+    snapped kernel stores exactly as a ``QArray`` of ``ceil(log2(2 hi + 1))`` bits. But a
+    ``QArray``'s grid rounds with ``clip(round(w / scale) + zero)``, which cannot say "the
+    nearest *nonzero* level" (``nonzero``: ADMM-NN reserves 0 for pruned weights, so a small kept
+    weight goes to ``±q``, not to 0) nor carry the ``support`` of entries that may hold a level;
+    those two are what retraining needs from the frozen set, so they live here.
+
     Attributes:
       q: scalar interval. hi: largest code magnitude. nonzero: zero reserved for pruned weights.
       support: kernel-shaped bool mask of the entries that carry a level.
@@ -556,12 +602,14 @@ def _snap(kernel, q, support, hi: int, nonzero: bool):
 
 def ste_apply(params, levels: Mapping[str, Levels]):
     """Params whose listed kernels are snapped to their levels in value, identity in gradient
-    (straight-through estimator) -- the forward pass of quantization retraining."""
-    out = params
+    (straight-through estimator) -- the forward pass of quantization retraining. Any container
+    (dicts, ``nnx.State``); the container is kept."""
+    kernels = _kernels(params)
+    new = {}
     for path, lv in levels.items():
-        W = _get(params, path)
-        out = _set(out, path, W + jax.lax.stop_gradient(snap(W, lv) - W))
-    return out
+        W = kernels[path]
+        new[path] = W + jax.lax.stop_gradient(snap(W, lv) - W)
+    return _with_kernels(params, new)
 
 
 # ----------------------------------------------------------------------------- rules and trees
@@ -574,7 +622,7 @@ def resolve_targets(params, targets) -> dict[str, Any]:
     leaves matching layers unconstrained; a rule that matches no layer is an error. Every
     constraint is validated against its layer here (zero remaining weights, N:M width...).
     """
-    layers = find_layers(params)
+    layers = _kernels(params)
     chosen = match_rules(list(layers), targets, what="layer")
     out = {}
     for path, spec in chosen.items():
@@ -584,28 +632,6 @@ def resolve_targets(params, targets) -> dict[str, Any]:
         _validate(np.shape(layers[path]), prune, path)
         out[path] = spec
     return out
-
-
-def _get(tree, path: str):
-    node = tree
-    for key in path.split("/"):
-        node = node[key]
-    return node["kernel"]
-
-
-def _set(tree, path: str, value):
-    """A copy of nested dict ``tree`` with ``path/kernel`` replaced (inputs are not mutated)."""
-    keys = path.split("/")
-
-    def rec(node, i):
-        node = dict(node)
-        if i == len(keys):
-            node["kernel"] = value
-        else:
-            node[keys[i]] = rec(node[keys[i]], i + 1)
-        return node
-
-    return rec(tree, 0)
 
 
 # ----------------------------------------------------------------------------- ADMM transform
@@ -665,10 +691,13 @@ def admm(
       update_every: W-steps between Z/U updates.
       freeze_zeros: treat entries that are exactly 0 at ``init`` as pruned for good (progressive
         stages): their gradient and penalty are zeroed and ``Z`` is 0 there. Chain
-        :func:`mask_updates` after the optimizer too, so momentum or weight decay cannot move them.
+        :func:`obcjax.training.keep_mask` after the optimizer too, so momentum or weight decay
+        cannot move them.
 
     Returns:
-      an ``optax.GradientTransformation`` with :class:`ADMMState`.
+      an ``optax.GradientTransformation`` with :class:`ADMMState`. Params and updates may be
+      nested dicts or ``nnx.State`` (also inside ``nnx.Optimizer``); updates come back in the
+      container they came in.
 
     Example:
         >>> import optax
@@ -694,9 +723,10 @@ def admm(
 
     def init(params):
         specs = resolve_targets(params, targets)
+        kernels = _kernels(params)
         Z, U, R, S, P, D = {}, {}, {}, {}, {}, {}
         for path, spec in specs.items():
-            W = _get(params, path)
+            W = jnp.asarray(kernels[path])
             S[path] = (W != 0) if freeze_zeros else jnp.ones(W.shape, bool)
             Z[path] = project(W, spec, layer=path, support=S[path] if freeze_zeros else None)
             U[path] = jnp.zeros_like(W)
@@ -709,7 +739,8 @@ def admm(
         if params is None:
             raise ValueError("admm: update needs params, call tx.update(grads, state, params)")
         # Unvalidated matching: init already validated, and update may run every step unjitted.
-        specs = {p: s for p, s in match_rules(list(find_layers(params)), targets).items()}
+        kernels = _kernels(params)
+        specs = {p: s for p, s in match_rules(list(kernels), targets).items()}
         paths = list(state.Z)
         do_zu = (state.step > 0) & (state.step % update_every == 0)
 
@@ -717,7 +748,7 @@ def admm(
             Z, U, R, _, _ = args
             Zn, Un, Rn, Pn, Dn = {}, {}, {}, {}, {}
             for path in paths:
-                W = _get(params, path)
+                W = kernels[path]
                 sup = state.support[path] if freeze_zeros else None
                 Zn[path] = project(W + U[path], specs[path], layer=path, support=sup)
                 Un[path] = U[path] + W - Zn[path]
@@ -729,12 +760,13 @@ def admm(
         Z, U, R, P, D = jax.lax.cond(
             do_zu, zu, lambda a: a, (state.Z, state.U, state.rho, state.primal, state.dual)
         )
-        new = updates
+        grads = _kernels(updates)
+        new = {}
         for path in paths:
-            W = _get(params, path)
-            g = _get(updates, path) + R[path] * (W - Z[path] + U[path])
-            new = _set(new, path, jnp.where(state.support[path], g, 0).astype(g.dtype))
-        return new, ADMMState(Z, U, R, state.support, P, D, state.step + 1)
+            W = kernels[path]
+            g = grads[path] + R[path] * (W - Z[path] + U[path])
+            new[path] = jnp.where(state.support[path], g, 0).astype(g.dtype)
+        return _with_kernels(updates, new), ADMMState(Z, U, R, state.support, P, D, state.step + 1)
 
     return optax.GradientTransformation(init, update)
 
@@ -742,50 +774,17 @@ def admm(
 # ----------------------------------------------------------------------------- masked retraining
 
 
-class MaskState(NamedTuple):
-    """State of :func:`mask_updates`: ``{layer path: bool kernel-shaped mask}`` (True = trainable)."""
-
-    masks: dict
-
-
-def mask_updates(masks: Mapping[str, jax.typing.ArrayLike]) -> optax.GradientTransformation:
-    """Zero the updates of masked-out kernel entries (chain *after* the optimizer).
-
-    With ``optax.chain(optax.adam(lr), mask_updates(masks))`` a masked entry never moves, so
-    pruned weights stay exactly 0 and frozen quantized kernels stay exactly on their levels,
-    whatever the optimizer's momentum or weight decay does.
-
-    Args:
-      masks: ``{layer path: bool array of the kernel's shape}``; layers not listed are free.
-
-    Example:
-        >>> import optax
-        >>> params = {"fc1": {"kernel": jnp.array([[0.0, 1.0], [2.0, 0.0]])}}
-        >>> tx = optax.chain(optax.adam(1e-3), mask_updates({"fc1": params["fc1"]["kernel"] != 0}))
-        >>> grads = {"fc1": {"kernel": jnp.ones((2, 2))}}
-        >>> updates, _ = tx.update(grads, tx.init(params), params)
-        >>> updates["fc1"]["kernel"] == 0       # the pruned entries never move
-        Array([[ True, False],
-               [False,  True]], dtype=bool)
-    """
-    masks = {p: jnp.asarray(m, bool) for p, m in masks.items()}
-
-    def init(params):
-        for path, m in masks.items():
-            if _get(params, path).shape != m.shape:
-                raise ValueError(
-                    f"mask_updates: mask of layer {path!r} has shape {m.shape}, kernel has "
-                    f"{_get(params, path).shape}"
-                )
-        return MaskState(dict(masks))
-
-    def update(updates, state, params=None):
-        del params
-        for path, m in state.masks.items():
-            updates = _set(updates, path, jnp.where(m, _get(updates, path), 0))
-        return updates, state
-
-    return optax.GradientTransformation(init, update)
+def _layer_masks(params, masks) -> dict[str, jax.Array]:
+    """``{layer path: kernel mask}`` from a params-shaped mask tree (or ``{layer path: mask}``)."""
+    if masks is None:
+        return {}
+    tree = mask_tree(params, masks)
+    out = {}
+    for path in _kernels(params):
+        m = get_path(tree, path, "kernel")
+        if m is not None:
+            out[path] = m
+    return out
 
 
 def hard_project(
@@ -798,34 +797,48 @@ def hard_project(
     """Snap every constrained kernel into its set ("masked mapping").
 
     Args:
-      params: a params pytree (nested dicts); not modified.
+      params: a params pytree (nested dicts or ``nnx.State``); not modified.
       targets: rules as for :func:`admm`.
-      support: optional ``{path: bool mask}`` of entries allowed to be nonzero.
+      support: optional params-shaped mask tree (or ``{layer path: mask}``) of entries allowed to
+        be nonzero.
       with_levels: also return ``{path: Levels}`` of the quantized layers (for
         :func:`ste_apply` / :func:`snap` in quantization retraining).
 
     Returns:
-      ``(new_params, masks)`` (or ``(new_params, masks, levels)``) with
-      ``masks = {path: bool}`` of the entries that masked retraining may move: the kept entries of
-      a pruned layer, nothing of a quantized layer (its levels are then held exactly by
-      :func:`mask_updates`; quantization retraining instead trains the kept entries' float
-      shadows through :func:`ste_apply`).
+      ``(new_params, masks)`` (or ``(new_params, masks, levels)``); ``new_params`` in params'
+      container; ``masks`` the params-shaped tree (None where free) of the entries that masked
+      retraining may move (:func:`obcjax.training.keep_mask`'s format): the kept entries of a
+      pruned layer, nothing of a quantized layer (its levels are then held exactly by
+      ``keep_mask``; quantization retraining instead trains the kept entries' float shadows
+      through :func:`ste_apply`).
+
+    Example:
+        >>> from obcjax.specs import Unstructured
+        >>> params = {"fc": {"kernel": jnp.array([[0.1, -2.0], [3.0, 0.2]]), "bias": jnp.ones(2)}}
+        >>> new, masks = hard_project(params, [("fc", Unstructured(0.5))])
+        >>> masks["fc"]["kernel"], masks["fc"]["bias"]
+        (Array([[False,  True],
+               [ True, False]], dtype=bool), None)
     """
     specs = resolve_targets(params, targets)
-    new, masks, levels = params, {}, {}
+    kernels = _kernels(params)
+    support = _layer_masks(params, support)
+    projected, masks, levels = {}, {}, {}
     for path, spec in specs.items():
-        W = _get(params, path)
-        sup = None if support is None or path not in support else support[path]
+        W = kernels[path]
+        sup = support.get(path)
         prune, quant = _split_spec(spec, path)
         _validate(np.shape(W), prune, path)
         P, q = _project(
             jnp.asarray(W), None if sup is None else jnp.asarray(sup, bool), prune, quant
         )
-        new = _set(new, path, P)
+        projected[path] = P
         masks[path] = jnp.zeros(W.shape, bool) if quant is not None else (P != 0)
         lv = _levels(spec, q, P, sup)
         if lv is not None:
             levels[path] = lv
+    new = _with_kernels(params, projected)
+    masks = mask_tree(params, masks)
     return (new, masks, levels) if with_levels else (new, masks)
 
 
@@ -873,9 +886,14 @@ def check_schedule(params, schedule: Sequence) -> list[dict[str, Any]]:
     return stages
 
 
-def summarize(params, specs: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Flat '/'-keyed stats: per-layer sparsity and distinct nonzero levels, overall sparsity."""
-    layers = find_layers(params)
+def sparsity_report(params, specs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Flat '/'-keyed stats: per-layer sparsity and distinct nonzero levels, overall sparsity.
+
+    Example:
+        >>> sparsity_report({"fc": {"kernel": jnp.array([[0.0, 1.0], [1.0, -1.0]])}})["sparsity"]
+        0.25
+    """
+    layers = _kernels(params)
     out: dict[str, Any] = {}
     zeros = total = 0
     for path, W in layers.items():
@@ -894,26 +912,21 @@ def summarize(params, specs: Mapping[str, Any] | None = None) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- driver
 
 
-def _make_step(name: str, classes: int, tx: optax.GradientTransformation, levels=None):
-    from obcjax.zoo.models import linen_model
-
-    module = linen_model(name, classes)
+def _make_step(loss_fn, stateful: bool, tx: optax.GradientTransformation, levels=None):
     levels = dict(levels or {})
 
-    def loss_fn(params, batch_stats, x, y):
+    def objective(params, model_state, batch):
         used = ste_apply(params, levels) if levels else params
-        logits, upd = module.apply(
-            {"params": used, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
-        )
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-        return loss, upd.get("batch_stats", batch_stats)
+        if stateful:
+            return loss_fn(used, model_state, batch)
+        return loss_fn(used, batch), model_state
 
-    def step(params, batch_stats, opt_state, x, y):
-        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, batch_stats, x, y
+    def step(params, model_state, opt_state, batch):
+        (loss, model_state), grads = jax.value_and_grad(objective, has_aux=True)(
+            params, model_state, batch
         )
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), batch_stats, opt_state, loss
+        return optax.apply_updates(params, updates), model_state, opt_state, loss
 
     return jax.jit(step)
 
@@ -928,16 +941,25 @@ def _period_schedule(lr: float, every: int):
     return sched
 
 
-def _run_epochs(step, params, batch_stats, opt_state, split, epochs, batch_size, seed):
-    from obcjax.zoo.data import batches
+def _epoch(batches, epoch: int):
+    return batches(epoch) if callable(batches) else batches
 
+
+def _run_epochs(step, params, model_state, opt_state, batches, epochs, first_epoch):
     loss = jnp.nan
     for e in range(epochs):
-        for x, y in batches(split, batch_size, seed=seed * 1000 + e, drop_last=True):
-            params, batch_stats, opt_state, loss = step(
-                params, batch_stats, opt_state, jnp.asarray(x), jnp.asarray(y)
+        n = 0
+        for batch in _epoch(batches, first_epoch + e):
+            params, model_state, opt_state, loss = step(
+                params, model_state, opt_state, jax.tree.map(jnp.asarray, batch)
             )
-    return params, batch_stats, opt_state, float(loss)
+            n += 1
+        if n == 0:
+            raise ValueError(
+                f"progressive_admm: epoch {first_epoch + e} has no batches; pass a re-iterable "
+                "(a list) or a callable epoch -> iterable"
+            )
+    return params, model_state, opt_state, float(loss)
 
 
 # ----------------------------------------------------------------------------- OBS hybrids
@@ -970,7 +992,7 @@ def obs_compensate(
     Args:
       params: the reference params (e.g. ADMM-trained weights before projection); not modified.
       stats: ``{path: HessianState}`` (:func:`obcjax.calibration.calibrate`).
-      masks: ``{path: kernel-shaped bool}`` kept entries.
+      masks: params-shaped mask tree of kept entries (or ``{layer path: kernel mask}``).
       rel_damp: relative damping of each Hessian (as :func:`obcjax.kernels.prepare`).
 
     Returns:
@@ -988,10 +1010,11 @@ def obs_compensate(
         True
     """
     from obcjax.kernels import prepare
-    from obcjax.transforms import kernel_to_matrices, layer_hessians, matrices_to_kernel
+    from obcjax.transforms import layer_hessians
 
-    layers = find_layers(params)
-    new = params
+    layers = _kernels(params)
+    masks = _layer_masks(params, masks)
+    solved = {}
     for path, m in masks.items():
         if path not in layers:
             raise ValueError(f"obs_compensate: layer {path!r} is not in params ({sorted(layers)})")
@@ -1004,25 +1027,23 @@ def obs_compensate(
                 f"obs_compensate: layer {path!r}: mask {m.shape} != kernel {kernel.shape}"
             )
         H = layer_hessians(stats[path], path)
-        G = H.shape[0]
+        lay = layout_for(kernel.shape, H.shape[-1], H.shape[0], layer=path)
         outs = []
         for g, (W, Mg) in enumerate(
-            zip(kernel_to_matrices(kernel, G), kernel_to_matrices(m, G), strict=True)
+            zip(to_matrices(kernel, lay), to_matrices(m, lay), strict=True)
         ):
             P = prepare(W.astype(jnp.float32), H[g], rel_damp=rel_damp, layer=path)
             outs.append(_masked_least_squares(P.W, P.H, Mg & ~P.dead[None, :]))
-        new = _set(new, path, matrices_to_kernel(outs, kernel.shape, kernel.dtype))
-    return new
+        solved[path] = from_matrices(jnp.stack(outs), lay, kernel.dtype)
+    return _with_kernels(params, solved)
 
 
 def obs_start(
-    name: str,
-    variables: Mapping,
-    data: Mapping,
+    params,
+    stats: Mapping[str, Any],
     targets,
     *,
     solver: str = "obc",
-    calib_batch: int = 128,
     rel_damp: float = 0.01,
 ):
     """ExactOBS / OBQ post-training compression to ``targets``, as ADMM's starting point (a hybrid).
@@ -1030,27 +1051,36 @@ def obs_start(
     Each constraint becomes an :func:`obcjax.transforms.compress` spec: ``Unstructured`` and
     ``NM`` pruning as is, ``Uniform(b)`` as a symmetric ``Int(b)`` grid (OBQ's 2^b levels, close
     to ADMM's 2^b − 1), ``(prune, Uniform)`` jointly. ``Filters``, ``Columns``, ``Ternary`` and
-    ``Binary`` layers have no OBC solver and are left dense. Calibration on ``data["calib"]``.
+    ``Binary`` layers have no OBC solver and are left dense.
+
+    Args:
+      params: the trained params (nested dicts).
+      stats: calibration statistics of those layers (:func:`obcjax.calibration.calibrate` on the
+        user's model; zoo models: :func:`obcjax.recipes.admm.zoo_obs_start`).
+      targets: ADMM target rules (as :func:`admm`).
+      solver, rel_damp: as :func:`obcjax.transforms.compress`.
 
     Returns:
-      ``(variables, compressed)``: the compressed variables and the
+      ``(params, compressed)``: the compressed params and the
       :class:`~obcjax.transforms.Compressed` record.
 
+    Raises:
+      ValueError: no target has an OBC equivalent.
+
     Example:
-        >>> from obcjax import zoo
-        >>> ds, v = zoo.load_dataset("digits"), zoo.init_variables("lenet5", (8, 8, 1))
-        >>> # ExactOBS on every layer, then ADMM and retraining from there (tens of seconds)
-        >>> v0, _ = obs_start("lenet5", v, ds, [(".*", Unstructured(0.9))])  # doctest: +SKIP
-        >>> v1, hist = progressive_admm(  # doctest: +SKIP
-        ...     "lenet5", v0, ds, [[(".*", Unstructured(0.9))]])
+        >>> from flax import linen as nn
+        >>> from obcjax.calibration import calibrate
+        >>> model = nn.Dense(4)
+        >>> x = jnp.asarray(np.random.default_rng(0).normal(size=(64, 8)), jnp.float32)
+        >>> v = model.init(jax.random.key(0), x)
+        >>> stats = calibrate(model, v, [x])
+        >>> p0, _ = obs_start(v["params"], stats, [(".*", Unstructured(0.5))])
+        >>> float((p0["kernel"] == 0).mean())        # then progressive_admm from p0
+        0.5
     """
-    from obcjax.calibration import calibrate
     from obcjax.specs import Int
     from obcjax.transforms import LayerSpec, compress
-    from obcjax.zoo.data import batches
-    from obcjax.zoo.models import linen_model, num_classes_of
 
-    params = variables["params"]
     specs = resolve_targets(params, targets)
     rules = []
     for path, spec in specs.items():
@@ -1063,24 +1093,34 @@ def obs_start(
         raise ValueError(
             "obs_start: no target has an OBC equivalent (Unstructured, NM, Uniform or a pair)"
         )
-    model = linen_model(name, num_classes_of(name, variables))
-    xs = [x for x, _ in batches(data["calib"], calib_batch)]
-    stats = calibrate(
-        model, variables, xs, rules=[r for r, _ in rules], apply_kwargs={"train": False}
-    )
     out = compress(params, stats, rules, rel_damp=rel_damp)
-    return {**variables, "params": out.params}, out
+    return out.params, out
 
 
 # ----------------------------------------------------------------------------- driver
 
 
+def _count_batches(batches) -> int:
+    first = _epoch(batches, 0)
+    if hasattr(first, "__len__"):
+        return len(first)
+    if iter(first) is first and not callable(batches):
+        raise ValueError(
+            "progressive_admm: batches is a one-shot iterator; pass a re-iterable (a list) or a "
+            "callable epoch -> iterable"
+        )
+    return sum(1 for _ in first)
+
+
 def progressive_admm(
-    name: str,
-    variables: Mapping,
-    data: Mapping,
+    loss_fn,
+    params,
+    batches,
     schedule: Sequence,
     *,
+    model_state=None,
+    evaluate=None,
+    calibrate=None,
     rho: float = 1e-3,
     rho_growth: float = 1.3,
     admm_epochs: int = 4,
@@ -1088,17 +1128,15 @@ def progressive_admm(
     retrain_epochs: int = 2,
     lr: float = 1e-3,
     retrain_lr: float | None = None,
-    batch_size: int = 32,
     freeze_zeros: bool = True,
     quant_retrain: str = "ste",
     mask_solver: str = "magnitude",
     rel_damp: float = 0.01,
     admm_lr_decay: bool = True,
     retrain_lr_decay: bool = True,
-    seed: int = 0,
     verbose: bool = False,
-) -> tuple[dict, list[dict]]:
-    """Progressive ADMM on a zoo model: per stage, ADMM training, hard projection, masked retrain.
+):
+    """Progressive ADMM on any model: per stage, ADMM training, hard projection, masked retrain.
 
     Each stage warm-starts from the previous stage's retrained weights with fresh ADMM state
     (``Z = proj(W)``, ``U = 0``, ``rho`` back to ``rho``) and a fresh Adam (learning rate reset,
@@ -1112,11 +1150,18 @@ def progressive_admm(
     biases and other layers still train). ``rho_growth=1`` is ADMM with a fixed ``rho``.
 
     Args:
-      name: zoo model name (``"lenet5"``, ``"mlp"``...).
-      variables: ``{"params", "batch_stats"}`` of a trained model (not modified).
-      data: ``{"train", "test", ...}`` splits (:func:`obcjax.zoo.data.load_dataset`); ``"calib"``
-        too with ``mask_solver="obs"``.
+      loss_fn: ``loss_fn(params, batch) -> scalar`` (a training-mode batch loss); with
+        ``model_state`` (e.g. Linen ``batch_stats``): ``loss_fn(params, model_state, batch) ->
+        (scalar, new_model_state)``. Zoo models: :func:`obcjax.recipes.admm.zoo_progressive_admm`.
+      params: the trained params (nested dicts or ``nnx.State``; not modified).
+      batches: training batches, a re-iterable (the same order every epoch) or a callable
+        ``epoch -> iterable`` (``epoch`` counts every epoch of the run: reshuffle with it).
       schedule: a sequence of target rules, rising (:func:`check_schedule`).
+      model_state: optional state threaded through ``loss_fn``.
+      evaluate: optional ``evaluate(params, model_state) -> float`` (e.g. test accuracy), recorded
+        after each phase.
+      calibrate: for ``mask_solver="obs"``: ``calibrate(params, model_state, path) -> stats`` of
+        the layer ``path`` (:func:`obcjax.calibration.calibrate` with ``rules=[re.escape(path)]``).
       rho, rho_growth: ADMM penalty and its growth per Z/U update.
       admm_epochs: ADMM training epochs per stage.
       updates_per_stage: Z/U updates per stage (``update_every`` follows from the epoch length).
@@ -1127,41 +1172,39 @@ def progressive_admm(
       retrain_lr_decay: retraining decays the rate to 0 on a cosine (False: constant; a
         constant rate ends at a noisy point: the dense LeNet-5 retrained 8 epochs at a constant
         3e-3 measured 95.6-98.1 % vs 98.1-98.3 % with the cosine).
-      batch_size: examples per step.
       freeze_zeros: keep weights zeroed by an earlier stage at zero.
       quant_retrain: ``"ste"`` or ``"freeze"`` (see above).
       mask_solver: ``"magnitude"`` (hard projection) or ``"obs"`` (a hybrid: the projection's
         masks, then the kept weights of pruning-only layers re-solved by :func:`obs_compensate`,
-        layer after layer, on Hessians calibrated on ``data["calib"]`` through the layers
-        already solved, toward the ADMM-trained weights' outputs).
+        layer after layer, on Hessians from ``calibrate`` through the layers already solved,
+        toward the ADMM-trained weights' outputs).
       rel_damp: Hessian damping for ``mask_solver="obs"``.
-      seed: data order.
       verbose: print one line per stage.
 
     Returns:
-      ``(variables, history)``; history has one dict per stage with ``stage``, ``targets`` (names),
-      ``acc_admm`` (test accuracy after ADMM, before projection), ``acc_hard`` (after hard
-      projection), ``acc_projected`` (what retraining starts from: after OBS compensation with
-      ``mask_solver="obs"``, else ``acc_hard``), ``acc`` (after retraining), ``primal`` (max
-      ``||W - Z||`` at the end of ADMM), ``seconds`` and :func:`summarize`'s keys.
+      ``(params, model_state, history)``; history has one dict per stage with ``stage``,
+      ``targets`` (names), ``primal`` (max ``||W - Z||`` at the end of ADMM), ``loss`` (last
+      training loss), ``seconds`` and :func:`sparsity_report`'s keys; with ``evaluate`` also
+      ``acc_admm`` (after ADMM, before projection), ``acc_hard`` (after hard projection),
+      ``acc_projected`` (what retraining starts from: after OBS compensation with
+      ``mask_solver="obs"``, else ``acc_hard``) and ``acc`` (after retraining).
 
     Raises:
       ValueError: a bad schedule (not rising, a target with zero remaining weights...), bad
-        options.
+        options, empty or one-shot batches.
 
     Example:
-        >>> from obcjax import zoo
-        >>> v = zoo.init_variables("lenet5", (8, 8, 1))
-        >>> # two stages of ADMM + masked retraining (tens of seconds)
-        >>> v, hist = progressive_admm(  # doctest: +SKIP
-        ...     "lenet5", v, zoo.load_dataset("digits"),
-        ...     [[("fc.*", Unstructured(s))] for s in (0.9, 0.97)])
-        >>> hist[-1]["sparsity"]  # doctest: +SKIP
-        0.97
+        >>> from obcjax.specs import Unstructured
+        >>> rng = np.random.default_rng(1)
+        >>> params = {"fc": {"kernel": jnp.asarray(rng.normal(size=(6, 2)), jnp.float32)}}
+        >>> data = [(rng.normal(size=(8, 6)), rng.normal(size=(8, 2))) for _ in range(2)]
+        >>> def loss(p, batch):
+        ...     return jnp.mean((batch[0] @ p["fc"]["kernel"] - batch[1]) ** 2)
+        >>> new, _, hist = progressive_admm(loss, params, data, [[("fc", Unstructured(0.5))]],
+        ...                                 admm_epochs=1, retrain_epochs=1)
+        >>> float((new["fc"]["kernel"] == 0).mean())
+        0.5
     """
-    from obcjax.zoo.models import linen_model, num_classes_of
-    from obcjax.zoo.train import evaluate
-
     if quant_retrain not in ("ste", "freeze"):
         raise ValueError(
             f"progressive_admm: quant_retrain must be 'ste' or 'freeze', got {quant_retrain!r}"
@@ -1170,28 +1213,33 @@ def progressive_admm(
         raise ValueError(
             f"progressive_admm: mask_solver must be 'magnitude' or 'obs', got {mask_solver!r}"
         )
-    if mask_solver == "obs" and "calib" not in data:
-        raise ValueError("progressive_admm: mask_solver='obs' needs a 'calib' split in data")
-    params = variables["params"]
-    batch_stats = variables.get("batch_stats", {})
+    if mask_solver == "obs" and calibrate is None:
+        raise ValueError("progressive_admm: mask_solver='obs' needs calibrate=...")
+    if not callable(loss_fn):
+        raise TypeError(f"progressive_admm: loss_fn must be callable, got {type(loss_fn).__name__}")
+    params = pure_params(params)
+    stateful = model_state is not None
     stages = check_schedule(params, schedule)
-    classes = num_classes_of(name, variables)
-    train, test = data["train"], data["test"]
-    steps_per_epoch = len(train.y) // batch_size
+    steps_per_epoch = _count_batches(batches)
     if steps_per_epoch < 1:
-        raise ValueError(f"progressive_admm: batch_size {batch_size} exceeds the train split")
+        raise ValueError("progressive_admm: batches is empty")
 
     def acc_of(p):
-        return evaluate(name, {"params": p, "batch_stats": batch_stats}, test)["accuracy"]
+        return None if evaluate is None else float(evaluate(p, model_state))
+
+    def record(rec, key, p):
+        if evaluate is not None:
+            rec[key] = acc_of(p)
 
     history = []
     support = None
+    epoch = 0
     for i, specs in enumerate(stages):
         t0 = time.perf_counter()
         # Exact paths as rules; escaping keeps regex metacharacters in layer names literal.
         rules = [(re.escape(p), s) for p, s in specs.items()]
         rec: dict[str, Any] = {"stage": i, "targets": {p: repr(s) for p, s in specs.items()}}
-        primal = 0.0
+        primal, loss = 0.0, float("nan")
         if admm_epochs > 0:
             every = max(1, admm_epochs * steps_per_epoch // max(updates_per_stage, 1))
             frozen = freeze_zeros and support is not None
@@ -1200,75 +1248,65 @@ def progressive_admm(
                     rules, rho=rho, rho_growth=rho_growth, update_every=every, freeze_zeros=frozen
                 ),
                 optax.adam(_period_schedule(lr, every) if admm_lr_decay else lr),
-                mask_updates(support if frozen else {}),
+                keep_mask(mask_tree(params, support) if frozen else None),
             )
             state = jax.jit(tx.init)(params)  # one compile for every layer's first projection
-            step = _make_step(name, classes, tx)
-            params, batch_stats, state, _ = _run_epochs(
-                step, params, batch_stats, state, train, admm_epochs, batch_size, seed + 7 * i
+            step = _make_step(loss_fn, stateful, tx)
+            params, model_state, state, loss = _run_epochs(
+                step, params, model_state, state, batches, admm_epochs, epoch
             )
+            epoch += admm_epochs
             adm = state[0]
-            primal = max(
-                float(jnp.linalg.norm((_get(params, p) - adm.Z[p]).reshape(-1))) for p in adm.Z
-            )
-            rec["acc_admm"] = acc_of(params)
+            kernels = _kernels(params)
+            primal = max(float(jnp.linalg.norm((kernels[p] - adm.Z[p]).reshape(-1))) for p in adm.Z)
+            record(rec, "acc_admm", params)
         reference = params
         params, masks, levels = hard_project(
             params, rules, support=support if freeze_zeros else None, with_levels=True
         )
-        rec["acc_hard"] = acc_of(params)
+        record(rec, "acc_hard", params)
         if mask_solver == "obs":
-            from obcjax.calibration import calibrate
-            from obcjax.zoo.data import batches
-
             # Sequential, in layer order: each layer's Hessian comes from the inputs that the
             # already compensated (and projected) layers before it produce, and its kept weights
             # are solved to reproduce the ADMM-trained layer's outputs on them (OBC's sequential
             # mode; one-shot Hessians let the errors compound across layers).
-            xs = [x for x, _ in batches(data["calib"], 128)]
-            model = linen_model(name, classes)
-            for p in [p for p in find_layers(params) if p in masks and p not in levels]:
-                stats = calibrate(
-                    model,
-                    {"params": params, "batch_stats": batch_stats},
-                    xs,
-                    rules=[re.escape(p)],
-                    apply_kwargs={"train": False},
-                )
-                solved = obs_compensate(reference, stats, {p: masks[p]}, rel_damp=rel_damp)
-                params = _set(params, p, _get(solved, p))
-        rec["acc_projected"] = acc_of(params)
+            layer_masks = _layer_masks(params, masks)
+            for p in [p for p in _kernels(params) if p in layer_masks and p not in levels]:
+                stats = calibrate(params, model_state, p)
+                solved = obs_compensate(reference, stats, {p: layer_masks[p]}, rel_damp=rel_damp)
+                params = _with_kernels(params, {p: _kernels(solved)[p]})
+        record(rec, "acc_projected", params)
         if retrain_epochs > 0:
             ste = levels if quant_retrain == "ste" else {}
-            train_masks = {**masks, **{p: lv.support for p, lv in ste.items()}}
+            train_masks = {
+                **_layer_masks(params, masks),
+                **{p: lv.support for p, lv in ste.items()},
+            }
             rl = retrain_lr or lr
             total = retrain_epochs * steps_per_epoch
             rl = optax.cosine_decay_schedule(rl, total) if retrain_lr_decay else rl
-            tx = optax.chain(optax.adam(rl), mask_updates(train_masks))
-            step = _make_step(name, classes, tx, levels=ste)
-            params, batch_stats, _, _ = _run_epochs(
-                step,
-                params,
-                batch_stats,
-                tx.init(params),
-                train,
-                retrain_epochs,
-                batch_size,
-                seed + 7 * i + 3,
+            tx = optax.chain(optax.adam(rl), keep_mask(mask_tree(params, train_masks)))
+            step = _make_step(loss_fn, stateful, tx, levels=ste)
+            params, model_state, _, loss = _run_epochs(
+                step, params, model_state, tx.init(params), batches, retrain_epochs, epoch
             )
-            for p, lv in ste.items():
-                params = _set(params, p, snap(_get(params, p), lv))
-        support = {p: _get(params, p) != 0 for p in masks}
-        rec["acc"] = acc_of(params)
+            epoch += retrain_epochs
+            kernels = _kernels(params)
+            params = _with_kernels(params, {p: snap(kernels[p], lv) for p, lv in ste.items()})
+        kernels = _kernels(params)
+        support = {p: kernels[p] != 0 for p in _layer_masks(params, masks)}
+        record(rec, "acc", params)
         rec["primal"] = primal
-        rec.update(summarize(params, specs))
+        rec["loss"] = loss
+        rec.update(sparsity_report(params, specs))
         rec["seconds"] = time.perf_counter() - t0
         history.append(rec)
         if verbose:
+            accs = " ".join(
+                f"{k} {rec[k]:.4f}" for k in ("acc_admm", "acc_projected", "acc") if k in rec
+            )
             print(
-                f"stage {i}: sparsity {rec['sparsity']:.4f} acc admm "
-                f"{rec.get('acc_admm', float('nan')):.4f} projected {rec['acc_projected']:.4f} "
-                f"retrained {rec['acc']:.4f} ({rec['seconds']:.1f}s)",
+                f"stage {i}: sparsity {rec['sparsity']:.4f} {accs} ({rec['seconds']:.1f}s)",
                 flush=True,
             )
-    return {"params": params, "batch_stats": batch_stats}, history
+    return params, model_state, history

@@ -14,13 +14,15 @@
   ``rule="ratio"`` (ours): the move with the smallest modelled ΔFIT per bit saved. Sizes count
   kept weights × bits, biases at 32 bits, as :func:`obcjax.transforms.summarize`.
 * :func:`apply_plan`: materialise a plan with its own Fisher masks and round-to-nearest
-  (``solver="fit"``), or hand its per-layer specs to :func:`obcjax.transforms.compress`
+  (``solver="fit"``, :func:`prune_and_round`), or hand its per-layer specs to :func:`obcjax.transforms.compress`
   (``"obc"``: ExactOBS/OBQ, ``"magnitude"``, ``"gptq"``; needs calibration statistics).
 * :func:`fit_database` / :func:`fit_dp` (hybrid): OBC's database + dynamic program
   (:mod:`obcjax.allocation`) with per-layer FIT scores in place of the OBS losses.
-* :func:`finetune_plan`: the final quantization-aware fine-tuning with the mask and the per-row
-  grids frozen (:func:`obcjax.training.finetune`, straight-through estimator);
-  :func:`codebooks_of` turns a compressed model's grids into frozen codebooks.
+* :func:`finetune_plan`: the final quantization-aware fine-tuning of any model (a loss function,
+  the compressed params, batches) with the mask and the per-row grids frozen
+  (:func:`obcjax.training.finetune`, straight-through estimator); :func:`codebooks_of` turns a
+  compressed model's grids into frozen codebooks. Zoo-bound drivers (``zoo_example_loss``,
+  ``zoo_finetune_plan``) live in :mod:`obcjax.recipes.finetune`.
 * :func:`activation_fisher` / :func:`activation_fit`: FIT's activation term ``Tr F(a)·Δ_a²/12``
   from per-example gradients w.r.t. layer inputs (the first layer's input, the data, skipped);
   :func:`activation_grids` gives the min-max activation grids it models.
@@ -38,12 +40,16 @@ References:
   Quantization (FITCompress). arXiv 2302.07612.
 
 Example:
-    >>> from obcjax import zoo
-    >>> ds, variables = zoo.digits(), zoo.init_variables("lenet5", (8, 8, 1))  # a trained model
-    >>> loss = zoo_example_loss("lenet5", variables)
-    >>> fisher = fisher_diagonal(loss, variables["params"], zoo.batches(ds["calib"], 64))
-    >>> plan = fit_search(variables["params"], fisher, target_ratio=0.1, bit_schedule=(8, 4))
-    >>> out = apply_plan(variables["params"], plan)           # or stats=..., solver="obc"
+    >>> rng = np.random.default_rng(0)
+    >>> params = {"fc1": {"kernel": jnp.asarray(rng.normal(size=(8, 16)), jnp.float32)},
+    ...           "fc2": {"kernel": jnp.asarray(rng.normal(size=(16, 3)), jnp.float32)}}
+    >>> def loss(p, x, y):                        # ONE example's loss, any model
+    ...     logits = jnp.tanh(x @ p["fc1"]["kernel"]) @ p["fc2"]["kernel"]
+    ...     return -jax.nn.log_softmax(logits)[y]
+    >>> data = [(rng.normal(size=(32, 8)), rng.integers(0, 3, 32)) for _ in range(4)]
+    >>> fisher = fisher_diagonal(loss, params, data)
+    >>> plan = fit_search(params, fisher, target_ratio=0.1, bit_schedule=(8, 4))
+    >>> out = apply_plan(params, plan)                        # or stats=..., solver="obc"
     >>> plan.size_bits <= plan.target_bits
     True
 """
@@ -64,6 +70,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from obcjax.capture import BoundModel, input_hook, layer_kinds
+from obcjax.layout import Layout, from_matrices, set_path, to_matrices
 from obcjax.quant import expand_params, find_params, make_qarray, quantize
 from obcjax.specs import Int, Unstructured
 from obcjax.transforms import (
@@ -72,8 +79,6 @@ from obcjax.transforms import (
     as_layer_spec,
     compress,
     find_layers,
-    kernel_to_matrices,
-    matrices_to_kernel,
     summarize,
 )
 
@@ -81,13 +86,12 @@ __all__ = [
     "Fisher",
     "FITPlan",
     "fisher_diagonal",
-    "zoo_example_loss",
     "quant_noise",
     "fisher_mask",
     "fit_score",
     "fit_search",
     "apply_plan",
-    "materialize",
+    "prune_and_round",
     "prune_schedule",
     "fit_database",
     "fit_dp",
@@ -146,18 +150,14 @@ def _select(params, rules, where: str) -> dict[str, jax.Array]:
 
 def _with_kernels(params, kernels: Mapping[str, Any]):
     """A copy of ``params`` whose layers' kernels are replaced (nested dicts copied on the path)."""
+    for path, k in kernels.items():
+        params = set_path(params, path, "kernel", k)
+    return params
 
-    def rec(node, prefix):
-        node = dict(node)
-        path = "/".join(prefix)
-        if path in kernels and "kernel" in node:
-            node["kernel"] = kernels[path]
-        for k, v in node.items():
-            if isinstance(v, Mapping):
-                node[k] = rec(v, prefix + (str(k),))
-        return node
 
-    return rec(params, ())
+def _matrix_layout(shape) -> Layout:
+    """Dense ``(in, out)`` / conv ``(..., in, out)``: every axis but the last is an input."""
+    return Layout(tuple(shape), len(shape) - 1, 1)
 
 
 @functools.lru_cache(maxsize=32)
@@ -219,8 +219,8 @@ def fisher_diagonal(
 
     Args:
       loss_fn: ``loss_fn(params, x, y) -> scalar`` loss of ONE example (``x`` without batch axis,
-        ``y`` its label); must be a stable object (it keys the jit cache), e.g. from
-        :func:`zoo_example_loss`.
+        ``y`` its label); must be a stable object (it keys the jit cache): build it once (zoo
+        models: :func:`obcjax.recipes.finetune.zoo_example_loss`).
       params: params pytree (nested dicts); kernels found by :func:`obcjax.transforms.find_layers`.
       batches: iterable of ``(x, y)`` pairs or ``{"x", "y"}`` dicts; ``x: (B, ...)``, ``y: (B,)``.
       rules: regexes (``re.fullmatch`` on layer paths) choosing the kernels.
@@ -235,7 +235,7 @@ def fisher_diagonal(
         >>> def loss(p, x, y):                               # one example: x (4,), y (2,)
         ...     return jnp.sum((x @ p["fc1"]["kernel"] - y) ** 2)
         >>> data = [(rng.normal(size=(16, 4)), rng.normal(size=(16, 2))) for _ in range(3)]
-        >>> f = fisher_diagonal(loss, params, data)      # zoo models: zoo_example_loss(name, v)
+        >>> f = fisher_diagonal(loss, params, data)
         >>> f.diag["fc1"].shape == params["fc1"]["kernel"].shape
         True
     """
@@ -285,24 +285,6 @@ def fisher_diagonal(
     return Fisher(diag, t, n, converged, changes)
 
 
-def zoo_example_loss(name: str, variables: Mapping[str, Any]) -> Callable:
-    """Per-example cross-entropy ``loss(params, x, y)`` of a zoo model in eval mode.
-
-    Each call returns a new function (the jit cache of :func:`fisher_diagonal` is keyed by it):
-    build it once and reuse it.
-    """
-    from obcjax.zoo import models as zm
-
-    module = zm.linen_model(name, zm.num_classes_of(name, variables))
-    bs = variables.get("batch_stats", {})
-
-    def loss(params, x, y):
-        logits = module.apply({"params": params, "batch_stats": bs}, x[None], train=False)[0]
-        return -jax.nn.log_softmax(logits)[y]
-
-    return loss
-
-
 # -- FIT score ------------------------------------------------------------------------------------
 
 
@@ -319,10 +301,11 @@ def quant_noise(kernel, spec: Int) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("spec",))
 def _quant_noise(kernel, spec: Int) -> jax.Array:
-    (W,) = kernel_to_matrices(kernel)
+    lay = _matrix_layout(kernel.shape)
+    (W,) = to_matrices(kernel, lay)
     scale, _ = find_params(W, spec)
     s, _ = expand_params(scale, jnp.zeros_like(scale), W.shape[1])
-    return matrices_to_kernel([s * s / 12.0], kernel.shape)
+    return from_matrices((s * s / 12.0)[None], lay)
 
 
 def _rtn(kernel, spec: Int, mask=None) -> jax.Array:
@@ -334,10 +317,11 @@ def _rtn(kernel, spec: Int, mask=None) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("spec",))
 def _rtn_jit(kernel, spec: Int) -> jax.Array:
-    (W,) = kernel_to_matrices(kernel)
+    lay = _matrix_layout(kernel.shape)
+    (W,) = to_matrices(kernel, lay)
     scale, zero = find_params(W, spec)
     s, z = expand_params(scale, zero, W.shape[1])
-    return matrices_to_kernel([quantize(W, s, z, spec.bits)], kernel.shape)
+    return from_matrices(quantize(W, s, z, spec.bits)[None], lay)
 
 
 def fisher_mask(F, w, sparsity: float, *, seed: int = 0) -> np.ndarray:
@@ -767,10 +751,10 @@ def apply_plan(
         from obcjax.allocation import to_rules
 
         return compress(params, stats, to_rules(specs))
-    return materialize(params, plan.specs, plan.masks)
+    return prune_and_round(params, plan.specs, plan.masks)
 
 
-def materialize(
+def prune_and_round(
     params, specs: Mapping[str, LayerSpec], masks: Mapping[str, Any] | None = None
 ) -> Compressed:
     """Prune by ``masks`` (kept = True; layers without one are dense) and round the kept weights
@@ -782,7 +766,7 @@ def materialize(
         ...           "fc2": {"kernel": rng.normal(size=(32, 10)).astype(np.float32)}}
         >>> fisher = {p: np.ones_like(params[p]["kernel"]) for p in params}  # or fisher_diagonal
         >>> m = {"fc1": fisher_mask(fisher["fc1"], params["fc1"]["kernel"], 0.5)}
-        >>> out = materialize(params, {"fc1": LayerSpec(Unstructured(0.5), Int(4))}, m)
+        >>> out = prune_and_round(params, {"fc1": LayerSpec(Unstructured(0.5), Int(4))}, m)
         >>> float((out.params["fc1"]["kernel"] == 0).mean())
         0.5
     """
@@ -792,17 +776,18 @@ def materialize(
     out_masks, qarrays = {}, {}
     for p, spec in specs.items():
         if p not in layers:
-            raise ValueError(f"materialize: layer {p!r} is not in params ({sorted(layers)})")
+            raise ValueError(f"prune_and_round: layer {p!r} is not in params ({sorted(layers)})")
         if spec is None:
             continue
         k = jnp.asarray(layers[p])
         m = jnp.asarray(masks[p], bool) if p in masks else jnp.ones(k.shape, bool)
         if m.shape != k.shape:
-            raise ValueError(f"materialize: layer {p!r}: mask {m.shape} != kernel {k.shape}")
+            raise ValueError(f"prune_and_round: layer {p!r}: mask {m.shape} != kernel {k.shape}")
         if spec.quant is not None:
             q = _rtn(k, spec.quant, m)
-            (Wq,) = kernel_to_matrices(q)
-            scale, zero = find_params(kernel_to_matrices(jnp.where(m, k, 0.0))[0], spec.quant)
+            lay = _matrix_layout(k.shape)
+            (Wq,) = to_matrices(q, lay)
+            scale, zero = find_params(to_matrices(jnp.where(m, k, 0.0), lay)[0], spec.quant)
             qarrays[p] = [make_qarray(Wq, scale, zero, spec.quant)]
         else:
             q = jnp.where(m, k, 0.0)
@@ -980,7 +965,7 @@ def codebooks_of(out: Compressed) -> dict:
 
     Each layer's ``QArray`` grids (one scale and zero point per output row, any granularity but
     ``"group"``) become one ``Codebook`` whose ``(out,)`` scale broadcasts over the kernel's last
-    axis, so :func:`obcjax.training.quantized_apply` reproduces the compressed kernels exactly.
+    axis, so :func:`obcjax.training.fake_quantize_params` reproduces the compressed kernels exactly.
     """
     from obcjax.training import Codebook
 
@@ -997,35 +982,49 @@ def codebooks_of(out: Compressed) -> dict:
     return cbs
 
 
-def finetune_plan(
-    name: str, variables: Mapping[str, Any], out: Compressed, data, steps: int, **kwargs
-):
-    """Quantization-aware fine-tuning of a compressed zoo model with its mask and bits fixed.
+def finetune_plan(loss_fn: Callable, out: Compressed, batches, steps: int | None = None, **kwargs):
+    """Quantization-aware fine-tuning of a compressed model with its mask and bits fixed.
 
     FITCompress's final "single-shot fine-tuning": :func:`obcjax.training.finetune` from the
-    compressed weights, the pruned weights held at 0 (``training.masked``) and every quantized
-    kernel on its frozen per-row grid (``training.frozen_codebooks``; STE forward).
+    compressed weights, the pruned weights held at 0 (:func:`obcjax.training.keep_mask`) and
+    every quantized kernel on its frozen per-row grid (:func:`codebooks_of`; STE forward). Any
+    model: the loss function is the user's (zoo models:
+    :func:`obcjax.recipes.finetune.zoo_finetune_plan`).
 
     Args:
-      name: zoo model name. variables: the model's variables (``batch_stats`` are kept).
-      out: a :class:`~obcjax.transforms.Compressed` (e.g. :func:`apply_plan`'s result).
-      data: a ``Split`` or ``{"train": Split}``. steps: optimizer steps.
-      **kwargs: passed to ``finetune`` (``lr``, ``batch_size``, ``weight_decay``, ``seed``).
+      loss_fn: as :func:`obcjax.training.finetune`: ``loss_fn(params, batch) -> scalar`` or, with
+        ``model_state=...`` in ``kwargs``, ``loss_fn(params, model_state, batch) -> (scalar,
+        model_state)``.
+      out: a :class:`~obcjax.transforms.Compressed` (e.g. :func:`apply_plan`'s result); its
+        params are the starting weights (nested dicts; for an NNX model, ``nnx.State`` works
+        too).
+      batches: iterable of batches or a callable ``epoch -> iterable``. steps: optimizer steps.
+      **kwargs: passed to ``finetune`` (``model_state``, ``tx``, ``lr``, ``weight_decay``).
 
     Returns:
-      ``finetune``'s ``(variables, info)``; the params lie on the grids and keep the masks.
+      ``finetune``'s ``(params, info)``; the params lie on the grids and keep the masks.
 
     Example:
-        >>> # continuing the module's example: 300 steps of fine-tuning (tens of seconds)
-        >>> v, info = finetune_plan(  # doctest: +SKIP
-        ...     "lenet5", variables, apply_plan(variables["params"], plan), ds, 300)
+        >>> rng = np.random.default_rng(0)
+        >>> params = {"fc": {"kernel": jnp.asarray(rng.normal(size=(16, 3)), jnp.float32)}}
+        >>> def batch_loss(p, batch):                   # any model's batch loss
+        ...     x, y = batch
+        ...     return -jnp.mean(jax.nn.log_softmax(x @ p["fc"]["kernel"])[jnp.arange(len(y)), y])
+        >>> data = [(rng.normal(size=(32, 16)), rng.integers(0, 3, 32)) for _ in range(4)]
+        >>> fisher = {"fc": np.ones((16, 3), np.float32)}               # or fisher_diagonal
+        >>> plan = fit_search(params, fisher, target_ratio=0.15, bit_schedule=(8, 4))
+        >>> out = apply_plan(params, plan)
+        >>> new, info = finetune_plan(batch_loss, out, data, steps=4, lr=1e-3)
+        >>> pruned = ~plan.masks["fc"]
+        >>> bool(jnp.all(new["fc"]["kernel"][pruned] == 0)), len(info["losses"])
+        (True, 4)
     """
-    from obcjax.training import finetune
+    from obcjax.training import finetune, mask_tree
 
+    masks = mask_tree(out.params, out.masks)
     return finetune(
-        name, {**variables, "params": out.params}, out.masks, codebooks_of(out), data, steps,
-        **kwargs,
-    )  # fmt: skip
+        loss_fn, out.params, batches, steps, masks=masks, codebooks=codebooks_of(out), **kwargs
+    )
 
 
 # -- FIT of activation quantization ---------------------------------------------------------------

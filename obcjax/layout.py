@@ -36,7 +36,18 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Layout", "layout_for", "to_matrices", "from_matrices", "get_path", "set_path"]
+__all__ = [
+    "Layout",
+    "layout_for",
+    "to_matrices",
+    "from_matrices",
+    "get_path",
+    "set_path",
+    "path_of",
+    "flatten_paths",
+    "unflatten_paths",
+    "replace_leaves",
+]
 
 
 class Layout(NamedTuple):
@@ -189,3 +200,84 @@ def set_path(tree: Mapping, path: str, key: str, value) -> dict:
         return node
 
     return rec(tree, 0)
+
+def path_of(keypath) -> str:
+    """The ``'/'``-joined path of a JAX key path (dict keys, sequence indices, attribute names).
+
+    Works on any container JAX flattens: nested dicts, ``FrozenDict``, ``nnx.State`` (whose
+    array leaves sit at the same paths as the nested dict's).
+
+    Example:
+      >>> import jax
+      >>> [path_of(kp) for kp, _ in jax.tree_util.tree_flatten_with_path({"a": {"b": 1}})[0]]
+      ['a/b']
+    """
+    parts = []
+    for k in keypath:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def flatten_paths(tree, is_leaf=None) -> dict[str, Any]:
+    """``{leaf path: leaf}`` of any pytree (``None`` subtrees, i.e. absent entries, are skipped);
+    ``is_leaf`` as in ``jax.tree_util`` (e.g. to keep a ``QArray`` whole).
+
+    Example:
+      >>> flatten_paths({"fc": {"kernel": 1, "bias": None}})
+      {'fc/kernel': 1}
+    """
+    import jax
+
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+    return {path_of(kp): x for kp, x in flat}
+
+
+def unflatten_paths(flat: Mapping[str, Any]) -> dict:
+    """Nested dicts from ``{'/'-joined path: leaf}`` (the inverse of :func:`flatten_paths`).
+
+    Example:
+      >>> unflatten_paths({"fc/kernel": 1})
+      {'fc': {'kernel': 1}}
+    """
+    out: dict = {}
+    for path, leaf in flat.items():
+        parts = _parts(path)
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = leaf
+    return out
+
+
+def replace_leaves(tree, new: Mapping[str, Any]):
+    """``tree`` (any container: nested dicts, ``FrozenDict``, ``nnx.State``) with the leaves at
+    the ``'/'``-joined paths of ``new`` replaced; the container type is kept.
+
+    Raises:
+      KeyError: a path of ``new`` that is not a leaf of ``tree``.
+
+    Example:
+      >>> replace_leaves({"fc": {"kernel": 1, "bias": 2}}, {"fc/kernel": 3})
+      {'fc': {'bias': 2, 'kernel': 3}}
+    """
+    import jax
+
+    seen = set()
+
+    def one(kp, x):
+        p = path_of(kp)
+        if p in new:
+            seen.add(p)
+            return new[p]
+        return x
+
+    out = jax.tree_util.tree_map_with_path(one, tree)
+    missing = set(new) - seen
+    if missing:
+        raise KeyError(f"replace_leaves: no leaf at {sorted(missing)}")
+    return out

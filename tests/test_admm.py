@@ -9,7 +9,9 @@ import optax
 import pytest
 
 from obcjax import admm as A
+from obcjax.recipes.admm import zoo_progressive_admm
 from obcjax.specs import NM, Unstructured
+from obcjax.training import keep_mask
 from obcjax.zoo.data import Split
 from obcjax.zoo.models import init_variables
 
@@ -202,7 +204,7 @@ def test_chained_state_checkpoints_through_flax_serialization():
     tx = optax.chain(
         A.admm([("fc", Unstructured(0.5)), ("conv", A.Uniform(3))], update_every=2),
         optax.adam(1e-2),
-        A.mask_updates({"fc": np.asarray(p["fc"]["kernel"]) > 0}),
+        keep_mask({"fc": {"kernel": np.asarray(p["fc"]["kernel"]) > 0}}),
     )
     step = jax.jit(tx.update)
     grads = jax.tree.map(lambda x: jnp.full_like(x, 0.3), p)
@@ -288,11 +290,12 @@ def test_admm_solves_a_sparse_least_squares_problem():
     assert float(state[0].primal["fc"]) < min(0.1, primal0 / 20)
 
 
-def test_mask_updates_keeps_zeros_under_weight_decay():
+def test_keep_mask_on_hard_project_masks_keeps_zeros_under_weight_decay():
     p = _params()
     proj, masks = A.hard_project(p, [("fc", Unstructured(0.5)), ("conv", A.Ternary())])
-    assert not np.any(np.asarray(masks["conv"]))
-    tx = optax.chain(optax.adamw(0.1, weight_decay=0.5), A.mask_updates(masks))
+    assert not np.any(np.asarray(masks["conv"]["kernel"]))
+    assert all(masks[k]["bias"] is None for k in masks if "bias" in masks[k])
+    tx = optax.chain(optax.adamw(0.1, weight_decay=0.5), keep_mask(masks))
     state = tx.init(proj)
     grads = jax.tree.map(jnp.ones_like, proj)
     upd, _ = tx.update(grads, state, proj)
@@ -363,7 +366,7 @@ def test_levels_snap_and_straight_through_gradient(spec):
         jnp.asarray(W, jnp.float32)
     )
     np.testing.assert_allclose(np.asarray(g), np.asarray(c))
-    assert not np.any(np.asarray(masks["fc"]))  # hard masked retraining keeps quantized layers
+    assert not np.any(np.asarray(masks["fc"]["kernel"]))  # masked retraining freezes quantized
 
 
 def test_obs_compensate_is_the_masked_least_squares_solution():
@@ -378,7 +381,7 @@ def test_obs_compensate_is_the_masked_least_squares_solution():
     proj, masks = A.hard_project(p, [("fc", Unstructured(0.6))])
     out = A.obs_compensate(p, {"fc": st}, masks, rel_damp=0.0)
     W0 = np.asarray(p["fc"]["kernel"], np.float64).T  # (out, in) rows
-    M = np.asarray(masks["fc"]).T
+    M = np.asarray(masks["fc"]["kernel"]).T
     got = np.asarray(out["fc"]["kernel"], np.float64).T
     X64 = X.astype(np.float64)
     for o in range(W0.shape[0]):
@@ -391,7 +394,7 @@ def test_obs_compensate_is_the_masked_least_squares_solution():
     assert float(layer_loss(W0, got, H)) < 0.9 * float(
         layer_loss(W0, np.asarray(proj["fc"]["kernel"], np.float64).T, H)
     )
-    assert out["conv"] is p["conv"]  # other layers untouched, input not mutated
+    assert out["conv"]["kernel"] is p["conv"]["kernel"]  # other layers untouched
     with pytest.raises(ValueError, match="statistics for layer 'fc'"):
         A.obs_compensate(p, {}, masks)
 
@@ -410,7 +413,7 @@ def test_progressive_driver_final_masks_and_levels_hold_exactly():
             ("fc3", A.Binary()),
         ],
     ]
-    out, hist = A.progressive_admm(
+    out, hist = zoo_progressive_admm(
         "mlp", v, data, schedule, rho=0.05, admm_epochs=1, updates_per_stage=2,
         retrain_epochs=1, batch_size=32, lr=1e-2,
     )  # fmt: skip
@@ -434,6 +437,8 @@ def test_progressive_driver_final_masks_and_levels_hold_exactly():
     assert hist[-1]["fc3/levels"] == 1
     assert 0.0 <= hist[-1]["acc"] <= 1.0 and "acc_hard" in hist[0]
     with pytest.raises(ValueError, match="quant_retrain"):
-        A.progressive_admm("mlp", v, data, schedule, quant_retrain="inq")
+        zoo_progressive_admm("mlp", v, data, schedule, quant_retrain="inq")
     with pytest.raises(ValueError, match="calib"):
-        A.progressive_admm("mlp", v, data, schedule, mask_solver="obs")
+        zoo_progressive_admm("mlp", v, data, schedule, mask_solver="obs")
+    with pytest.raises(ValueError, match="calibrate"):
+        A.progressive_admm(lambda p, b: 0.0, v["params"], [1], schedule, mask_solver="obs")

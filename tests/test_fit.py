@@ -196,9 +196,9 @@ def test_search_errors():
 
 
 def _rtn(params, path, bits):
-    """Round-to-nearest kernel on the min-max grid (the public materialize, no mask)."""
+    """Round-to-nearest kernel on the min-max grid (the public prune_and_round, no mask)."""
     spec = LayerSpec(quant=Int(bits=bits, search="minmax"))
-    return np.asarray(fit.materialize(params, {path: spec}).params[path]["kernel"], np.float64)
+    return np.asarray(fit.prune_and_round(params, {path: spec}).params[path]["kernel"], np.float64)
 
 
 def test_astar_steps_follow_the_paper_cost():
@@ -296,7 +296,8 @@ def _zoo_mlp(seed=0):
 
 
 def test_finetune_plan_keeps_mask_and_grid():
-    from obcjax.training import mask_tree, quantized_apply
+    from obcjax.recipes.finetune import zoo_finetune_plan
+    from obcjax.training import fake_quantize_params, mask_tree
     from obcjax.zoo.data import Split
 
     v = _zoo_mlp()
@@ -313,10 +314,10 @@ def test_finetune_plan_keeps_mask_and_grid():
     out = fit.apply_plan(p, plan)
     cbs = fit.codebooks_of(out)
     # the frozen codebooks reproduce the compressed kernels: fine-tuning starts where RTN ended
-    again = quantized_apply(out.params, cbs, mask_tree(p, out.masks))
+    again = fake_quantize_params(out.params, cbs, mask_tree(p, out.masks))
     for k in ("fc1", "fc3"):
         np.testing.assert_array_equal(np.asarray(again[k]["kernel"]), out.params[k]["kernel"])
-    new, info = fit.finetune_plan("mlp", v, out, Split(x, y), 6, lr=0.05, batch_size=16)
+    new, info = zoo_finetune_plan("mlp", v, out, Split(x, y), 6, lr=0.05, batch_size=16)
     assert len(info["losses"]) == 6
     moved = 0
     for k in ("fc1", "fc3"):

@@ -341,6 +341,7 @@ def _violations(params, masks, cbs, ulps=0):
 
 def test_finetune_keeps_masks_and_codebooks_bit_for_bit():
     from obcjax import training as T
+    from obcjax.recipes.finetune import zoo_finetune
     from obcjax.zoo import models as zm
     from obcjax.zoo.data import Split
 
@@ -363,7 +364,7 @@ def test_finetune_keeps_masks_and_codebooks_bit_for_bit():
     assert _violations(comp.params, comp.masks, cbs) == 0
     r = np.random.default_rng(0)
     data = Split(r.normal(size=(64, 40, 1)).astype(np.float32), r.integers(0, 10, 64))
-    v2, info = T.finetune(
+    v2, info = zoo_finetune(
         "cnn1d",
         {**v, "params": comp.params},
         comp.masks,
@@ -374,7 +375,7 @@ def test_finetune_keeps_masks_and_codebooks_bit_for_bit():
         batch_size=16,
         weight_decay=1e-2,
     )
-    # training.export computes w + (Q(w) - w) (the STE expression), which can land one ulp off
+    # training.quantize_params computes w + (Q(w) - w) (the STE expression), which can land one ulp off
     # the grid point Q(w); see test_export_is_exactly_on_the_grid
     assert _violations(v2["params"], saved_masks, cbs, ulps=1) == 0
     # negative control: the shadow weights did move off the grid, so the check can fail
@@ -403,7 +404,7 @@ def test_export_is_exactly_on_the_grid():
 
     w = np.random.default_rng(0).normal(size=(50, 40)).astype(np.float32)
     cb = T.Codebook(jnp.float32(0.0731), jnp.float32(4.0), 3)
-    e = np.asarray(T.export({"l": {"kernel": w}}, {"l": cb})["l"]["kernel"])
+    e = np.asarray(T.quantize_params({"l": {"kernel": w}}, {"l": cb})["l"]["kernel"])
     np.testing.assert_array_equal(e, np.asarray(quantize(w, cb.scale, cb.zero, cb.bits)))
 
 

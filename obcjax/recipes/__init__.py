@@ -10,6 +10,9 @@ library module imports a recipe (the import contracts in ``pyproject.toml`` chec
 * :mod:`obcjax.recipes.minilm` -- the pretrained all-MiniLM-L6-v2 sentence encoder compressed with
   GPTQ / SparseGPT, ExactOBS / OBQ or magnitude baselines, scored on held-out sentences (what
   ``obcjax compress --model minilm`` runs).
+* :mod:`obcjax.recipes.finetune` -- fine-tuning with frozen masks and codebooks on a zoo model
+  (OPQ, FITCompress), and the zoo models' loss functions.
+* :mod:`obcjax.recipes.admm` -- progressive ADMM and its ExactOBS start on a zoo model.
 
 Submodules load lazily (PEP 562): ``import obcjax.recipes`` imports none of them, nor Flax.
 
@@ -26,10 +29,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["minilm"]
+__all__ = ["minilm", "finetune", "admm"]
 
 if TYPE_CHECKING:
-    from obcjax.recipes import minilm
+    from obcjax.recipes import admm, finetune, minilm
 
 
 def __getattr__(name: str) -> Any:
