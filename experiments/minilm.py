@@ -280,7 +280,7 @@ def main(argv=None) -> int:
                 )
                 jax.block_until_ready(res.params)
                 secs, cpu = time.perf_counter() - t, time.process_time() - c
-                ev = mc.evaluate(
+                ev = mc.compare_embeddings(
                     model, {**variables, "params": res.params}, tokenizer, test, reference
                 )
                 dense_bits, comp_bits = mc.dense_size_bits(res.summary, all_layers)

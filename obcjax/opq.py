@@ -99,7 +99,7 @@ __all__ = [
     "opq_plan",
     "opq_allocate",
     "uniform_allocate",
-    "to_rules",
+    "plan_rules",
     "opq_compress",
     "count_bits",
     "count_stored",
@@ -613,7 +613,7 @@ def uniform_allocate(
     }
 
 
-def to_rules(allocation: Mapping[str, LayerSpec], *, solver: str | None = None) -> list:
+def plan_rules(allocation: Mapping[str, LayerSpec], *, solver: str | None = None) -> list:
     """``[(re.escape(path), LayerSpec)]`` rules for :func:`obcjax.transforms.compress`.
 
     ``solver`` replaces every spec's solver (``"obc"`` gives the OPQ+OBS hybrid).
@@ -621,7 +621,7 @@ def to_rules(allocation: Mapping[str, LayerSpec], *, solver: str | None = None) 
     Example:
       >>> from obcjax import zoo
       >>> params = zoo.init_variables("lenet5", (8, 8, 1))["params"]
-      >>> rules = to_rules(opq_allocate(params, 20.0), solver="obc")  # for compress(params, stats, rules)
+      >>> rules = plan_rules(opq_allocate(params, 20.0), solver="obc")  # for compress(params, stats, rules)
       >>> rules[2][0], rules[2][1].solver
       ('fc1', 'obc')
     """
@@ -649,7 +649,7 @@ def opq_compress(
     matrix; a tensor-wide grid and a layer-wide magnitude ranking do not depend on conv groups)
     is magnitude-pruned to its spec's sparsity and the survivors rounded to the grid found on the
     pruned kernel -- exactly what ``compress(..., solver='magnitude')`` does, without Hessians.
-    With ``stats`` this is ``compress(params, stats, to_rules(allocation, solver=solver))``; with
+    With ``stats`` this is ``compress(params, stats, plan_rules(allocation, solver=solver))``; with
     ``solver='obc'`` that is the OPQ+OBS hybrid (ExactOBS pruning + OBQ on OPQ's allocation).
 
     Returns:
@@ -669,7 +669,7 @@ def opq_compress(
       >>> hybrid = opq_compress(params, alloc, stats=stats, solver="obc")
     """
     if stats is not None:
-        return compress(params, stats, to_rules(allocation, solver=solver), rel_damp=rel_damp)
+        return compress(params, stats, plan_rules(allocation, solver=solver), rel_damp=rel_damp)
     if solver not in (None, "magnitude"):
         raise ValueError(f"opq_compress: solver={solver!r} needs calibration stats (stats=...)")
     layers = find_layers(params)

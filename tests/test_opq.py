@@ -183,9 +183,9 @@ def test_uniform_allocation_meets_rate():
     assert np.ptp(sp) < 0.05
 
 
-def test_to_rules_escapes_paths_and_swaps_solver():
+def test_plan_rules_escapes_paths_and_swaps_solver():
     alloc = {"a.b/c": LayerSpec(Unstructured(0.5), Int(4, granularity="tensor"), "magnitude")}
-    rules = opq.to_rules(alloc, solver="obc")
+    rules = opq.plan_rules(alloc, solver="obc")
     assert rules[0][0] == re.escape("a.b/c") and rules[0][1].solver == "obc"
     assert re.fullmatch(rules[0][0], "aXb/c") is None
 

@@ -63,7 +63,7 @@ __all__ = [
     "compress_minilm",
     "with_gptq_options",
     "dense_size_bits",
-    "evaluate",
+    "compare_embeddings",
     "Evaluation",
     "build_parser",
     "run",
@@ -508,7 +508,7 @@ class Evaluation:
     retrieval_top5: float
 
 
-def evaluate(model, variables, tokenizer, sentences, reference, *, batch_size: int = 64):
+def compare_embeddings(model, variables, tokenizer, sentences, reference, *, batch_size: int = 64):
     """Embed held-out ``sentences`` and compare them with the dense ``reference`` embeddings.
 
     Args:
@@ -753,7 +753,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         )
         jax.block_until_ready(out.params)
         secs, cpu = time.perf_counter() - t, time.process_time() - c
-        ev = evaluate(model, {**variables, "params": out.params}, tokenizer, test, reference)
+        ev = compare_embeddings(model, {**variables, "params": out.params}, tokenizer, test,
+                                reference)
         all_layers = encoder_layers(config.num_layers)
         dense_bits, comp_bits = dense_size_bits(out.summary, all_layers)
         row = {
