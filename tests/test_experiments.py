@@ -71,3 +71,20 @@ def test_dp_budget_smoke(tmp_path):
         row["dp"]["levels"] for row in run["rows"]
     ]
 
+
+
+def test_allocation_compare_quick(tmp_path):
+    assert _experiment("allocation_compare").main(["--quick", "--out", str(tmp_path)]) == 0
+    (r,) = json.loads((tmp_path / "allocation_compare.json").read_text())
+    assert (tmp_path / "allocation_compare.png").stat().st_size > 0
+    assert {row["metric"] for row in r["rows"]} == {"size", "bops"}
+    for row in r["rows"]:
+        m = row["methods"]
+        assert set(m) == {"uniform", "dp_obs", "dp_squared", "dp_network", "spdy"}
+        for res in m.values():
+            assert "accuracy" in res, res
+            assert res["cost"] <= row["budget"] * (1 + 1e-9)  # every method meets the budget
+        # each DP is optimal for its own score, and SPDY never loses to its starting DP
+        assert m["dp_obs"]["obs_loss"] <= m["uniform"]["obs_loss"] * (1 + 1e-9)
+        assert m["spdy"]["calib_loss"] <= m["spdy"]["dp_start_calib_loss"]
+        assert m["spdy"]["calib_loss"] <= m["dp_network"]["calib_loss"] * (1 + 1e-6)
