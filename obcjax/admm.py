@@ -112,6 +112,7 @@ __all__ = [
     "Levels",
     "snap",
     "ste_apply",
+    "incremental_freeze",
     "obs_compensate",
     "obs_start",
     "check_schedule",
@@ -598,6 +599,45 @@ def snap(kernel: jax.Array, levels: Levels) -> jax.Array:
 def _snap(kernel, q, support, hi: int, nonzero: bool):
     k = nearest_levels(kernel, q, hi, nonzero=nonzero)
     return jnp.where(support, q * k, 0.0).astype(kernel.dtype)
+
+
+def incremental_freeze(kernel, levels: Levels, fraction: float, frozen=None):
+    """One round of incremental quantization (INQ-like, as the ADMM-NN code retrains): snap and
+    freeze the largest-magnitude entries of the layer's support until ``fraction`` of it is frozen.
+
+    Entries already ``frozen`` stay frozen and unchanged; among the others the largest ``|w|``
+    (ties: lower flat index) are snapped to their nearest level (:func:`snap`) until
+    ``ceil(fraction * n_support)`` entries are frozen. Retraining then moves only the rest
+    (``levels.support & ~frozen``), in float, and the next round freezes more.
+
+    Args:
+      kernel: the layer's float kernel (0 outside ``levels.support``).
+      levels: the layer's frozen level set (:func:`hard_project` with ``with_levels=True``).
+      fraction: in ``(0, 1]``; 1 freezes the whole support.
+      frozen: kernel-shaped bool mask of entries frozen by earlier rounds (None: none).
+
+    Returns:
+      ``(kernel, frozen)``: the kernel with the newly frozen entries snapped, and the grown mask.
+
+    Example:
+        >>> lv = Levels(jnp.float32(0.5), 1, True, jnp.ones((1, 4), bool))    # {-0.5, +0.5}
+        >>> k, fz = incremental_freeze(jnp.array([[0.1, -0.9, 0.3, 0.6]]), lv, 0.5)
+        >>> k, fz
+        (Array([[ 0.1, -0.5,  0.3,  0.5]], dtype=float32), Array([[False,  True, False,  True]], dtype=bool))
+    """
+    if not 0.0 < float(fraction) <= 1.0:
+        raise ValueError(f"incremental_freeze: fraction must lie in (0, 1], got {fraction!r}")
+    kernel = jnp.asarray(kernel)
+    sup = jnp.asarray(levels.support, bool)
+    frozen = jnp.zeros(kernel.shape, bool) if frozen is None else jnp.asarray(frozen, bool) & sup
+    n_sup = int(jnp.sum(sup))
+    want = max(int(math.ceil(float(fraction) * n_sup - 1e-9)), int(jnp.sum(frozen)))
+    # rank: frozen entries first, then the free support by |w|, then everything else
+    score = jnp.where(frozen, jnp.inf, jnp.where(sup, jnp.abs(kernel), -1.0))
+    new_frozen = _topk_mask(score.reshape(-1), want).reshape(kernel.shape) & sup
+    snapped = snap(kernel, levels)
+    out = jnp.where(new_frozen & ~frozen, snapped, kernel)
+    return out.astype(kernel.dtype), new_frozen
 
 
 def ste_apply(params, levels: Mapping[str, Levels]):
@@ -1100,6 +1140,39 @@ def obs_start(
 # ----------------------------------------------------------------------------- driver
 
 
+def _incremental_retrain(
+    loss_fn, stateful, params, model_state, reference, masks, levels, batches, fracs, epochs,
+    epoch, lr, steps_per_epoch,
+):  # fmt: skip
+    """``quant_retrain="incremental"``: rounds of freeze-and-snap, then masked float retraining."""
+    ref = _kernels(reference)
+    # quantized layers restart from their ADMM-trained floats on their support
+    params = _with_kernels(
+        params,
+        {p: jnp.where(lv.support, ref[p], 0).astype(ref[p].dtype) for p, lv in levels.items()},
+    )
+    pruned = _layer_masks(params, masks)
+    frozen = {p: None for p in levels}
+    per = [epochs // len(fracs) + (1 if r < epochs % len(fracs) else 0) for r in range(len(fracs))]
+    per = [max(e, 1) for e in per]
+    loss = float("nan")
+    for f, n_ep in zip(fracs, per, strict=True):
+        kernels = _kernels(params)
+        new = {}
+        for p, lv in levels.items():
+            new[p], frozen[p] = incremental_freeze(kernels[p], lv, f, frozen[p])
+        params = _with_kernels(params, new)
+        train = {**pruned, **{p: levels[p].support & ~frozen[p] for p in levels}}
+        rl = optax.cosine_decay_schedule(lr, n_ep * steps_per_epoch) if steps_per_epoch else lr
+        tx = optax.chain(optax.adam(rl), keep_mask(mask_tree(params, train)))
+        step = _make_step(loss_fn, stateful, tx)
+        params, model_state, _, loss = _run_epochs(
+            step, params, model_state, tx.init(params), batches, n_ep, epoch
+        )
+        epoch += n_ep
+    return params, model_state, loss
+
+
 def _count_batches(batches) -> int:
     first = _epoch(batches, 0)
     if hasattr(first, "__len__"):
@@ -1130,6 +1203,7 @@ def progressive_admm(
     retrain_lr: float | None = None,
     freeze_zeros: bool = True,
     quant_retrain: str = "ste",
+    inq_fractions: Sequence[float] = (0.5, 0.75, 0.875, 1.0),
     mask_solver: str = "magnitude",
     rel_damp: float = 0.01,
     admm_lr_decay: bool = True,
@@ -1146,8 +1220,11 @@ def progressive_admm(
     Retraining (no penalty) moves the kept weights of pruned layers only; a quantized layer is
     either retrained through a straight-through estimator on its frozen levels
     (``quant_retrain="ste"``: float shadows of the kept entries train, the forward pass sees the
-    nearest level, the final weights are snapped) or kept frozen on its levels (``"freeze"``;
-    biases and other layers still train). ``rho_growth=1`` is ADMM with a fixed ``rho``.
+    nearest level, the final weights are snapped), retrained incrementally (``"incremental"``,
+    INQ-like as the ADMM-NN code: from the ADMM-trained float weights, each round of
+    ``inq_fractions`` snaps and freezes the largest-magnitude part of the layer's support
+    (:func:`incremental_freeze`) and retrains the rest in float, until all of it is frozen) or
+    kept frozen on its levels (``"freeze"``; biases and other layers still train). ``rho_growth=1`` is ADMM with a fixed ``rho``.
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar`` (a training-mode batch loss); with
@@ -1173,7 +1250,10 @@ def progressive_admm(
         constant rate ends at a noisy point: the dense LeNet-5 retrained 8 epochs at a constant
         3e-3 measured 95.6-98.1 % vs 98.1-98.3 % with the cosine).
       freeze_zeros: keep weights zeroed by an earlier stage at zero.
-      quant_retrain: ``"ste"`` or ``"freeze"`` (see above).
+      quant_retrain: ``"ste"``, ``"incremental"`` or ``"freeze"`` (see above).
+      inq_fractions: ``"incremental"``'s frozen fractions per round, rising, ending at 1 (INQ's
+        schedule by default); ``retrain_epochs`` are split over the rounds (at least one epoch
+        each).
       mask_solver: ``"magnitude"`` (hard projection) or ``"obs"`` (a hybrid: the projection's
         masks, then the kept weights of pruning-only layers re-solved by :func:`obs_compensate`,
         layer after layer, on Hessians from ``calibrate`` through the layers already solved,
@@ -1205,9 +1285,21 @@ def progressive_admm(
         >>> float((new["fc"]["kernel"] == 0).mean())
         0.5
     """
-    if quant_retrain not in ("ste", "freeze"):
+    if quant_retrain not in ("ste", "incremental", "freeze"):
         raise ValueError(
-            f"progressive_admm: quant_retrain must be 'ste' or 'freeze', got {quant_retrain!r}"
+            "progressive_admm: quant_retrain must be 'ste', 'incremental' or 'freeze', got "
+            f"{quant_retrain!r}"
+        )
+    fracs = [float(f) for f in inq_fractions]
+    if (
+        not fracs
+        or fracs[-1] != 1.0
+        or any(not 0.0 < f <= 1.0 for f in fracs)
+        or any(b <= a for a, b in zip(fracs, fracs[1:]))
+    ):
+        raise ValueError(
+            "progressive_admm: inq_fractions must rise strictly in (0, 1] and end at 1, got "
+            f"{tuple(inq_fractions)!r}"
         )
     if mask_solver not in ("magnitude", "obs"):
         raise ValueError(
@@ -1276,7 +1368,14 @@ def progressive_admm(
                 solved = obs_compensate(reference, stats, {p: layer_masks[p]}, rel_damp=rel_damp)
                 params = _with_kernels(params, {p: _kernels(solved)[p]})
         record(rec, "acc_projected", params)
-        if retrain_epochs > 0:
+        if retrain_epochs > 0 and quant_retrain == "incremental" and levels:
+            params, model_state, loss = _incremental_retrain(
+                loss_fn, stateful, params, model_state, reference, masks, levels, batches,
+                fracs, retrain_epochs, epoch, retrain_lr or lr,
+                steps_per_epoch if retrain_lr_decay else None,
+            )  # fmt: skip
+            epoch += max(retrain_epochs, len(fracs))
+        elif retrain_epochs > 0:
             ste = levels if quant_retrain == "ste" else {}
             train_masks = {
                 **_layer_masks(params, masks),

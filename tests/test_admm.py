@@ -442,3 +442,64 @@ def test_progressive_driver_final_masks_and_levels_hold_exactly():
         zoo_progressive_admm("mlp", v, data, schedule, mask_solver="obs")
     with pytest.raises(ValueError, match="calibrate"):
         A.progressive_admm(lambda p, b: 0.0, v["params"], [1], schedule, mask_solver="obs")
+
+
+# ----------------------------------------------------------------------------- incremental (INQ)
+
+
+def test_incremental_freeze_grows_by_magnitude_and_keeps_frozen_entries():
+    p = _params(13)
+    _, _, levels = A.hard_project(p, [("fc", (Unstructured(0.25), A.Uniform(3)))], with_levels=True)
+    lv = levels["fc"]
+    sup = np.asarray(lv.support)
+    k = jnp.where(lv.support, jnp.asarray(_rng(14).normal(size=sup.shape), jnp.float32), 0.0)
+    frozen, prev_k, prev_f = None, np.asarray(k), np.zeros(sup.shape, bool)
+    for f in (0.5, 0.75, 1.0):
+        k, frozen = A.incremental_freeze(k, lv, f, frozen)
+        kn, fz = np.asarray(k), np.asarray(frozen)
+        assert fz.sum() == int(np.ceil(f * sup.sum())) and not np.any(fz & ~sup)
+        np.testing.assert_array_equal(kn[prev_f], prev_k[prev_f])  # frozen stay as they were
+        new = fz & ~prev_f
+        np.testing.assert_array_equal(kn[new], np.asarray(A.snap(prev_k, lv))[new])  # snapped
+        np.testing.assert_array_equal(kn[~new], prev_k[~new])  # the rest untouched
+        free = sup & ~fz
+        if free.any():  # the largest free magnitudes went first
+            assert np.abs(prev_k[new]).min() >= np.abs(prev_k[free]).max()
+        prev_k, prev_f = kn, fz
+    np.testing.assert_array_equal(prev_k, np.asarray(A.snap(prev_k, lv)))  # all on the levels
+    with pytest.raises(ValueError, match="fraction"):
+        A.incremental_freeze(k, lv, 0.0)
+
+
+def test_progressive_incremental_quant_retraining_ends_on_the_levels():
+    r = _rng(15)
+    params = {
+        "fc1": {"kernel": jnp.asarray(r.normal(size=(6, 12)), jnp.float32)},
+        "fc2": {"kernel": jnp.asarray(r.normal(size=(12, 3)) * 0.5, jnp.float32)},
+    }
+    x = r.normal(size=(48, 6)).astype(np.float32)
+    y = np.argmax(x[:, :3], 1)
+    data = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 48, 16)]
+
+    def loss(p, batch):
+        xb, yb = batch
+        logits = jnp.tanh(xb @ p["fc1"]["kernel"]) @ p["fc2"]["kernel"]
+        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(len(yb)), yb])
+
+    schedule = [[("fc1", Unstructured(0.5)), ("fc2", A.Uniform(3))]]
+    new, _, hist = A.progressive_admm(
+        loss, params, data, schedule, admm_epochs=0, retrain_epochs=2, lr=1e-2,
+        quant_retrain="incremental", inq_fractions=(0.5, 1.0),
+    )  # fmt: skip
+    fc2 = np.asarray(new["fc2"]["kernel"], np.float64)
+    mags = np.unique(np.abs(fc2[fc2 != 0]))
+    assert 1 <= mags.size <= 3
+    assert any(  # q * k with the largest code c in 1..3
+        np.allclose(mags / (mags.max() / c), np.round(mags / (mags.max() / c)), atol=1e-4)
+        for c in (1, 2, 3)
+    )
+    assert np.count_nonzero(np.asarray(new["fc1"]["kernel"])) == 36
+    assert np.isfinite(hist[0]["loss"])
+    with pytest.raises(ValueError, match="inq_fractions"):
+        A.progressive_admm(loss, params, data, schedule, quant_retrain="incremental",
+                           inq_fractions=(0.5, 0.9))  # fmt: skip
