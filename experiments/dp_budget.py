@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     if args.smoke and args.error == "obs,relative":
         args.error = "obs"
     result = {"model": args.model, "data": args.data, "dense": {"accuracy": dense_acc,
-              "loss": dense_loss}, "levels": [A._as_level(lv).name if lv is not None else "dense"
+              "loss": dense_loss}, "levels": [A.as_level(lv).name if lv is not None else "dense"
                                                for lv in levels], "kept_dense": [r for r, _ in keep],
               "runs": {}}
     for error in args.error.split(","):

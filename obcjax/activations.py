@@ -738,7 +738,7 @@ def compress_mixed(
             "compress_mixed: needs a Linen model and its variable dict; for NNX compress the "
             "weights first, then call calibrate_mixed(model, state, ...)"
         )
-    assignment = {p: A._as_level(lv) for p, lv in assignment.items()}
+    assignment = {p: A.as_level(lv) for p, lv in assignment.items()}
     compressed = None
     bops = None
     if database is not None:
@@ -818,7 +818,7 @@ def mixed_database(
 
     if not isinstance(variables, Mapping) or "params" not in variables:
         raise TypeError("mixed_database: needs a Linen variable dict with 'params'")
-    lv = [A._as_level(x) for x in levels]
+    lv = [A.as_level(x) for x in levels]
     bits = sorted({x.abits for x in lv if isinstance(x, A.WALevel) and x.abits is not None})
     errs = None
     if bits:

@@ -92,6 +92,7 @@ from obcjax.transforms import (
 )
 
 __all__ = [
+    "as_level",
     "METRICS",
     "WALevel",
     "parse_level",
@@ -307,13 +308,19 @@ def mixed_levels(
     return list(dict.fromkeys(out))
 
 
-def _as_level(value) -> LayerSpec | WALevel:
+def as_level(value) -> LayerSpec | WALevel:
+    """A database level from what users write: a ``WALevel``, a level name such as
+    ``"0.5+w4"`` or ``"8w8a"`` (:func:`parse_level`), or a spec / ``(prune, quant)`` pair /
+    None (dense), as :func:`obcjax.transforms.as_layer_spec` reads it."""
     if isinstance(value, WALevel):
         return value
     if isinstance(value, str):
         return parse_level(value)
     spec = as_layer_spec(value)
     return _DENSE if spec is None else spec
+
+
+_as_level = as_level  # the module's own callers
 
 
 def _weight_level(level) -> LayerSpec:
