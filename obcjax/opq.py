@@ -75,11 +75,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from obcjax import kernels as K
+from obcjax.layout import set_path
 from obcjax.specs import Int, Unstructured
 from obcjax.transforms import (
     Compressed,
     LayerSpec,
-    _set_path,
     compress,
     find_layers,
     kernel_to_matrices,
@@ -690,7 +690,7 @@ def opq_compress(
             rq = K.rtn_quantize(W, spec.quant, layer=path)
             W = rq.weights if mask is None else jnp.where(mask, rq.weights, 0.0)
             qarrays[path] = [rq.qarray]
-        new_params = _set_path(
+        new_params = set_path(
             new_params, path, "kernel", matrices_to_kernel([W], kernel.shape, kernel.dtype)
         )
         if mask is not None:
