@@ -60,12 +60,36 @@ from obcjax.stats import (
     hessian_update,
 )
 
-__all__ = ["calibrate", "finalize"]
+__all__ = ["calibrate", "finalize", "shard_batch"]
 
 
 def _jit_step(fn: Callable) -> Callable:
     # One indirection so tests can wrap the step (chex.assert_max_traces) before it is jitted.
     return jax.jit(fn)
+
+
+# Compiled steps of calls that pass the same ``forward`` function over the same model structure
+# (an NNX graphdef, or an equal Linen module) for the same layers: a block-wise run calibrates
+# many identical blocks, each with its own parameters, and compiles each step once. Keyed like
+# ``jax.jit``'s own cache, by the identity of the function given; bounded.
+_STEP_CACHE: dict[tuple, Callable] = {}
+_STEP_CACHE_SIZE = 64
+
+
+def _cached_step(key, make: Callable[[], Callable]) -> Callable:
+    if key is None:
+        return make()
+    try:
+        hash(key)
+    except TypeError:
+        return make()
+    fn = _STEP_CACHE.pop(key, None)
+    if fn is None:
+        fn = make()
+    _STEP_CACHE[key] = fn  # most recently used last
+    while len(_STEP_CACHE) > _STEP_CACHE_SIZE:
+        _STEP_CACHE.pop(next(iter(_STEP_CACHE)))
+    return fn
 
 
 class _Sink:
@@ -170,6 +194,29 @@ def _shard(batch, mesh, i: int):
     return jax.tree.map(put, batch)
 
 
+def shard_batch(batch: Any, mesh: jax.sharding.Mesh) -> Any:
+    """``batch`` with every array's leading axis sharded over all of ``mesh``'s devices.
+
+    Scalars are replicated. This is how :func:`calibrate` places a batch given ``mesh=``; use it
+    to place inputs the same way for other jitted work over the same data (e.g. a block's forward
+    in :func:`obcjax.blockwise.compress_blockwise`).
+
+    Args:
+      batch: a pytree of arrays (NumPy or JAX).
+      mesh: the device mesh (any axis types; sharding is over all its axes together).
+
+    Raises:
+      ValueError: a leading axis not divisible by the number of devices.
+
+    Example:
+        >>> mesh = jax.make_mesh((4,), ("data",))
+        >>> x = shard_batch(np.zeros((8, 3), np.float32), mesh)
+        >>> len(x.sharding.device_set), x.addressable_shards[0].data.shape
+        (4, (2, 3))
+    """
+    return _shard(batch, _auto_mesh(mesh), 0)
+
+
 @jax.jit
 def _finite(states: dict[str, HessianState]) -> dict[str, jax.Array]:
     return {p: jnp.all(jnp.isfinite(s.sum)) for p, s in states.items()}
@@ -212,9 +259,16 @@ def calibrate(
         ``module(x, **apply_kwargs)``.
       apply_kwargs: static keyword arguments of the default forward (e.g. ``{"train": False}``).
         Put NNX models in evaluation mode (``model.eval()``) yourself.
-      mesh: shard every batch's leading dim over all the mesh's devices (``NamedSharding``);
-        variables and statistics are replicated. Batches that are already sharded over a mesh
-        are used as they are. The result equals the single-device one up to summation order.
+      mesh: data-parallel calibration: shard every batch's leading dim over all the mesh's
+        devices (``NamedSharding``, :func:`shard_batch`); variables and statistics are
+        replicated, so XLA partitions the step into per-device partial sums of ``x xᵀ`` and
+        all-reduces (a ``psum``) them. Batches that are already sharded over a mesh are used as
+        they are. The result equals the single-device one up to float32 summation order.
+        **Several hosts**: call ``jax.distributed.initialize()`` on every host first, build the
+        mesh over ``jax.devices()`` (all hosts' devices), give each host's slice of every batch
+        as one global array (``jax.make_array_from_process_local_data(NamedSharding(mesh,
+        P(mesh.axis_names)), local_batch)``) and run the same call on every host (SPMD); each
+        gets the same replicated statistics.
       progress: show a tqdm bar over batches.
 
     Returns:
@@ -261,6 +315,7 @@ def calibrate(
             f"{type(apply_kwargs).__name__}"
         )
     kwargs = dict(apply_kwargs or {})
+    user_forward = forward
     if forward is None:
         # Only the input travels to the device, not labels riding along in the batch.
         select_input = _batch_input
@@ -341,7 +396,11 @@ def calibrate(
                 run(variables, batch, sink)
                 return {p: sink.states[p] for p in states}
 
-            update = _jit_step(step)
+            key = None
+            if user_forward is not None:
+                structure = front.graphdef if front.is_nnx else front.model
+                key = (structure, user_forward, kinds, select, _jit_step)
+            update = _cached_step(key, lambda step=step: _jit_step(step))
         if reshard:
             batch = _shard(batch, mesh, i)
         try:
