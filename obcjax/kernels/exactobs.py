@@ -55,6 +55,7 @@ __all__ = [
     "allocate_counts_traced",
     "setup",
     "finish",
+    "run_staged",
 ]
 
 _HP = jax.lax.Precision.HIGHEST
@@ -136,9 +137,20 @@ def _staged(P, extra, body, opts, out_dtype):
     return finish(body(P, *extra, **dict(opts)), P, out_dtype)
 
 
-def _run_staged(P, body, out_dtype, *extra, **opts):
-    return _staged(P, extra, body, tuple(sorted(opts.items())), jnp.dtype(out_dtype))
+def run_staged(P, body, out_dtype, *extra, **opts):
+    """``finish(body(P, *extra, **opts))`` as one compiled program per (shapes, body, options).
 
+    Args:
+      P: a :class:`Prepared` in solver units (from :func:`setup`).
+      body: a module-level solver body ``body(P, *extra, **opts) -> Result`` (solver units).
+      out_dtype: the dtype of the returned weights.
+      *extra: further array arguments of ``body``.
+      **opts: static, hashable options of ``body``.
+
+    Returns:
+      The :class:`Result` in the caller's units (see :func:`finish`).
+    """
+    return _staged(P, extra, body, tuple(sorted(opts.items())), jnp.dtype(out_dtype))
 
 
 def _engine_chunk(rows, cols, nsteps, method, item, chunk_rows, memory_bytes):
@@ -631,7 +643,7 @@ def exactobs_prune(
         P, levels, single, method=method, chunk_rows=chunk_rows, memory_bytes=memory_bytes,
         mesh=mesh, axis_name=axis_name, traced=is_traced(P.W, P.H),
     )
-    return _run_staged(P, _given, out, res)
+    return run_staged(P, _given, out, res)
 
 
 def _require_quant(value, what: str, layer: str) -> Int:
@@ -698,7 +710,7 @@ def exactobs_nm(
     spec = _as_nm(n, m, layer)
     check_fits(spec, matrix_cols(W, layer), layer)
     P, out = setup(W, H, rel_damp, layer, prepared)
-    return _run_staged(P, _nm_body, out, spec=spec, method=method, chunk_rows=chunk_rows,
+    return run_staged(P, _nm_body, out, spec=spec, method=method, chunk_rows=chunk_rows,
                        memory_bytes=memory_bytes, mesh=mesh)
 
 
@@ -763,7 +775,7 @@ def obq_quantize(
         raise ValueError(f"layer {layer!r}: order must be 'greedy' or 'natural', got {order!r}")
     check_fits(spec, matrix_cols(W, layer), layer)
     P, out = setup(W, H, rel_damp, layer, prepared)
-    return _run_staged(P, _obq_body, out, spec=spec, outlier_rule=bool(outlier_rule), order=order,
+    return run_staged(P, _obq_body, out, spec=spec, outlier_rule=bool(outlier_rule), order=order,
                        method=method, chunk_rows=chunk_rows, memory_bytes=memory_bytes, mesh=mesh)
 
 
@@ -811,9 +823,9 @@ def obq_prune_quantize(
         # the host path allocates on the host (numpy) between the passes; the quantizer is staged
         rp = _prune_body(P, [prune.sparsity], True, axis_name=None,
                          traced=is_traced(P.W, P.H), **kw)
-        return _run_staged(P, _joint_quant_body, out, rp, quant=quant,
+        return run_staged(P, _joint_quant_body, out, rp, quant=quant,
                            outlier_rule=bool(outlier_rule), **kw)
-    return _run_staged(P, _joint_nm_body, out, prune=prune, quant=quant,
+    return run_staged(P, _joint_nm_body, out, prune=prune, quant=quant,
                        outlier_rule=bool(outlier_rule), **kw)
 
 
@@ -937,4 +949,4 @@ def exactobs_block(
         np.put_along_axis(msk, perm, ~(t[None, :] < (counts[l] * size)[:, None]), axis=1)
         masks.append(msk)
     res = _levels_tail(weights, jnp.asarray(np.stack(masks)), row_loss, single)
-    return _run_staged(P, _given, out, res)
+    return run_staged(P, _given, out, res)

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from obcjax.kernels.exactobs import Result, finish, setup
+from obcjax.kernels.exactobs import Result, run_staged, setup
 from obcjax.kernels.prepare import Prepared, Status, is_traced, matrix_cols
 from obcjax.quant import find_params, make_qarray, quantize
 from obcjax.specs import Int, as_quant, check_fits
@@ -285,21 +285,29 @@ def pad_problem(W, U, n: int):
     return Wp, Up
 
 
-def factor(P: Prepared, perm, layer: str):
+def factor_core(P: Prepared, perm):
     """Upper Cholesky factor of the prepared ``H⁻¹`` in ``perm`` order, and the new status.
 
-    Outside a trace a failed factorisation raises ``ValueError`` naming ``layer``; inside one the
-    status says :attr:`~obcjax.kernels.Status.FACTOR_FAILED`.
+    Pure (traceable): a failed factorisation is :attr:`~obcjax.kernels.Status.FACTOR_FAILED` in
+    the returned status; :func:`raise_factor_failed` turns it into the host error.
     """
     U, ok = cholesky_upper_inverse(P.Hinv, jnp.asarray(perm, jnp.int32))
     status = P.status if P.status is not None else jnp.asarray(Status.OK, jnp.int32)
-    if not is_traced(U) and not bool(ok):
-        damp = float(P.damp * (P.h_scale if P.h_scale is not None else 1.0))
+    return U, jnp.where(ok, status, Status.FACTOR_FAILED).astype(jnp.int32)
+
+
+def raise_factor_failed(res: Result, layer: str) -> Result:
+    """Host check after a staged GPTQ/SparseGPT solve: a failed factorisation names ``layer``.
+
+    A no-op under a trace (the status then carries it) and for any other status.
+    """
+    if not is_traced(res.status) and int(res.status) == Status.FACTOR_FAILED:
+        damp = float(res.damp) if res.damp is not None else float("nan")
         raise ValueError(
             f"layer {layer!r}: the Cholesky factorisation of the inverse Hessian failed "
             f"(damping {damp:.3g}); raise rel_damp"
         )
-    return U, jnp.where(ok, status, Status.FACTOR_FAILED).astype(jnp.int32)
+    return res
 
 
 def check_blocksize(blocksize, layer: str) -> int:
@@ -382,6 +390,16 @@ def gptq_quantize(
             "static_groups=True, or act_order=False"
         )
     P, out = setup(W, H, rel_damp, layer, prepared)
+    res = run_staged(
+        P, _gptq_body, out, spec=spec, blocksize=blocksize, act_order=bool(act_order),
+        static_groups=bool(static_groups),
+    )
+    return raise_factor_failed(res, layer)
+
+
+def _gptq_body(P: Prepared, *, spec: Int, blocksize: int, act_order: bool, static_groups: bool):
+    """GPTQ on a prepared problem in solver units (pure; staged by :func:`gptq_quantize`)."""
+    grouped = spec.granularity == "group"
     rows, cols = P.W.shape
     dtype = P.W.dtype
     if act_order:
@@ -392,7 +410,7 @@ def gptq_quantize(
     unit = spec.group_size if dynamic else 1
     block, sub = plan_sizes(blocksize, unit, keep_block=False)
     n = round_up(cols, block)
-    U, status = factor(P, perm, layer)
+    U, status = factor_core(P, perm)
     Wp, Up = pad_problem(P.W[:, perm], U, n)
 
     if dynamic:
@@ -427,4 +445,4 @@ def gptq_quantize(
     if dynamic:
         scale, zero = stab[:, : cols // spec.group_size], ztab[:, : cols // spec.group_size]
     qa = make_qarray(Wq, scale, zero, spec)
-    return finish(Result(Wq, None, qa, jnp.sum(row_loss), row_loss, status), P, out)
+    return Result(Wq, None, qa, jnp.sum(row_loss), row_loss, status)

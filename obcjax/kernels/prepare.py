@@ -182,7 +182,8 @@ def prepare_core(W, H, rel_damp: float = 0.01) -> Prepared:
     """Pure preparation (see the module docstring); returns a :class:`Prepared` in solver units.
 
     Args:
-      W: ``(rows, cols)``; H: ``(cols, cols)``, already in the compute dtype.
+      W: ``(rows, cols)`` weights, already in the compute dtype.
+      H: ``(cols, cols)`` Hessian, in the same dtype.
       rel_damp: damping as a fraction of the mean diagonal (static or traced).
 
     Returns:

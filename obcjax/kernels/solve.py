@@ -107,12 +107,14 @@ def solve(
     """Compress one matrix as ``(prune, quant)`` says, with the solver ``solver`` names.
 
     Args:
-      W: ``(rows, cols)``; H: ``(cols, cols)``.
+      W: ``(rows, cols)`` weights.
+      H: ``(cols, cols)`` Hessian.
       prune: None, a spec or a shorthand (``0.5``, ``"2:4"``, ``Block(0.5, 4)``).
       quant: None, an :class:`~obcjax.specs.Int` or a number of bits.
       solver: ``"obc"``, ``"gptq"``, ``"magnitude"`` or an option record (``GPTQ(...)``, ...).
-      rel_damp: relative damping. method: the ExactOBS/OBQ engine for ``"obc"`` (overrides
-        nothing when the record gives one).
+      rel_damp: relative damping.
+      method: the ExactOBS/OBQ engine for ``"obc"`` (overrides nothing when the record gives
+        one).
       layer: name used in error messages.
       prepared: the problem already prepared by :func:`~obcjax.kernels.prepare` (skips that
         work; the ExactOBS / OBQ, GPTQ and SparseGPT solvers). mesh: rows split over a device

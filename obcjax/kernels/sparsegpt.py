@@ -30,13 +30,14 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from obcjax.kernels.exactobs import Result, finish, setup
+from obcjax.kernels.exactobs import Result, run_staged, setup
 from obcjax.kernels.gptq import (
     Sweep,
     check_blocksize,
-    factor,
+    factor_core,
     pad_problem,
     plan_sizes,
+    raise_factor_failed,
     round_up,
     sweep,
 )
@@ -128,6 +129,12 @@ def sparsegpt_prune(
     if quant is not None:
         check_fits(quant, cols, layer)
     P, out = setup(W, H, rel_damp, layer, prepared)
+    res = run_staged(P, _sparsegpt_body, out, prune=prune, quant=quant, blocksize=blocksize)
+    return raise_factor_failed(res, layer)
+
+
+def _sparsegpt_body(P: Prepared, *, prune, quant, blocksize: int) -> Result:
+    """SparseGPT on a prepared problem in solver units (pure; staged by :func:`sparsegpt_prune`)."""
     rows, cols = P.W.shape
     dtype = P.W.dtype
 
@@ -139,11 +146,11 @@ def sparsegpt_prune(
         unit, mode = 1, "unstructured"
     n = round_up(cols, block)
     if mode == "unstructured":
-        kblock = block_counts(prune.sparsity, rows, cols, block)
+        kblock = jnp.asarray(block_counts(prune.sparsity, rows, cols, block))
     else:
-        kblock = np.zeros((n // block,), np.int32)
+        kblock = jnp.zeros((n // block,), jnp.int32)
 
-    U, status = factor(P, np.arange(cols), layer)
+    U, status = factor_core(P, np.arange(cols))
     Wp, Up = pad_problem(P.W, U, n)
     if quant is not None:
         scale, zero = find_params(P.W, quant)
@@ -166,8 +173,8 @@ def sparsegpt_prune(
         nm_n=prune.n if mode == "nm" else 0,
     )
     Wf, keep, row_loss, _, _ = sweep(
-        Wp, Up, stab, ztab, jnp.asarray(gidx, jnp.int32), jnp.asarray(kblock), plan=plan
+        Wp, Up, stab, ztab, jnp.asarray(gidx, jnp.int32), kblock, plan=plan
     )
     Wf, keep = Wf[:, :cols], keep[:, :cols]
     qa = None if quant is None else make_qarray(Wf, scale, zero, quant)
-    return finish(Result(Wf, keep, qa, jnp.sum(row_loss), row_loss, status), P, out)
+    return Result(Wf, keep, qa, jnp.sum(row_loss), row_loss, status)
