@@ -181,9 +181,12 @@ def greedy_row_fast(w, Hinv, col, row, rule, nsteps: int, nphases: int = 8):
     """Left-looking greedy elimination of one row (see module docstring).
 
     Args:
-      w: ``(cols,)``. Hinv: ``(cols, cols)`` shared inverse Hessian.
-      col: dict of per-column ``(cols,)`` attributes for the rule. row: per-row scalars.
-      rule: a pivot rule. nsteps: number of eliminations (static).
+      w: ``(cols,)`` one row of weights.
+      Hinv: ``(cols, cols)`` shared inverse Hessian.
+      col: dict of per-column ``(cols,)`` attributes for the rule.
+      row: per-row scalars.
+      rule: a pivot rule.
+      nsteps: number of eliminations (static).
 
     Returns:
       ``(order, targets, losses, w_final)``: ``order``/``targets``/``losses`` are ``(nsteps,)``
@@ -354,8 +357,10 @@ def run_rows(
     """Run the greedy elimination on every row, ``chunk`` rows at a time (vmapped).
 
     Args:
-      W: ``(rows, cols)``. Hinv: ``(cols, cols)``. cols_attr: dict of ``(rows, cols)`` per-column
-      attributes (row-specific, e.g. grid scale per column).
+      W: ``(rows, cols)`` weights.
+      Hinv: ``(cols, cols)`` shared inverse Hessian.
+      cols_attr: dict of ``(rows, cols)`` per-column attributes (row-specific, e.g. grid scale
+        per column).
 
     Returns:
       ``order, targets, losses``: ``(rows, nsteps)``; ``W_final``: ``(rows, cols)``.

@@ -372,7 +372,8 @@ def rebuild_levels(
     """Exact weights after each row's first ``counts[l, i]`` eliminations in order ``perm``.
 
     Args:
-      W: ``(rows, cols)`` prepared weights. Hinv: ``(cols, cols)``.
+      W: ``(rows, cols)`` prepared weights.
+      Hinv: ``(cols, cols)`` prepared inverse Hessian.
       perm: ``(rows, cols)`` each row's elimination order (a permutation of the columns).
       counts: ``(L, rows)`` eliminations per row and level.
       mesh: optional ``jax.sharding.Mesh``; rows are split over its first axis.
@@ -609,13 +610,15 @@ def exactobs_prune(
     ``shard_map`` over rows (pass ``axis_name`` there so the allocation ranks all rows together).
 
     Args:
-      W: ``(rows, cols)``. H: ``(cols, cols)``.
+      W: ``(rows, cols)`` weights.
+      H: ``(cols, cols)`` Hessian.
       sparsity: a fraction of zeros in ``[0, 1)`` for the whole layer (or an
         :class:`~obcjax.specs.Unstructured`), or a list of them (one elimination pass serves all
         levels; the result then has a leading level axis).
-      rel_damp: relative damping. method: ``"blocked"`` (right-looking, lazy), ``"fast"``
-        (left-looking), ``"naive"`` (rank-1 downdates) or ``"auto"`` (blocked from 384 columns
-        up, else naive); all give the same result.
+      rel_damp: relative damping.
+      method: ``"blocked"`` (right-looking, lazy), ``"fast"`` (left-looking), ``"naive"``
+        (rank-1 downdates) or ``"auto"`` (blocked from 384 columns up, else naive); all give the
+        same result.
       chunk_rows / memory_bytes: rows processed at once (default: from the memory budget).
       mesh: optional ``jax.sharding.Mesh``; rows are split over its first axis with
         ``shard_map`` (multi-host meshes work the same after ``jax.distributed.initialize``).

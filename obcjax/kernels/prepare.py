@@ -407,7 +407,8 @@ def layer_loss(W, What, H):
     """``0.5 · tr((W - Ŵ) H (W - Ŵ)ᵀ)``: the layer's squared output error under ``H``.
 
     Args:
-      W: ``(rows, cols)`` reference weights. What: ``(..., rows, cols)`` compressed weights.
+      W: ``(rows, cols)`` reference weights.
+      What: ``(..., rows, cols)`` compressed weights.
       H: ``(cols, cols)``.
 
     Returns:
