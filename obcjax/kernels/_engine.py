@@ -99,13 +99,17 @@ class QuantRule:
 
     ``order="natural"`` fixes columns left to right instead (the fixed-order variant; GPTQ
     without lazy blocks). Coordinates flagged in ``col["pre"]`` (already pruned weights) are
-    eliminated first, in column order, with target 0.
+    eliminated first, in column order, with target 0. With ``group > 0`` (group-wise grids) the
+    greedy choice is confined to the first group of ``group`` consecutive columns that still has
+    free columns: groups are fixed left to right, greedily within each, so every group but the
+    last ends with the later groups still free to absorb its error.
     """
 
     bits: int
     outlier_rule: bool = True
     order: str = "greedy"
     has_pre: bool = False
+    group: int = 0
 
     def init(self, col, row):
         return ()
@@ -117,11 +121,15 @@ class QuantRule:
         if self.order == "natural":
             j = _first_free_by(col["idx"], free)
         else:
-            score = jnp.where(free, err / d, jnp.inf)
+            cand = free
+            if self.group:
+                gid = col["idx"] // self.group
+                cand = free & (gid == jnp.min(jnp.where(free, gid, _BIG)))
+            score = jnp.where(cand, err / d, jnp.inf)
             j = jnp.argmin(score)
             if self.outlier_rule:
-                outlier = free & (err > 0.25 * scale * scale)
-                jo = jnp.argmax(jnp.where(free, err, -jnp.inf))
+                outlier = cand & (err > 0.25 * scale * scale)
+                jo = jnp.argmax(jnp.where(cand, err, -jnp.inf))
                 j = jnp.where(jnp.any(outlier) & (score[j] > 0), jo, j)
         target = q[j]
         if self.has_pre:

@@ -724,10 +724,19 @@ def _grid_attrs(Wg, spec: Int):
     return scale, zero, {"scale": s.astype(Wg.dtype), "zero": z.astype(Wg.dtype)}
 
 
+def _greedy_group(spec: Int) -> int:
+    # Group-wise grids: OBQ fixes one group at a time, left to right (greedily inside it). A
+    # greedy pass across groups ends every group at once, each with its last weights' error left
+    # for the few free weights of the other groups' tails; on MiniLM's attention at g128 it lost
+    # to GPTQ's column order by 12 % in layer loss, while group by group beats GPTQ.
+    return spec.group_size if spec.granularity == "group" else 0
+
+
 def _obq_body(P, spec: Int, *, outlier_rule, order, method, chunk_rows, memory_bytes, mesh):
     rows, cols = P.W.shape
     scale, zero, attrs = _grid_attrs(P.W, spec)
-    rule = QuantRule(spec.bits, bool(outlier_rule) and order == "greedy", order)
+    rule = QuantRule(spec.bits, bool(outlier_rule) and order == "greedy", order,
+                     group=_greedy_group(spec))
     item = jnp.dtype(P.W.dtype).itemsize
     ch = _engine_chunk(rows, cols, cols, method, item, chunk_rows, memory_bytes)
     _, _, losses, Wq = _greedy(P.W, P.Hinv, attrs, rule, cols, _resolve(method, cols), ch, mesh)
@@ -757,7 +766,8 @@ def obq_quantize(
 
     Args:
       spec: the grid (:class:`obcjax.specs.Int`, or its number of bits), found on the prepared
-        weights.
+        weights. With group-wise grids the greedy fixes one group at a time, left to right
+        (greedily inside the group), so every group's error can still move into the later groups.
       outlier_rule: quantize the worst out-of-range weight first whenever some free weight's rounding
         error exceeds half a step (OBC §4), which stops compensation from pushing weights off-grid.
       order: ``"greedy"`` (OBQ) or ``"natural"`` (columns left to right: GPTQ without lazy blocks).
@@ -844,7 +854,8 @@ def _joint_quant_body(P, rp, *, quant, outlier_rule, method, chunk_rows, memory_
     rows, cols = P.W.shape
     scale, zero, attrs = _grid_attrs(rp.weights, quant)
     attrs["pre"] = ~rp.mask
-    rule = QuantRule(quant.bits, bool(outlier_rule), "greedy", has_pre=True)
+    rule = QuantRule(quant.bits, bool(outlier_rule), "greedy", has_pre=True,
+                     group=_greedy_group(quant))
     item = jnp.dtype(P.W.dtype).itemsize
     ch = _engine_chunk(rows, cols, cols, method, item, chunk_rows, memory_bytes)
     _, _, losses, Wq = _greedy(
