@@ -1,0 +1,247 @@
+"""MiniLM calibrated for the text it will see: in-domain vs cross-domain fidelity (issue 20, item 6).
+
+all-MiniLM-L6-v2 (the zoo's pretrained weights) is compressed with GPTQ 4-bit (asymmetric,
+groups of 128), 2:4 SparseGPT and 50 % SparseGPT on every encoder Dense layer (36 matrices), from
+two calibration sets:
+
+* ``in-domain``: the corpus of :func:`obcjax.zoo.data.text_corpus` (the language reference and
+  standard-library docstrings: text about Python), the driver's default;
+* ``mixed``: :func:`obcjax.zoo.text.english_corpus`, sentences dealt round-robin from several
+  sources (package READMEs, licences, the email package's notes and messages, scikit-learn's
+  data-set descriptions, the language reference, docstrings, the Zen), never any of the
+  held-out sentences below;
+
+and evaluated on two held-out sets:
+
+* ``in-domain``: the held-out split of ``text_corpus`` (same sources as the in-domain
+  calibration, other sentences);
+* ``idle``: IDLE's user documentation (``idlelib``'s help page, README, history, news), a source
+  that neither calibration set draws from: the cross-domain figure.
+
+Fidelity is the mean cosine of the sentence embeddings to the dense model's (and the worst
+sentence's, and top-1 retrieval agreement). Variants: one-pass (every layer from the dense
+model's statistics, OBC) and sequential (GPTQ/SparseGPT: each layer group calibrated on the
+compressed prefix's outputs), and for GPTQ act-order (with static groups). RTN and magnitude
+pruning are the calibration-free baselines. Rows go to ``<out>/minilm_text.json`` as they finish
+and a rerun with the same setup skips them (``--fresh`` starts over)::
+
+    python experiments/minilm_text.py --out runs/minilm_text [--quick] [--ncalib 1024]
+        [--levels w4g128,nm24,s50] [--calib in-domain,mixed] [--variants one-pass,act-order,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+LEVELS = {"w4g128": (None, 4), "nm24": ("2:4", None), "s50": ("0.5", None)}
+CALIBS = ("in-domain", "mixed")
+# variant -> (mode, act_order); act-order applies to quantization only
+VARIANTS = {
+    "one-pass": ("one-pass", False),
+    "sequential": ("sequential", False),
+    "act-order": ("one-pass", True),
+    "sequential+act-order": ("sequential", True),
+}
+TESTS = ("in-domain", "idle")
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/minilm_text")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="small: 64 calibration / 64 held-out sentences, GPTQ 4-bit g128 one-pass only",
+    )
+    ap.add_argument("--ncalib", type=int, default=None, help="calibration sentences (1024)")
+    ap.add_argument("--ntest", type=int, default=None, help="held-out sentences per set (256)")
+    ap.add_argument("--levels", default=None, help=f"comma list among {','.join(LEVELS)}")
+    ap.add_argument("--calib", default=None, help=f"comma list among {','.join(CALIBS)}")
+    ap.add_argument("--variants", default=None, help=f"comma list among {','.join(VARIANTS)}")
+    ap.add_argument("--no-baselines", action="store_true", help="skip RTN / magnitude rows")
+    ap.add_argument("--rel-damp", type=float, default=0.01)
+    ap.add_argument("--fresh", action="store_true", help="discard rows of an earlier run")
+    args = ap.parse_args(argv)
+
+    levels = (args.levels or ("w4g128" if args.quick else ",".join(LEVELS))).split(",")
+    calibs = (args.calib or ",".join(CALIBS)).split(",")
+    variants = (args.variants or ("one-pass" if args.quick else ",".join(VARIANTS))).split(",")
+    for name, got, allowed in (
+        ("--levels", levels, LEVELS),
+        ("--calib", calibs, CALIBS),
+        ("--variants", variants, VARIANTS),
+    ):
+        bad = [x for x in got if x not in allowed]
+        if bad:
+            ap.error(f"{name}: {bad} not among {list(allowed)}")
+    ncal = args.ncalib or (64 if args.quick else 1024)
+    ntest = args.ntest or (64 if args.quick else 256)
+    if ncal < 1 or ntest < 3:
+        ap.error("--ncalib must be >= 1 and --ntest >= 3")
+
+    import jax
+    import numpy as np
+
+    from obcjax.recipes import minilm as mc
+    from obcjax.zoo import minilm, text
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "minilm_text.json"
+    setup = {"ncalib": ncal, "ntest": ntest, "seed": 0, "rel_damp": args.rel_damp}
+    result = {"setup": setup, "rows": []}
+    if json_path.exists() and not args.fresh:
+        old = json.loads(json_path.read_text())
+        if old.get("setup") == setup:
+            result = old
+        else:
+            _log(f"{json_path} was made with {old.get('setup')}; starting over")
+
+    def save():
+        json_path.write_text(json.dumps(result, indent=2))
+
+    t0 = time.perf_counter()
+    model, variables, tokenizer = minilm.load_minilm()
+    in_calib, in_test = mc.corpus_split(ncal, ntest)
+    mixed = text.english_corpus(
+        calib_sources=None, test_sources=text.HELD_OUT, ncalib=ncal, ntest=ntest, exclude=in_test
+    )
+    calib_sets = {"in-domain": in_calib, "mixed": mixed["calib"]}
+    test_sets = {"in-domain": in_test, "idle": mixed["test"]}
+    overlap = {
+        (c, t): len(set(calib_sets[c]) & set(test_sets[t])) for c in calib_sets for t in test_sets
+    }
+    assert not any(overlap.values()), f"calibration and held-out sentences overlap: {overlap}"
+    result["corpora"] = {
+        "in-domain": {
+            "sources": list(text.IN_DOMAIN),
+            "calib": len(in_calib),
+            "test": len(in_test),
+        },
+        "mixed": {"calib_sources": mixed["calib_sources"], "calib": len(mixed["calib"])},
+        "idle": {"test_sources": mixed["test_sources"], "test": len(mixed["test"])},
+        "examples": {k: v[:3] for k, v in {**calib_sets, "idle-test": mixed["test"]}.items()},
+    }
+    refs = {
+        t: np.asarray(minilm.encode(model, variables, tokenizer, s)) for t, s in test_sets.items()
+    }
+    _log(
+        f"MiniLM loaded; calibration sets {', '.join(f'{k}: {len(v)}' for k, v in calib_sets.items())}"
+        f"; held-out {', '.join(f'{k}: {len(v)}' for k, v in test_sets.items())} "
+        f"({time.perf_counter() - t0:.1f}s)"
+    )
+    layers = mc.encoder_layers(model.config.num_layers)
+
+    def spec_of(level, solver):
+        prune, bits = LEVELS[level]
+        return mc.level_spec(
+            mc.parse_prune(prune), bits, group=128 if bits else None, solver=solver
+        )
+
+    def evaluate(params):
+        v = {**variables, "params": params}
+        return {
+            t: dataclasses.asdict(mc.evaluate(model, v, tokenizer, s, refs[t]))
+            for t, s in test_sets.items()
+        }
+
+    def log_row(row):
+        cos = "  ".join(f"{t} {row['eval'][t]['cosine']:.4f}" for t in TESTS)
+        _log(
+            f"{row['calib']:9s} {row['method']:10s} {row['level']:8s} {row['variant']:21s} "
+            f"{cos}  ({row['seconds']:.0f}s)"
+        )
+
+    done = {(r["calib"], r["level_key"], r["variant"]) for r in result["rows"]}
+    baselines = [] if args.no_baselines else [lv for lv in levels if ("none", lv, "-") not in done]
+
+    for calib in calibs:
+        batches = mc.calibration_batches(tokenizer, calib_sets[calib])
+        stats = None
+        if baselines or any(VARIANTS[v][0] == "one-pass" for v in variants):
+            t = time.perf_counter()
+            stats = mc.calibrate_minilm(model, variables, batches, layers=layers)
+            result.setdefault("calibration_seconds", {})[calib] = time.perf_counter() - t
+        # calibration-free baselines (RTN, magnitude): the statistics are not used
+        for level in baselines:
+            spec = spec_of(level, "magnitude")
+            t = time.perf_counter()
+            res = mc.compress_minilm(model, variables, spec, stats=stats, layers=layers)
+            row = {
+                "calib": "none",
+                "level_key": level,
+                "level": spec.name,
+                "method": mc.method_label(spec),
+                "variant": "-",
+                "seconds": time.perf_counter() - t,
+                "eval": evaluate(res.params),
+            }
+            result["rows"].append(row)
+            save()
+            log_row(row)
+        baselines = []
+        for level in levels:
+            for variant in variants:
+                mode, act_order = VARIANTS[variant]
+                if act_order and LEVELS[level][1] is None:
+                    continue  # act-order is a quantization option
+                if (calib, level, variant) in done:
+                    continue
+                spec = spec_of(level, "gptq")
+                t, c = time.perf_counter(), time.process_time()
+                res = mc.compress_minilm(
+                    model,
+                    variables,
+                    spec,
+                    stats=stats,
+                    batches=batches,
+                    mode=mode,
+                    act_order=act_order,
+                    static_groups=act_order,
+                    rel_damp=args.rel_damp,
+                    layers=layers,
+                )
+                jax.block_until_ready(res.params)
+                row = {
+                    "calib": calib,
+                    "level_key": level,
+                    "level": spec.name,
+                    "method": mc.method_label(spec),
+                    "variant": variant,
+                    "mode": mode,
+                    "act_order": act_order,
+                    "seconds": time.perf_counter() - t,
+                    "cpu_seconds": time.process_time() - c,
+                    "loss": res.summary["total/loss"],
+                    "eval": evaluate(res.params),
+                }
+                result["rows"].append(row)
+                save()
+                log_row(row)
+
+    _log(
+        f"\n{'calib':9s}  {'method':10s}  {'level':8s}  {'variant':21s}  "
+        + "  ".join(f"{t:>10s}" for t in TESTS)
+    )
+    for r in result["rows"]:
+        _log(
+            f"{r['calib']:9s}  {r['method']:10s}  {r['level']:8s}  {r['variant']:21s}  "
+            + "  ".join(f"{r['eval'][t]['cosine']:10.4f}" for t in TESTS)
+        )
+    _log(f"wrote {json_path} ({time.perf_counter() - t0:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
