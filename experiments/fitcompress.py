@@ -337,7 +337,8 @@ def main(argv=None):
             rows["obc-dp"] = row(
                 obc_out,
                 fit=fit.fit_score(fisher, params, {p: s for p, s in choice.items()},
-                                  masks=obc_out.masks),
+                                  masks={p: obc_out.mask(p) for p in obc_out.specs
+                                         if obc_out.mask(p) is not None}),
                 layers={p: {"bits": s.quant.bits if s.quant else 32,
                             "sparsity": s.prune.sparsity if s.prune else 0.0}
                         for p, s in choice.items()},

@@ -81,6 +81,13 @@ def _frozen_ok(params, masks, codebooks):
     return True
 
 
+def _same_masks(a, b):
+    """Two Compressed records hold the same masks, layer by layer."""
+    return set(a.specs) == set(b.specs) and all(
+        np.array_equal(np.asarray(a.mask(p)), np.asarray(b.mask(p))) for p in a.specs
+    )
+
+
 def _mismatch(a, b):
     from obcjax.transforms import find_layers
 
@@ -281,14 +288,15 @@ def main(argv=None):
                 lr=args.lr,
                 seed=0,
             )
-            exact = _exact_export(tinfo["shadow_params"], comp.masks, cbs)
+            by_path = {p: comp.mask(p) for p in comp.specs if comp.mask(p) is not None}
+            exact = _exact_export(tinfo["shadow_params"], by_path, cbs)
             after = acc({**tuned, "params": exact})
             row[method] = {
                 "rate_counted": stored["rate"],
                 "size_bits": stored["size_bits"],
                 "acc_before_ft": before,
                 "acc_after_ft": after,
-                "frozen_ok": _frozen_ok(exact, comp.masks, cbs),
+                "frozen_ok": _frozen_ok(exact, by_path, cbs),
                 "export_ulp_mismatches": _mismatch(tuned["params"], exact),
                 "ft_final_loss": float(np.mean(tinfo["losses"][-20:])) if args.steps else None,
                 "sum_rel_out_err": float(sum(e["rel_out_err"] for e in layers.values())),
@@ -302,13 +310,8 @@ def main(argv=None):
                 f"({row[method]['seconds']:.1f}s)",
                 flush=True,
             )
-        masks_equal = "opq" in row and all(
-            np.array_equal(np.asarray(a), np.asarray(b))
-            for a, b in zip(
-                opq.opq_compress(params, plan.specs).masks.values(),
-                opq.opq_compress(params, channel).masks.values(),
-                strict=True,
-            )
+        masks_equal = "opq" in row and _same_masks(
+            opq.opq_compress(params, plan.specs), opq.opq_compress(params, channel)
         )
         uni = {m: v for m, v in row.items() if m.startswith("uniform") and "acc_after_ft" in v}
         if "opq" not in row:

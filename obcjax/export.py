@@ -84,6 +84,7 @@ from typing import Any
 import numpy as np
 
 from obcjax.fileio import CorruptedFileError, atomic_write, check_readable, check_writable
+from obcjax.layout import Layout, from_matrices, to_matrices
 from obcjax.quant import QArray
 from obcjax.specs import NM
 
@@ -1394,7 +1395,8 @@ def load_params(path, *, like=None) -> dict:
                 want = _kernel_matrix_shape(shape, in_axes)
                 if len(shape) < 2 or tuple(value.shape) != want:
                     raise ValueError(f"{tuple(value.shape)} does not fit its kernel shape {shape}")
-                value = np.ascontiguousarray(value.T).reshape(shape)
+                n_in = len(shape) - 1 if in_axes is None else int(in_axes)
+                value = np.ascontiguousarray(from_matrices(value[None], Layout(shape, n_in)))
             elif tuple(value.shape) != shape:
                 raise ValueError(f"it has shape {tuple(value.shape)}, the param {shape}")
         except ValueError as e:
@@ -1414,9 +1416,11 @@ def load_params(path, *, like=None) -> dict:
 def pack_compressed(compressed, *, dtype: str | None = None) -> dict[str, PackedLayer]:
     """Packed kernels of a :class:`obcjax.transforms.Compressed` result, ready for save_params.
 
-    Each compressed layer's kernel becomes one :class:`PackedLayer` of ``W = kernel.reshape(-1,
-    out).T``, using ``compressed.masks``, ``compressed.qarrays`` (a grouped conv's per-group
-    QArrays stacked along the rows) and the N:M pattern of ``compressed.specs``.
+    Each compressed layer's kernel becomes one :class:`PackedLayer` of its solvers' matrix
+    ``W = kernel.reshape(cols, out).T`` (:func:`obcjax.layout.to_matrices` with the layer's
+    layout, a grouped conv's groups one after another along the rows), with its mask and its
+    kernel-layout QArray from the ``compressed.masks`` / ``compressed.qarrays`` trees read the
+    same way, and the N:M pattern of ``compressed.specs``.
 
     Args:
       compressed: the result of :func:`obcjax.transforms.compress`.
@@ -1440,6 +1444,7 @@ def pack_compressed(compressed, *, dtype: str | None = None) -> dict[str, Packed
       {'fc1/kernel': 'nm'}
     """
     leaves = _flatten_params(compressed.params)
+    layouts = compressed.layouts or {}
     out = {}
     for layer_path, spec in compressed.specs.items():
         key = f"{layer_path}/kernel" if layer_path else "kernel"
@@ -1448,36 +1453,17 @@ def pack_compressed(compressed, *, dtype: str | None = None) -> dict[str, Packed
         kernel = np.asarray(leaves[key])
         if kernel.dtype.kind != "f" and kernel.dtype.name != "bfloat16":
             kernel = kernel.astype(np.float32)
-        qs = compressed.qarrays.get(layer_path)
-        if qs is not None and isinstance(qs, QArray):
-            qs = [qs]
-        cols = _compressed_cols(compressed, layer_path, kernel.shape, qs)
-        W = kernel.reshape(cols, -1).T
-        mask = compressed.masks.get(layer_path)
+        q = compressed.qarray(layer_path)
+        mask = compressed.mask(layer_path)
+        lay = q.layout if q is not None else layouts.get(layer_path)
+        if lay is None:  # every axis but the last is an input (Dense, Conv)
+            lay = Layout(kernel.shape, kernel.ndim - 1, 1)
+        # one matrix (out, cols) per layer: a grouped conv's groups one after another
+        W = to_matrices(kernel, lay).reshape(-1, lay.cols)
         if mask is not None:
-            mask = np.asarray(mask).reshape(cols, -1).T
-        q = None
-        if qs:
-            q = QArray(
-                np.concatenate([np.asarray(x.codes) for x in qs], axis=0),
-                np.concatenate([np.asarray(x.scale) for x in qs], axis=0),
-                np.concatenate([np.asarray(x.zero) for x in qs], axis=0),
-                qs[0].bits,
-                qs[0].group_size,
-            )
+            mask = to_matrices(np.asarray(mask), lay).reshape(-1, lay.cols)
+        q = None if q is None else q.as_matrix()
         nm = getattr(spec, "prune", None)
         nm = nm if isinstance(nm, NM) else None
         out[key] = pack_layer(W, mask=mask, qarray=q, nm=nm, dtype=dtype, name=layer_path)
     return out
-
-
-def _compressed_cols(compressed, layer_path: str, shape, qs) -> int:
-    """Width of the solvers' matrix of a compressed kernel: from the layer's recorded layout, or
-    its codes, else all axes but the last (Dense, Conv)."""
-    layouts = getattr(compressed, "layouts", None) or {}
-    lay = layouts.get(layer_path)
-    if lay is not None:
-        return math.prod(shape[: lay.n_in])
-    if qs:
-        return int(np.shape(qs[0].codes)[-1])
-    return math.prod(shape[:-1])

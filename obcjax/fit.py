@@ -12,7 +12,8 @@
   the current node costs ``f = g + sqrt(Σ F (θ − θ')²) + λ·|α' − α*|·sqrt(Σ F θ'²)``, the best
   child is expanded, the search stops at the first child within the size target.
   ``rule="ratio"`` (ours): the move with the smallest modelled ΔFIT per bit saved. Sizes count
-  kept weights × bits, biases at 32 bits, as :func:`obcjax.transforms.summarize`.
+  kept weights × bits, biases at 32 bits: the value bits of :mod:`obcjax.sizes` (the size of the
+  compressed model adds its masks and grids; ``Compressed.summary`` gives both).
 * :func:`apply_plan`: materialise a plan with its own Fisher masks and round-to-nearest
   (``solver="fit"``, :func:`prune_and_round`), or hand its per-layer specs to :func:`obcjax.transforms.compress`
   (``"obc"``: ExactOBS/OBQ, ``"magnitude"``, ``"gptq"``; needs calibration statistics).
@@ -72,6 +73,7 @@ import numpy as np
 from obcjax.capture import BoundModel, input_hook, layer_kinds
 from obcjax.layout import Layout, from_matrices, set_path, to_matrices
 from obcjax.quant import expand_params, find_params, make_qarray, quantize
+from obcjax.sizes import as_ratio
 from obcjax.specs import Int, Unstructured
 from obcjax.transforms import (
     Compressed,
@@ -79,7 +81,6 @@ from obcjax.transforms import (
     as_layer_spec,
     compress,
     find_layers,
-    summarize,
 )
 
 __all__ = [
@@ -431,7 +432,7 @@ class FITPlan(NamedTuple):
         any weight is pruned, and ``Int`` at its bits).
       masks: ``{path: kernel-shaped bool}`` kept weights (global ``F·w²`` ranking).
       bits: ``{path: int}``. level: index into ``pruned_fractions``; sparsity: its global value.
-      size_bits: Σ kept × bits + 32 × (all other leaves), as ``summarize``'s ``total/size_bits``.
+      size_bits: Σ kept × bits + 32 × (all other leaves), ``summarize``'s ``total/value_bits``.
       dense_bits: 32 × all leaves. target_bits: the target. fit: FIT of the plan (noise model).
       trace: one dict per step: move, layer, fit, size_bits, score.
     """
@@ -482,6 +483,7 @@ def fit_search(
     *,
     target_bits: float | None = None,
     target_ratio: float | None = None,
+    ratio: float | str | None = None,
     bit_schedule: Sequence[int] = (8, 6, 4, 3, 2),
     pruned_fractions: Sequence[float] | None = None,
     quant: Int = _DEFAULT_GRID,
@@ -513,8 +515,11 @@ def fit_search(
 
     Args:
       params: float params; fisher: :func:`fisher_diagonal` of the same kernels.
-      target_bits: size target in bits (``summarize``'s ``total/size_bits``), or
+      target_bits: size target in bits (``summarize``'s ``total/value_bits``), or
       target_ratio: target as a fraction of the fp32 size of all params (``α*``).
+      ratio: the same target as a compression ratio, ``8``, ``8.0`` or ``"8x"``
+        (:func:`obcjax.sizes.as_ratio`; ``ratio=8`` is ``target_ratio=1/8``), the form every
+        other size target of obcjax takes.
       bit_schedule: strictly decreasing bit-widths in 2..8.
       pruned_fractions: increasing global pruned fractions starting at 0; default
         :func:`prune_schedule` ``(40, -3)``.
@@ -537,14 +542,16 @@ def fit_search(
         >>> params = {"fc1": {"kernel": rng.normal(size=(64, 32)).astype(np.float32)},
         ...           "fc2": {"kernel": rng.normal(size=(32, 10)).astype(np.float32)}}
         >>> fisher = {p: np.ones_like(params[p]["kernel"]) for p in params}  # or fisher_diagonal
-        >>> plan = fit_search(params, fisher, target_ratio=0.1, bit_schedule=(8, 4))
+        >>> plan = fit_search(params, fisher, ratio="10x", bit_schedule=(8, 4))
         >>> plan.size_bits <= plan.target_bits
         True
         >>> rules = plan.rules()                 # for compress(params, stats, rules)
     """
     diag = _diag(fisher)
-    if (target_bits is None) == (target_ratio is None):
-        raise ValueError("fit_search: give exactly one of target_bits or target_ratio")
+    if sum(x is not None for x in (target_bits, target_ratio, ratio)) != 1:
+        raise ValueError("fit_search: give exactly one of target_bits, target_ratio or ratio")
+    if ratio is not None:  # 8, 8.0 or "8x": the size target is dense / ratio
+        target_ratio = 1.0 / as_ratio(ratio, "fit_search: ratio")
     if rule not in ("astar", "ratio"):
         raise ValueError(f"fit_search: rule must be 'astar' or 'ratio', got {rule!r}")
     if not (float(lam) >= 0 and math.isfinite(float(lam))):
@@ -788,14 +795,14 @@ def prune_and_round(
             lay = _matrix_layout(k.shape)
             (Wq,) = to_matrices(q, lay)
             scale, zero = find_params(to_matrices(jnp.where(m, k, 0.0), lay)[0], spec.quant)
-            qarrays[p] = [make_qarray(Wq, scale, zero, spec.quant)]
+            qarrays[p] = make_qarray(Wq, scale, zero, spec.quant)
         else:
             q = jnp.where(m, k, 0.0)
         if p in masks:
             out_masks[p] = m
         new = _with_kernels(new, {p: q.astype(k.dtype)})
     specs = {p: s for p, s in specs.items() if s is not None}
-    return Compressed(new, out_masks, qarrays, {}, dict(specs), summarize(params, new, specs))
+    return Compressed.from_flat(new, out_masks, qarrays, {}, dict(specs))
 
 
 # -- hybrid: the OBC dynamic program fed with FIT scores ------------------------------------------
@@ -898,6 +905,7 @@ def fit_dp(
     *,
     target_bits: float | None = None,
     target_ratio: float | None = None,
+    ratio: float | str | None = None,
     levels: Sequence[Any] | None = None,
     rules: Sequence[str] | str = (".*",),
     solver: str = "obc",
@@ -917,15 +925,17 @@ def fit_dp(
         >>> params = {"fc1": {"kernel": rng.normal(size=(64, 32)).astype(np.float32)},
         ...           "fc2": {"kernel": rng.normal(size=(32, 10)).astype(np.float32)}}
         >>> fisher = {p: np.ones_like(params[p]["kernel"]) for p in params}  # or fisher_diagonal
-        >>> plan = fit_dp(params, fisher, target_ratio=0.05)
+        >>> plan = fit_dp(params, fisher, ratio=20)
         >>> out = apply_plan(params, plan)      # or apply_plan(params, plan, stats=stats, solver="obc")
         >>> plan.size_bits <= plan.target_bits
         True
     """
     from obcjax.allocation import solve
 
-    if (target_bits is None) == (target_ratio is None):
-        raise ValueError("fit_dp: give exactly one of target_bits or target_ratio")
+    if sum(x is not None for x in (target_bits, target_ratio, ratio)) != 1:
+        raise ValueError("fit_dp: give exactly one of target_bits, target_ratio or ratio")
+    if ratio is not None:  # 8, 8.0 or "8x": the size target is dense / ratio
+        target_ratio = 1.0 / as_ratio(ratio, "fit_dp: ratio")
     kernels = _select(params, rules, "fit_dp")
     diag = _diag(fisher)
     db = fit_database(params, fisher, levels, rules=rules, seed=seed)
@@ -970,15 +980,16 @@ def codebooks_of(out: Compressed) -> dict:
     from obcjax.training import Codebook
 
     cbs = {}
-    for p, qs in out.qarrays.items():
-        if any(np.shape(q.scale)[1] != 1 for q in qs):
+    for p in out.specs:
+        q = out.qarray(p)  # kernel layout: scale / zero (ngroups, *output axes)
+        if q is None:
+            continue
+        if np.shape(q.scale)[0] != 1:
             raise ValueError(
                 f"codebooks_of: layer {p!r} has per-group grids; a frozen codebook needs one "
                 "scale per output row (granularity 'channel' or 'tensor')"
             )
-        scale = np.concatenate([np.asarray(q.scale)[:, 0] for q in qs])
-        zero = np.concatenate([np.asarray(q.zero)[:, 0] for q in qs])
-        cbs[p] = Codebook(jnp.asarray(scale), jnp.asarray(zero), int(qs[0].bits))
+        cbs[p] = Codebook(jnp.asarray(q.scale[0]), jnp.asarray(q.zero[0]), int(q.bits))
     return cbs
 
 

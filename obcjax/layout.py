@@ -23,6 +23,14 @@ run along ``cols``, i.e. along the flattened input axes, the innermost (last con
 fastest: along input channels at a fixed spatial tap for a conv, along ``head_dim`` within a head
 for an attention output projection.
 
+The per-output grids of a quantized kernel (``QArray.scale`` / ``zero`` in kernel layout,
+``(ngroups, *output axes)``) map to the solvers' ``(groups, rows, ngroups)`` by the same rule,
+with :meth:`Layout.grid` as their layout.
+
+:func:`kernel_to_matrices` and :func:`matrices_to_kernel` are the list-of-matrices form for a
+kernel whose last axis is its only output axis (Dense, Conv), where no statistics are needed to
+tell inputs from outputs.
+
 Parameter trees are nested dicts addressed by ``'/'``-joined paths; :func:`get_path` and
 :func:`set_path` read and update them functionally.
 """
@@ -41,6 +49,8 @@ __all__ = [
     "layout_for",
     "to_matrices",
     "from_matrices",
+    "kernel_to_matrices",
+    "matrices_to_kernel",
     "get_path",
     "set_path",
     "path_of",
@@ -71,6 +81,19 @@ class Layout(NamedTuple):
     def rows(self) -> int:
         """Rows of each group's matrix."""
         return math.prod(self.shape[self.n_in :]) // self.groups
+
+    def grid(self, ngroups: int) -> Layout:
+        """The layout of a per-output array with ``ngroups`` entries along the inputs.
+
+        A quantized kernel's ``scale`` and ``zero`` have shape ``(ngroups, *output axes)`` in
+        kernel layout (``ngroups = cols / group_size``); read with this layout they are the
+        solvers' ``(groups, rows, ngroups)`` grids.
+
+        Example:
+          >>> Layout((3, 3, 4, 8), 3, groups=2).grid(1)
+          Layout(shape=(1, 8), n_in=1, groups=2)
+        """
+        return Layout((int(ngroups), *self.shape[self.n_in :]), 1, self.groups)
 
 
 def layout_for(shape, cols: int, groups: int = 1, *, layer: str = "<kernel>") -> Layout:
@@ -153,6 +176,57 @@ def from_matrices(mats, layout: Layout, dtype=None):
     return k.astype(dtype) if dtype is not None else k
 
 
+def kernel_to_matrices(kernel, groups: int = 1) -> list:
+    """Matrices ``(out/groups, cols)`` of a Dense ``(in, out)`` or Conv ``(..., in/G, out)``
+    kernel (every axis but the last is an input): :func:`to_matrices` as a list.
+
+    Args:
+      kernel: the kernel (jax or NumPy; a jax array comes back).
+      groups: a grouped conv's ``feature_group_count``.
+
+    Raises:
+      ValueError: the output channels are not divisible into ``groups``.
+
+    Example:
+      >>> import numpy as np
+      >>> d = np.arange(12.0).reshape(3, 4)                # Dense (in=3, out=4)
+      >>> bool((kernel_to_matrices(d)[0] == d.T).all())
+      True
+    """
+    kernel = jnp.asarray(kernel)
+    if kernel.ndim < 2:
+        raise ValueError(f"a kernel needs input and output axes, got shape {tuple(kernel.shape)}")
+    out = kernel.shape[-1]
+    if groups < 1 or out % groups:
+        raise ValueError(f"{out} output channels are not divisible into {groups} groups")
+    return list(to_matrices(kernel, Layout(tuple(kernel.shape), kernel.ndim - 1, int(groups))))
+
+
+def matrices_to_kernel(mats, shape, dtype=None):
+    """The kernel of ``shape`` whose matrices are ``mats`` (the inverse of
+    :func:`kernel_to_matrices`); a jax array.
+
+    Concrete arrays are stacked on the host (XLA compiles a ``G``-operand concatenation for
+    minutes on depthwise layers with ~1000 channels; a host stack compiles nothing).
+
+    Example:
+      >>> import numpy as np
+      >>> k = np.arange(24.0).reshape(2, 3, 4)
+      >>> bool((np.asarray(matrices_to_kernel(kernel_to_matrices(k, 2), k.shape)) == k).all())
+      True
+    """
+    import jax
+
+    concrete = not any(isinstance(m, jax.core.Tracer) for m in mats)
+    xp = np if concrete else jnp
+    S = xp.stack([xp.asarray(m) for m in mats])  # (G, og, cols)
+    shape = tuple(int(d) for d in shape)
+    full = (*shape[:-1], S.shape[0] * S.shape[1])
+    k = from_matrices(S, Layout(full, len(full) - 1, S.shape[0]))
+    k = jnp.asarray(k)
+    return k.astype(dtype) if dtype is not None else k
+
+
 def _parts(path: str) -> list[str]:
     return [p for p in path.split("/") if p] if path else []
 
@@ -200,6 +274,7 @@ def set_path(tree: Mapping, path: str, key: str, value) -> dict:
         return node
 
     return rec(tree, 0)
+
 
 def path_of(keypath) -> str:
     """The ``'/'``-joined path of a JAX key path (dict keys, sequence indices, attribute names).

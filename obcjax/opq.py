@@ -32,14 +32,19 @@ method section was not available, so the allocation equations are a reconstructi
   weight at a time to the layer with the largest error saving per bit, so the stored size is at
   most the budget and less than one weight (``max bits``) below it.
 
-Size count (:func:`count_bits` from the specs and masks, :func:`count_stored` from a
-``Compressed`` record alone): kept weights × bits (the mask's kept count, not the nonzeros of the
-quantized kernel) + one fp32 step per stored grid -- one per layer for the unified codebook (its
-symmetric zero point is fixed by the bit-width), one per output channel for per-channel grids --
-+ ``index_bits`` per weight of every pruned layer (0 by default: the OPQ paper's count of index
-overhead is unknown; ``obcjax.transforms.summarize`` also counts none). Layers the rules leave
-alone count 32 bits per weight on both sides; biases and other leaves count only with
-``include_other=True`` (then at 32 bits, as ``summarize`` does).
+Two counts (:func:`count_bits` from the specs and masks, :func:`count_stored` from a
+``Compressed`` record alone). The **size** (``size_bits``, ``rate``) is the one definition of
+:mod:`obcjax.sizes` -- kept values + the 1-bit-per-weight mask + a float32 scale and a uint8 zero
+point per stored grid, every other leaf at 32 bits -- the number ``summarize``, the CLI and
+:mod:`obcjax.export` give. The **planner's count** (``plan_bits``, ``plan_rate``), which
+``rate`` of :func:`opq_allocate` / :func:`opq_plan` targets, is the OPQ paper's: kept weights ×
+bits (the mask's kept count) + one fp32 step per stored grid -- one per layer for the unified
+codebook (its symmetric zero point is fixed by the bit-width), one per output channel for
+per-channel grids -- + ``index_bits`` per weight of every pruned layer (0 by default: the paper's
+count of index overhead is unknown; ``index_bits=1`` charges the mask as the size does). Layers
+the rules leave alone count 32 bits per weight on both sides; in the planner's count biases and
+other leaves count only with ``include_other=True``. A plan at ``rate=20`` is therefore a model
+whose size ratio is below 20 (by the mask bits); the reports say which count they give.
 
 Unified vs per-channel [ours]: ``granularity="channel"`` allocates with one grid per output
 channel charged to the budget (the error model stays the tensor grid's, an upper bound);
@@ -59,8 +64,11 @@ Example:
     >>> variables = zoo.init_variables("lenet5", (8, 8, 1))
     >>> alloc = opq_allocate(variables["params"], 20.0)
     >>> out = opq_compress(variables["params"], alloc)
-    >>> round(count_stored(variables["params"], out)["rate"], 2)  # 20.0 up to one weight
+    >>> c = count_stored(variables["params"], out)
+    >>> round(c["plan_rate"], 2)    # the planner's count: 20.0 up to one weight
     20.0
+    >>> round(c["rate"], 2)         # the size (obcjax.sizes): masks and zero points too
+    10.84
 """
 
 from __future__ import annotations
@@ -75,16 +83,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from obcjax import kernels as K
-from obcjax.layout import set_path
+from obcjax import sizes
+from obcjax.layout import kernel_to_matrices, matrices_to_kernel, set_path
 from obcjax.specs import Int, Unstructured
 from obcjax.transforms import (
     Compressed,
     LayerSpec,
     compress,
     find_layers,
-    kernel_to_matrices,
-    matrices_to_kernel,
-    summarize,
 )
 
 __all__ = [
@@ -328,12 +334,7 @@ def _omega(weighting: str, fit: LaplaceFit) -> float:
 
 
 def _check_common(rate, bits_choices, weighting, index_bits):
-    try:
-        rate = float(rate)
-    except (TypeError, ValueError):
-        raise TypeError(f"opq: rate must be a number (compression vs fp32), got {rate!r}") from None
-    if not (rate > 0 and math.isfinite(rate)):
-        raise ValueError(f"opq: rate must be a finite positive compression factor, got {rate}")
+    rate = sizes.as_ratio(rate, "opq: rate")  # 8, 8.0 or "8x"
     bits = sorted({int(b) for b in bits_choices})
     if not bits or bits[0] < 2 or bits[-1] > 8:
         raise ValueError(
@@ -348,7 +349,7 @@ def _check_common(rate, bits_choices, weighting, index_bits):
 
 def opq_plan(
     params,
-    rate: float,
+    rate: float | str,
     *,
     rules: Sequence[tuple[str, Any]] = ((".*", True),),
     bits_choices: Iterable[int] = range(2, 9),
@@ -498,7 +499,7 @@ def opq_plan(
 
 def opq_allocate(
     params,
-    rate: float,
+    rate: float | str,
     *,
     rules: Sequence[tuple[str, Any]] = ((".*", True),),
     bits_choices: Iterable[int] = range(2, 9),
@@ -513,7 +514,8 @@ def opq_allocate(
 
     Args:
       params: a Flax params pytree (layers = dicts holding a ``"kernel"``).
-      rate: target compression vs fp32 (``dense_bits / size_bits``, see :func:`count_bits`); met
+      rate: target compression vs fp32, ``8``, ``8.0`` or ``"8x"`` (:func:`obcjax.sizes.as_ratio`;
+        the planner's count ``plan_dense_bits / plan_bits``, see :func:`count_bits`); met
         to within one weight from below (size ≤ budget < size + max bits).
       rules: ordered ``(regex, value)`` pairs choosing the layers (value None: leave dense).
       bits_choices: bit-widths a layer may get (2..8).
@@ -558,7 +560,7 @@ def opq_allocate(
 
 def uniform_allocate(
     params,
-    rate: float,
+    rate: float | str,
     *,
     bits: int = 4,
     rules: Sequence[tuple[str, Any]] = ((".*", True),),
@@ -689,14 +691,14 @@ def opq_compress(
         if spec.quant is not None:
             rq = K.rtn_quantize(W, spec.quant, layer=path)
             W = rq.weights if mask is None else jnp.where(mask, rq.weights, 0.0)
-            qarrays[path] = [rq.qarray]
+            qarrays[path] = rq.qarray
         new_params = set_path(
             new_params, path, "kernel", matrices_to_kernel([W], kernel.shape, kernel.dtype)
         )
         if mask is not None:
             masks[path] = matrices_to_kernel([mask.astype(jnp.float32)], kernel.shape) > 0
     specs = dict(allocation)
-    return Compressed(new_params, masks, qarrays, {}, specs, summarize(params, new_params, specs))
+    return Compressed.from_flat(new_params, masks, qarrays, {}, specs)
 
 
 def _grids(quant: Int, kernel_shape) -> int:
@@ -731,9 +733,15 @@ def count_bits(
     index_bits: float = 0.0,
     include_other: bool = False,
 ) -> dict[str, float]:
-    """Size count of an allocation, from stored masks when given (else from the specs).
+    """Size of an allocation, from stored masks when given (else from the specs): the size
+    (:mod:`obcjax.sizes`, the one definition) and the planner's count.
 
-    Kept weights × bits + :data:`CODEBOOK_BITS` per stored grid (one per layer for the unified
+    ``size_bits``, ``dense_bits`` and ``rate`` are those of :mod:`obcjax.sizes` (kept values +
+    mask bits + grids, every other leaf at 32 bits): the numbers
+    :func:`obcjax.transforms.summarize` and :mod:`obcjax.export` give for the compressed model.
+    ``plan_bits``, ``plan_dense_bits`` and ``plan_rate`` are the count :func:`opq_allocate`'s
+    ``rate`` targets (the OPQ paper's, which leaves the mask out):
+    kept weights × bits + :data:`CODEBOOK_BITS` per stored grid (one per layer for the unified
     ``granularity='tensor'`` codebook of OPQ, one per output channel for ``'channel'``, one per
     row and group for ``'group'``; plus ``bits`` for the zero point of an asymmetric grid) +
     ``index_bits`` per weight of each allocated layer (as the planner counts it); layers outside
@@ -741,22 +749,26 @@ def count_bits(
     :class:`~obcjax.transforms.Compressed` record alone.
 
     Returns:
-      ``{"dense_bits", "size_bits", "rate"}`` and per layer ``"<path>/kept"``, ``"<path>/bits"``.
+      ``{"dense_bits", "size_bits", "rate", "plan_dense_bits", "plan_bits", "plan_rate"}`` and
+      per layer ``"<path>/kept"``, ``"<path>/bits"``.
 
     Example:
       >>> from obcjax import zoo
       >>> params = zoo.init_variables("lenet5", (8, 8, 1))["params"]
       >>> alloc = opq_allocate(params, 20.0)
-      >>> round(count_bits(params, alloc)["rate"], 2)     # from the specs alone
+      >>> round(count_bits(params, alloc)["plan_rate"], 2)     # from the specs alone
       20.0
       >>> out = opq_compress(params, alloc)
-      >>> round(count_bits(params, alloc, out.masks)["rate"], 2)
-      20.0
+      >>> c = count_bits(params, alloc, out.masks)            # the stored mask tree
+      >>> round(c["plan_rate"], 2), c["size_bits"] == out.summary["total/size_bits"]
+      (20.0, True)
     """
     layers = find_layers(params)
+    masks = _layer_masks(masks)
     dense = 0.0
     size = 0.0
     out: dict[str, float] = {}
+    sized = {}
     for p, k in layers.items():
         n = int(np.size(k))
         dense += 32.0 * n
@@ -764,7 +776,7 @@ def count_bits(
         if spec is None:
             size += 32.0 * n
             continue
-        if masks is not None and p in masks:
+        if p in masks:
             kept = int(np.count_nonzero(np.asarray(masks[p])))
         elif spec.prune is not None:
             kept = n - int(math.floor(spec.prune.sparsity * n + 0.5))
@@ -775,6 +787,8 @@ def count_bits(
         size += kept * bits
         if q is not None:
             size += _codebook_bits(_grids(q, np.shape(k)), q.bits, q.sym)
+        sized[p] = sizes.layer_size(np.shape(k), prune=spec.prune, bits=None if q is None else
+                                    q.bits, kept=kept, grids=_grids(q, np.shape(k)) if q else 0)
         size += index_bits * n
         out[f"{p}/kept"] = kept
         out[f"{p}/bits"] = bits
@@ -782,16 +796,35 @@ def count_bits(
         other = _other_leaves(params, layers)
         dense += 32.0 * other
         size += 32.0 * other
-    out.update(dense_bits=dense, size_bits=size, rate=dense / size)
+    return _totals_out(out, params, sized, dense, size)
+
+
+def _totals_out(out, params, sized, plan_dense, plan_size) -> dict[str, float]:
+    total = sizes.model_size(params, sized)
+    out.update(dense_bits=total["dense_bits"], size_bits=total["size_bits"], rate=total["ratio"],
+               plan_dense_bits=plan_dense, plan_bits=plan_size, plan_rate=plan_dense / plan_size)
     return out
+
+
+def _layer_masks(masks) -> dict[str, Any]:
+    """``{path: mask}`` of a params-shaped mask tree (``Compressed.masks``) or of a dict keyed by
+    layer path."""
+    if not masks:
+        return {}
+    if any(isinstance(v, Mapping) for v in masks.values()):
+        return {p: m for p, m in find_layers(masks).items() if m is not None}
+    return dict(masks)
 
 
 def count_stored(
     params, compressed: Compressed, *, index_bits: float = 0.0, include_other: bool = False
 ) -> dict[str, float]:
-    """Size count read from what a :class:`~obcjax.transforms.Compressed` record stores.
+    """Size read from what a :class:`~obcjax.transforms.Compressed` record stores.
 
-    Unlike :func:`count_bits` no spec is consulted: kept weights are the True entries of the
+    ``size_bits`` / ``rate`` are those of :mod:`obcjax.sizes` (kept values + mask bits + grids,
+    every other leaf at 32 bits), equal to ``compressed.summary``'s; ``plan_bits`` /
+    ``plan_rate`` are the planner's count, as in :func:`count_bits`. For the planner's count no
+    spec is consulted: kept weights are the True entries of the
     stored mask (every weight when a layer has none), bits are the stored ``QArray.bits``, and the
     number of grids is 1 when every stored ``(scale, zero)`` row is the same (a unified
     codebook) and the number of stored rows otherwise. Each grid costs :data:`CODEBOOK_BITS` (a symmetric grid's zero
@@ -813,18 +846,19 @@ def count_stored(
       >>> from obcjax import zoo
       >>> params = zoo.init_variables("lenet5", (8, 8, 1))["params"]
       >>> out = opq_compress(params, opq_allocate(params, 20.0))
-      >>> round(count_stored(params, out)["rate"], 2)  # 20.0 up to one weight
+      >>> round(count_stored(params, out)["plan_rate"], 2)  # 20.0 up to one weight
       20.0
     """
     layers = find_layers(params)
     dense = size = 0.0
     out: dict[str, float] = {}
+    sized = {}
     for p, k in layers.items():
         n = int(np.size(k))
         dense += 32.0 * n
-        mask = compressed.masks.get(p)
-        qs = compressed.qarrays.get(p)
-        if mask is None and qs is None:
+        mask = compressed.mask(p)
+        q = compressed.qarray(p)
+        if mask is None and q is None:
             size += 32.0 * n
             continue
         if mask is not None:
@@ -836,33 +870,32 @@ def count_stored(
             kept = int(np.count_nonzero(mask))
         else:
             kept = n
-        if qs is None:
+        if q is None:
             bits, book = 32, 0.0
         else:
-            bits = int(qs[0].bits)
-            if any(int(q.bits) != bits for q in qs):
-                raise ValueError(f"layer {p!r}: its conv groups store different bit-widths")
-            codes_max = max(int(np.max(np.asarray(q.codes))) for q in qs)
+            bits = int(q.bits)
+            codes_max = int(np.max(np.asarray(q.codes)))
             if codes_max > 2**bits - 1:
                 raise ValueError(
                     f"layer {p!r}: a stored code ({codes_max}) does not fit in {bits} bits"
                 )
-            sc = np.concatenate([np.asarray(q.scale).ravel() for q in qs])
-            ze = np.concatenate([np.asarray(q.zero).ravel() for q in qs])
+            sc = np.asarray(q.scale).ravel()
+            ze = np.asarray(q.zero).ravel()
             # one shared grid is a unified codebook; otherwise every stored row is a grid
             unified = bool(np.all(sc == sc[0]) and np.all(ze == ze[0]))
             grids = 1 if unified else sc.size
             sym = bool(np.all(ze == 2 ** (bits - 1)))
             book = _codebook_bits(grids, bits, sym)
         size += kept * bits + book + index_bits * n
+        spec = compressed.specs.get(p)
+        sized[p] = sizes.stored_layer_size(k, None if spec is None else spec.prune, mask, q)
         out[f"{p}/kept"] = kept
         out[f"{p}/bits"] = bits
     if include_other:
         other = _other_leaves(params, layers)
         dense += 32.0 * other
         size += 32.0 * other
-    out.update(dense_bits=dense, size_bits=size, rate=dense / size)
-    return out
+    return _totals_out(out, params, sized, dense, size)
 
 
 def predict_errors(params, allocation: Mapping[str, LayerSpec]) -> dict[str, dict[str, float]]:
@@ -943,7 +976,8 @@ def measure_errors(
     for p in compressed.specs:
         w = np.asarray(layers[p], np.float64)
         c = np.asarray(find_layers(compressed.params)[p], np.float64)
-        m = np.asarray(compressed.masks[p]) if p in compressed.masks else np.ones(w.shape, bool)
+        m = compressed.mask(p)
+        m = np.ones(w.shape, bool) if m is None else np.asarray(m)
         row = {
             "meas_prune_mse": float(np.mean(np.where(m, 0.0, w * w))),
             "meas_quant_mse": float(np.mean(np.where(m, (w - c) ** 2, 0.0))),
@@ -960,14 +994,19 @@ def measure_errors(
     return out
 
 
-def kernel_codebooks(params, qarrays: Mapping[str, list]) -> dict[str, Any]:
+def kernel_codebooks(params, qarrays) -> dict[str, Any]:
     """Frozen codebooks for :mod:`obcjax.training` from stored QArrays, unified or per channel.
 
     A layer whose stored grid is one ``(scale, zero)`` gets a scalar (unified) codebook, as
     :func:`obcjax.training.codebooks_from_qarrays` gives; a per-output-channel grid gets
-    ``scale``/``zero`` of shape ``(out,)``, which broadcasts against the kernel's last axis
-    (Dense ``(in, out)``, conv ``(..., in/G, out)``). This is what the unified-vs-per-channel
-    comparison fine-tunes with.
+    ``scale``/``zero`` of the kernel's output shape (``(out,)`` for Dense ``(in, out)`` and conv
+    ``(..., in/G, out)``), which broadcasts against the kernel. This is what the
+    unified-vs-per-channel comparison fine-tunes with.
+
+    Args:
+      params: the params the QArrays belong to.
+      qarrays: ``Compressed.qarrays``, the params-shaped tree of kernel-layout QArrays (None
+        where a layer is not quantized).
 
     Raises:
       ValueError: per-group grids (several scales per output channel), or a layer not in params.
@@ -984,21 +1023,22 @@ def kernel_codebooks(params, qarrays: Mapping[str, list]) -> dict[str, Any]:
 
     layers = find_layers(params)
     out = {}
-    for p, qs in qarrays.items():
+    for p, q in find_layers(qarrays).items():
+        if q is None:
+            continue
         if p not in layers:
             raise ValueError(f"kernel_codebooks: layer {p!r} is not in params")
-        s = np.concatenate([np.asarray(q.scale) for q in qs])  # (out, ngroups)
-        z = np.concatenate([np.asarray(q.zero) for q in qs])
-        if s.shape[1] != 1:
+        s, z = np.asarray(q.scale), np.asarray(q.zero)  # (ngroups, *output axes)
+        if s.shape[0] != 1:
             raise ValueError(
-                f"layer {p!r}: {s.shape[1]} grids per output channel (granularity='group'); a "
+                f"layer {p!r}: {s.shape[0]} grids per output channel (granularity='group'); a "
                 "frozen codebook needs one grid per layer or per output channel"
             )
-        s, z = s[:, 0], z[:, 0]
-        if s.shape[0] != np.shape(layers[p])[-1]:
+        s, z = s[0], z[0]
+        if tuple(np.shape(q.codes)) != tuple(np.shape(layers[p])):
             raise ValueError(f"layer {p!r}: stored grids do not match the kernel's channels")
-        if np.all(s == s[0]) and np.all(z == z[0]):
-            out[p] = Codebook(jnp.asarray(s[0]), jnp.asarray(z[0]), int(qs[0].bits))
+        if np.all(s == s.flat[0]) and np.all(z == z.flat[0]):
+            out[p] = Codebook(jnp.asarray(s.flat[0]), jnp.asarray(z.flat[0]), int(q.bits))
         else:
-            out[p] = Codebook(jnp.asarray(s), jnp.asarray(z), int(qs[0].bits))
+            out[p] = Codebook(jnp.asarray(s), jnp.asarray(z), int(q.bits))
     return out

@@ -43,7 +43,7 @@ from obcjax.calibration import calibrate
 from obcjax.capture import BoundModel, LayerCall
 from obcjax.layout import get_path, set_path
 from obcjax.rules import match_rules
-from obcjax.transforms import Compressed, as_layer_spec, compress, find_layers, summarize
+from obcjax.transforms import Compressed, as_layer_spec, compress, find_layers
 
 __all__ = ["compress_sequential", "reestimate_batchnorm", "correct_statistics", "batchnorm_paths"]
 
@@ -116,7 +116,7 @@ def compress_sequential(
     # The forward order comes from one abstract-free calibration pass over the first batch.
     order = [p for p in calibrate(model, _vars(model, variables, params), batches[:1],
                                   rules=[re.escape(p) for p in specs], **cal) if p in specs]
-    masks, qarrays, losses = {}, {}, {}
+    masks, qarrays, losses, layouts = {}, {}, {}, {}
     it = order
     if progress:
         from tqdm.auto import tqdm
@@ -128,11 +128,13 @@ def compress_sequential(
         out = compress(params, stats, [(re.escape(path), specs[path])], rel_damp=rel_damp,
                        method=method)
         params = out.params
-        masks.update(out.masks)
-        qarrays.update(out.qarrays)
+        if out.mask(path) is not None:
+            masks[path] = out.mask(path)
+        if out.qarray(path) is not None:
+            qarrays[path] = out.qarray(path)
         losses.update(out.losses)
-    summary = summarize(_params_of(model, variables), params, specs, losses)
-    return Compressed(params, masks, qarrays, losses, specs, summary)
+        layouts.update(out.layouts)
+    return Compressed.from_flat(params, masks, qarrays, losses, specs, None, layouts)
 
 
 def _vars(model, variables, params):

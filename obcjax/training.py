@@ -317,9 +317,11 @@ def codebooks_from_qarrays(qarrays: Mapping[str, list[QArray]]) -> dict[str, Cod
       ValueError: a layer whose grid is not one scale/zero for the whole layer (per-channel or
         per-group grids, or several conv groups with different grids).
     """
+    if any(isinstance(v, Mapping) for v in qarrays.values()):  # Compressed.qarrays (a tree)
+        qarrays = {p: q for p, q in find_layers(qarrays).items() if q is not None}
     out = {}
     for p, qs in qarrays.items():
-        qs = qs if isinstance(qs, (list, tuple)) else [qs]
+        qs = [qs] if isinstance(qs, QArray) else list(qs)
         s = np.concatenate([np.asarray(q.scale).ravel() for q in qs])
         z = np.concatenate([np.asarray(q.zero).ravel() for q in qs])
         if not (np.all(s == s[0]) and np.all(z == z[0])):

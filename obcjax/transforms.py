@@ -49,8 +49,17 @@ import numpy as np
 from obcjax import kernels as K
 from obcjax._checks import check_kernel, check_rel_damp, check_rules, rule_spec, sparsity_list
 from obcjax.kernels.prepare import blas_one_thread
-from obcjax.layout import Layout, from_matrices, layout_for, set_path, to_matrices
-from obcjax.quant import QArray
+from obcjax.layout import (  # noqa: F401 (kernel_to_matrices, matrices_to_kernel: re-exported)
+    Layout,
+    from_matrices,
+    get_path,
+    kernel_to_matrices,
+    layout_for,
+    matrices_to_kernel,
+    set_path,
+    to_matrices,
+)
+from obcjax.quant import QArray, kernel_qarray
 from obcjax.specs import (
     NM,
     SOLVER_NAMES,
@@ -74,8 +83,6 @@ __all__ = [
     "Compressed",
     "compress",
     "find_layers",
-    "kernel_to_matrices",
-    "matrices_to_kernel",
     "as_layer_spec",
     "summarize",
     "prune_levels",
@@ -149,26 +156,153 @@ def as_layer_spec(value, solver: str | SolverSpec = "obc") -> LayerSpec | None:
 
 
 class Compressed(NamedTuple):
-    """Result of :func:`compress`; per-layer entries are keyed by the layer's '/'-joined path.
+    """Result of :func:`compress` (and of every other producer: build it with :meth:`from_flat`).
+
+    ``masks`` and ``qarrays`` mirror ``params``: the same tree, with the layer's entry at its
+    ``"kernel"`` leaf, in the kernel's own layout, and None at every other leaf (a dense or
+    unquantized layer's kernel, biases, norms). They are consumed as they are:
+    ``jax.tree.map(..., params, masks, is_leaf=lambda x: x is None)`` pairs each kernel with its
+    mask, :func:`obcjax.export.pack_compressed` packs them, and the fine-tuning mask transform of
+    :mod:`obcjax.training` takes ``masks``.
+
+    ``losses``, ``specs`` and ``layouts`` stay ``{path: value}`` dicts keyed by the layer's
+    '/'-joined path: they describe a layer (the dict that holds a kernel), not a leaf; they are
+    records and numbers that no tree operation pairs with params; and they are keyed the way
+    ``rules`` match layers and :func:`summarize` names its entries. :meth:`mask` and
+    :meth:`qarray` read the trees by the same path.
 
     Attributes:
       params: the new params pytree (same structure, dtypes and shapes as the input).
-      masks: ``{path: bool kernel-shaped array}`` (True = kept) for pruned layers.
-      qarrays: ``{path: [QArray per group]}`` for quantized layers.
+      masks: params-shaped tree: a bool kernel-shaped mask (True = kept) for every pruned
+        layer, None elsewhere.
+      qarrays: params-shaped tree: one kernel-layout :class:`~obcjax.quant.QArray` per quantized
+        layer (a grouped conv's groups included; ``codes`` of the kernel's shape, ``scale`` /
+        ``zero`` of shape ``(ngroups, *output axes)``, ``layout`` recorded), None elsewhere.
       losses: ``{path: float}`` OBS loss ``0.5·tr(ΔW H ΔWᵀ)`` summed over the layer's groups.
       specs: ``{path: LayerSpec}`` of the compressed layers.
       summary: flat dict, see :func:`summarize`.
       layouts: ``{path: obcjax.layout.Layout}``: how each compressed kernel was read as the
-        solvers' matrices (the frame of ``qarrays`` and of N:M patterns; export uses it).
+        solvers' matrices (the frame of N:M patterns and quantization groups; export uses it).
+
+    Example:
+        >>> import numpy as np
+        >>> from obcjax.stats import hessian_init, hessian_update
+        >>> rng = np.random.default_rng(0)
+        >>> params = {"fc": {"kernel": rng.normal(size=(16, 8)).astype(np.float32),
+        ...                  "bias": np.zeros(8, np.float32)}}
+        >>> stats = {"fc": hessian_update(hessian_init(16), rng.normal(size=(64, 16)))}
+        >>> out = compress(params, stats, [("fc", LayerSpec("2:4", 4))])
+        >>> out.masks["fc"]["bias"] is None, out.masks["fc"]["kernel"].shape
+        (True, (16, 8))
+        >>> q = out.qarray("fc")                       # = out.qarrays["fc"]["kernel"]
+        >>> bool(np.allclose(q.dequantize(), out.params["fc"]["kernel"]))
+        True
     """
 
     params: Any
-    masks: dict[str, jax.Array]
-    qarrays: dict[str, list[QArray]]
+    masks: Any
+    qarrays: Any
     losses: dict[str, float]
     specs: dict[str, LayerSpec]
     summary: dict[str, Any]
     layouts: dict[str, Layout] | None = None
+
+    def mask(self, path: str):
+        """The mask of layer ``path`` (kernel-shaped, True = kept), or None when it has none."""
+        return _kernel_entry(self.masks, path)
+
+    def qarray(self, path: str) -> QArray | None:
+        """The kernel-layout QArray of layer ``path``, or None when it is not quantized."""
+        return _kernel_entry(self.qarrays, path)
+
+    @classmethod
+    def from_flat(
+        cls,
+        params,
+        masks: Mapping[str, Any] | None = None,
+        qarrays: Mapping[str, Any] | None = None,
+        losses: Mapping[str, float] | None = None,
+        specs: Mapping[str, LayerSpec] | None = None,
+        summary: Mapping[str, Any] | None = None,
+        layouts: Mapping[str, Layout] | None = None,
+    ) -> Compressed:
+        """The record of per-layer results, the one constructor every producer uses.
+
+        Args:
+          params: the new params (compressed kernels in place).
+          masks: ``{path: bool kernel-shaped mask}`` (True = kept), kernel layout.
+          qarrays: ``{path: QArray}``: a kernel-layout QArray, or the solvers' matrix-layout
+            QArrays (one per group, a list; or one), put in kernel layout with the layer's
+            layout (from ``layouts``, else read off the codes' width, see
+            :func:`obcjax.layout.layout_for`).
+          losses: ``{path: float}``. specs: ``{path: LayerSpec}``.
+          summary: the summary; None (what :func:`compress` passes) computes it with
+            :func:`summarize` from ``params``, ``specs`` and the stored masks and QArrays.
+          layouts: ``{path: Layout}``; a layer missing from it gets the layout of its QArray,
+            else every axis but the last as an input (Dense, Conv).
+
+        Raises:
+          ValueError: a path that is not a layer of ``params``, or a mask whose shape is not
+            its kernel's.
+        """
+        masks, qarrays = dict(masks or {}), dict(qarrays or {})
+        losses, specs = dict(losses or {}), dict(specs or {})
+        layouts = dict(layouts or {})
+        kernels = find_layers(params)
+        for path in (*masks, *qarrays, *specs):
+            if path not in kernels:
+                raise ValueError(
+                    f"Compressed.from_flat: layer {path!r} is not in params (layers: "
+                    f"{sorted(kernels)[:8]})"
+                )
+        mask_tree = qarray_tree = jax.tree.map(lambda _: None, params)
+        for path, m in masks.items():
+            shape = tuple(np.shape(kernels[path]))
+            if tuple(np.shape(m)) != shape:
+                raise ValueError(
+                    f"Compressed.from_flat: layer {path!r}: mask of shape {tuple(np.shape(m))}, "
+                    f"kernel of shape {shape}"
+                )
+            mask_tree = set_path(mask_tree, path, "kernel", jnp.asarray(m, bool))
+        for path, q in qarrays.items():
+            q = _kernel_qarray(q, kernels[path], layouts.get(path), path)
+            layouts.setdefault(path, q.layout)
+            qarray_tree = set_path(qarray_tree, path, "kernel", q)
+        for path in {**masks, **specs}:
+            if path not in layouts:
+                shape = tuple(int(d) for d in np.shape(kernels[path]))
+                layouts[path] = Layout(shape, len(shape) - 1, 1)
+        if summary is None:
+            summary = summarize(params, params, specs, losses, masks=mask_tree,
+                                qarrays=qarray_tree)
+        return cls(params, mask_tree, qarray_tree, losses, specs, dict(summary), layouts)
+
+
+def _kernel_entry(tree, path: str):
+    try:
+        return get_path(tree, path, "kernel")
+    except KeyError:
+        return None
+
+
+def _kernel_qarray(q, kernel, layout: Layout | None, path: str) -> QArray:
+    """A layer's QArray in kernel layout (see :meth:`Compressed.from_flat`)."""
+    if isinstance(q, QArray) and q.layout is not None:
+        if tuple(np.shape(q.codes)) != tuple(np.shape(kernel)):
+            raise ValueError(
+                f"Compressed.from_flat: layer {path!r}: QArray codes of shape "
+                f"{tuple(np.shape(q.codes))}, kernel of shape {tuple(np.shape(kernel))}"
+            )
+        return q
+    qs = [q] if isinstance(q, QArray) else list(q)
+    if layout is None:
+        cols = int(np.shape(qs[0].codes)[-1])
+        groups = len(qs) if np.ndim(qs[0].codes) == 2 else int(np.shape(qs[0].codes)[0])
+        layout = layout_for(np.shape(kernel), cols, groups, layer=path)
+    try:
+        return kernel_qarray(qs[0] if len(qs) == 1 else qs, layout)
+    except ValueError as e:
+        raise ValueError(f"Compressed.from_flat: layer {path!r}: {e}") from None
 
 
 def find_layers(params) -> dict[str, jax.Array]:
@@ -185,31 +319,6 @@ def find_layers(params) -> dict[str, jax.Array]:
 
     walk(params, ())
     return out
-
-
-def kernel_to_matrices(kernel, groups: int = 1) -> list[jax.Array]:
-    """Weight matrices ``(out/G, cols)`` of a Dense ``(in, out)`` or conv ``(..., in/G, out)`` kernel."""
-    kernel = jnp.asarray(kernel)
-    out = kernel.shape[-1]
-    if out % groups:
-        raise ValueError(f"{out} output channels are not divisible into {groups} groups")
-    og = out // groups
-    return [kernel[..., g * og : (g + 1) * og].reshape(-1, og).T for g in range(groups)]
-
-
-def matrices_to_kernel(mats: Sequence[jax.Array], shape, dtype=None) -> jax.Array:
-    """Inverse of :func:`kernel_to_matrices`."""
-    og = mats[0].shape[0]
-    if len(mats) == 1:
-        k = mats[0].T.reshape(*shape[:-1], og)
-    else:
-        # one stack + transpose instead of a concatenation of G parts: XLA compiles a
-        # G-operand concatenate in minutes for depthwise layers with ~1000 channels; concrete
-        # arrays are stacked on the host, which compiles nothing at all
-        xp = jnp if any(isinstance(m, jax.core.Tracer) for m in mats) else np
-        S = xp.stack([xp.asarray(m) for m in mats])  # (G, og, cols)
-        k = jnp.asarray(xp.transpose(S, (2, 0, 1)).reshape(*shape[:-1], len(mats) * og))
-    return k.astype(dtype) if dtype is not None else k
 
 
 _set_path = set_path  # the old name (now obcjax.layout.set_path), still imported elsewhere
@@ -525,9 +634,7 @@ def compress(
         if res is not None:
             outs = list(res.weights)
             ms = None if res.mask is None else list(res.mask)
-            qs = None if res.qarray is None else [
-                jax.tree.map(lambda x, g=g: jnp.asarray(x[g]), res.qarray) for g in range(G)
-            ]
+            qs = res.qarray  # fields stacked over the layer's G groups
             loss = float(np.sum(res.loss))
         else:  # one problem alone of its kind: the host wrapper, whose errors name the layer
             outs, ms, qs, loss = [], [], [], 0.0
@@ -541,49 +648,89 @@ def compress(
         new_kernel = jnp.asarray(from_matrices(np.stack(outs), lay.layout, lay.kernel.dtype))
         new_params = set_path(new_params, path, "kernel", new_kernel)
         if spec.prune is not None:
-            masks[path] = jnp.asarray(from_matrices(np.stack(ms), lay.layout))
+            masks[path] = from_matrices(np.stack([np.asarray(m) for m in ms]), lay.layout)
         if spec.quant is not None:
-            qarrays[path] = qs
+            qarrays[path] = kernel_qarray(qs, lay.layout)
         losses[path] = loss
-    summary = summarize(params, new_params, specs, losses)
-    return Compressed(new_params, masks, qarrays, losses, specs, summary, layouts)
+    return Compressed.from_flat(new_params, masks, qarrays, losses, specs, None, layouts)
 
 
-def summarize(params, new_params, specs: Mapping[str, LayerSpec], losses=None) -> dict[str, Any]:
-    """Flat '/'-keyed summary: per layer size, sparsity, bits, theoretical bits and loss; totals.
+def summarize(params, new_params, specs: Mapping[str, LayerSpec], losses=None, *, masks=None,
+              qarrays=None) -> dict[str, Any]:
+    """Flat '/'-keyed summary: per layer size, sparsity, bits and loss; totals.
 
-    The theoretical size of a layer counts its kept weights at their bit-width (32 when not
-    quantized), the cost model of OBC; biases and other leaves count at 32 bits.
+    Sizes and the ratio are those of :mod:`obcjax.sizes`, the one definition: a compressed
+    layer's ``size_bits`` is its kept values (at their code width, 32 bits when not quantized)
+    + indices (a 1-bit-per-weight mask, or N:M's ``ceil(log2 m)`` bits per kept weight) + grids
+    (a float32 scale and a uint8 zero point each), also given by part (``value_bits``,
+    ``index_bits``, ``grid_bits``); every other leaf counts 32 bits, as in the dense size.
+    ``total/compression`` is ``total/dense_bits / total/size_bits``. For float32 kernels the
+    compressed layers' size is what :func:`obcjax.export.pack_compressed` stores.
+
+    Args:
+      params: the original params (unused; kept for the call's shape).
+      new_params: the compressed params.
+      specs: ``{path: LayerSpec}`` of the compressed layers.
+      losses: ``{path: float}``.
+      masks, qarrays: the stored masks and QArrays (``{path: ...}`` or params-shaped trees, as
+        :class:`Compressed` holds them): kept weights are read off the masks and grids off the
+        QArrays; without them kept weights are the nonzeros of a pruned kernel (N:M: its
+        pattern) and grids follow the spec.
     """
+    from obcjax import sizes
+
     losses = losses or {}
+    masks, qarrays = _by_layer(masks), _by_layer(qarrays)
     new = find_layers(new_params)
     out: dict[str, Any] = {}
-    total_params = 0
-    dense_bits = 0
-    comp_bits = 0
+    compressed = {}
     for path, k in new.items():
-        kn = np.asarray(k)
-        n = kn.size
         spec = specs.get(path)
+        n = int(np.size(k))
+        if spec is None or not (spec.prune or spec.quant):
+            size = sizes.layer_size(np.shape(k))
+        elif path in masks or path in qarrays:
+            size = sizes.stored_layer_size(k, spec.prune, masks.get(path), qarrays.get(path))
+        else:
+            kept = None
+            if spec.prune is not None and not isinstance(spec.prune, NM):
+                kept = int(np.count_nonzero(np.asarray(k)))
+            bits = spec.quant.bits if spec.quant is not None else None
+            size = sizes.layer_size(np.shape(k), prune=spec.prune, bits=bits, kept=kept,
+                                    grids=sizes.grids_for(spec.quant, np.shape(k)))
+        if spec is not None:
+            compressed[path] = size
         bits = spec.quant.bits if (spec is not None and spec.quant is not None) else 32
-        nz = int(np.count_nonzero(kn)) if (spec is not None and spec.prune is not None) else n
         out[f"{path}/params"] = n
-        out[f"{path}/sparsity"] = 1.0 - nz / n
+        out[f"{path}/sparsity"] = 1.0 - size.kept / n
         out[f"{path}/bits"] = bits
-        out[f"{path}/size_bits"] = nz * bits
+        out[f"{path}/size_bits"] = size.total
+        out[f"{path}/value_bits"] = size.values
+        out[f"{path}/index_bits"] = size.indices
+        out[f"{path}/grid_bits"] = size.grids
         out[f"{path}/spec"] = spec.name if spec is not None else "dense"
         if path in losses:
             out[f"{path}/loss"] = float(losses[path])
-        total_params += n
-        dense_bits += 32 * n
-        comp_bits += nz * bits
-    other = sum(np.size(x) for x in jax.tree.leaves(new_params)) - total_params
-    out["total/params"] = total_params + other
-    out["total/dense_bits"] = dense_bits + 32 * other
-    out["total/size_bits"] = comp_bits + 32 * other
-    out["total/compression"] = out["total/dense_bits"] / max(out["total/size_bits"], 1)
+    total = sizes.model_size(new_params, compressed)
+    out["total/params"] = total["dense_bits"] // sizes.DENSE_BITS
+    out["total/dense_bits"] = total["dense_bits"]
+    out["total/size_bits"] = total["size_bits"]
+    # by part: values (every leaf not compressed at 32 bits among them), indices, grids
+    out["total/index_bits"] = sum(x.indices for x in compressed.values())
+    out["total/grid_bits"] = sum(x.grids for x in compressed.values())
+    out["total/value_bits"] = total["size_bits"] - out["total/index_bits"] - out["total/grid_bits"]
+    out["total/compression"] = total["ratio"]
     out["total/loss"] = float(sum(losses.values()))
     return out
+
+
+def _by_layer(entries) -> dict[str, Any]:
+    """``{path: entry}`` of a ``{path: entry}`` dict or of a params-shaped tree (None skipped)."""
+    if not entries:
+        return {}
+    if any(isinstance(v, Mapping) for v in entries.values()):
+        return {p: x for p, x in find_layers(entries).items() if x is not None}
+    return {p: x for p, x in entries.items() if x is not None}
 
 
 def prune_levels(

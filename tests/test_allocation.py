@@ -114,11 +114,11 @@ def test_costs_agree_with_summarize_and_export(mlp, li):
     nm = (lv.prune.n, lv.prune.m) if isinstance(lv.prune, NM) else None
     packed = export.pack_layer(W, mask=mask, qarray=qa, nm=nm)
     assert db.costs("size")["dense_0"][li] == export.theoretical_bits(packed)
-    # without overhead: the size of obcjax.transforms.summarize
+    # the size of obcjax.sizes, as summarize gives it; without overhead its kept values
     db_raw = Database(db.records.values(), overhead=False)
-    specs = {} if lv == LayerSpec() else {"dense_0": lv}
-    summ = summarize(params, out.params, specs)
-    assert db_raw.costs("size")["dense_0"][li] == summ["dense_0/size_bits"]
+    summ = out.summary
+    assert db.costs("size")["dense_0"][li] == summ["dense_0/size_bits"]
+    assert db_raw.costs("size")["dense_0"][li] == summ["dense_0/value_bits"]
     # MACs of kept weights, times bits for BOPs; dense_1 has 5 output positions
     nnz1 = db.records["dense_1"].nnz[li]
     assert db.costs("flops")["dense_1"][li] == 5 * nnz1

@@ -109,8 +109,10 @@ def test_attention_block_compresses_saves_and_loads(flavour, tmp_path):
                 zeros = (W == 0).reshape(W.shape[0], -1, 4).sum(-1)
                 assert (zeros == 2).all(), (name, path)
             if quant is not None:
-                (q,) = c.qarrays[path]
-                np.testing.assert_array_equal(np.asarray(q.dequantize()), W)
+                q = c.qarray(path)  # kernel layout: dequantizes to the kernel itself
+                assert q.codes.shape == k.shape and q.layout == c.layouts[path]
+                np.testing.assert_array_equal(np.asarray(q.dequantize()), k)
+                np.testing.assert_array_equal(np.asarray(q.as_matrix().dequantize()), W)
                 assert int(np.asarray(q.codes).max()) <= 15
         # the compressed params run in the model and stay close to dense
         out = np.asarray(apply(c.params, x))

@@ -29,6 +29,9 @@ def test_compress_end_to_end(tmp_path, capsys):
     saved = summary["saved"]
     assert saved["bytes_on_disk"] < saved["bytes_dense_float32"] / 2
     assert abs(saved["bytes_on_disk"] / saved["bytes_theoretical"] - 1) < 0.1
+    # one size (obcjax.sizes): the table's and summary.json's is the saved payload, bit for bit
+    assert saved["bytes_theoretical"] * 8 == obc["summary"]["total/size_bits"]
+    assert saved["bytes_dense_float32"] * 8 == obc["summary"]["total/dense_bits"]
     # the packed file evaluates to the same accuracy as the compressed model in memory
     capsys.readouterr()
     assert main(["evaluate", "--load", str(tmp_path / "m.safetensors")]) == 0

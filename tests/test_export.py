@@ -660,7 +660,8 @@ def _compressed(params):
 
     from obcjax import kernels as K
     from obcjax.specs import Unstructured
-    from obcjax.transforms import Compressed, LayerSpec, kernel_to_matrices, matrices_to_kernel
+    from obcjax.layout import kernel_to_matrices, matrices_to_kernel
+    from obcjax.transforms import Compressed, LayerSpec
 
     new = {k: dict(v) if isinstance(v, dict) else v for k, v in params.items()}
     k0 = params["Dense_0"]["kernel"]
@@ -684,10 +685,10 @@ def _compressed(params):
         "Conv_0": LayerSpec(quant=Int(3, granularity="group", group_size=9)),
         "Dense_1": LayerSpec(prune=Unstructured(0.5)),
     }
-    return Compressed(
+    return Compressed.from_flat(
         new,
         {"Dense_0": mask0, "Dense_1": mask1},
-        {"Dense_0": [rq.qarray], "Conv_0": [x.qarray for x in qs]},
+        {"Dense_0": rq.qarray, "Conv_0": [x.qarray for x in qs]},  # matrix QArrays, per group
         {},
         specs,
         {},

@@ -146,8 +146,9 @@ def test_search_meets_target_from_stored_bits_and_masks(ratio, rule):
         )
         assert spec.quant.bits == plan.bits[p]
     out = fit.apply_plan(params, plan)
-    assert out.summary["total/size_bits"] <= plan.size_bits
-    assert summarize(params, out.params, plan.specs)["total/size_bits"] <= ratio * plan.dense_bits
+    # FIT plans on kept values (obcjax.sizes' value bits); the size adds masks and grids
+    assert out.summary["total/value_bits"] <= plan.size_bits
+    assert summarize(params, out.params, plan.specs)["total/value_bits"] <= ratio * plan.dense_bits
     assert plan.fit == pytest.approx(
         fit.fit_score(F, params, plan.specs, masks=plan.masks), rel=1e-4
     )

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from obcjax import opq
+from obcjax.layout import set_path
 from obcjax.specs import Int, Unstructured
 from obcjax.transforms import LayerSpec
 
@@ -99,11 +100,16 @@ def test_allocation_meets_rate_counted_from_stored_masks(rate, include_other):
     plan = opq.opq_plan(p, rate, include_other=include_other)
     out = opq.opq_compress(p, plan.specs)
     c = opq.count_bits(p, plan.specs, out.masks, include_other=include_other)
-    budget = c["dense_bits"] / rate
+    budget = c["plan_dense_bits"] / rate
     max_bits = max(s.quant.bits for s in plan.specs.values())
-    assert c["size_bits"] <= budget + 1e-9
-    assert budget - c["size_bits"] < max_bits  # within one weight
-    assert c["size_bits"] == plan.size_bits
+    assert c["plan_bits"] <= budget + 1e-9
+    assert budget - c["plan_bits"] < max_bits  # within one weight
+    assert c["plan_bits"] == plan.size_bits
+    # the size (obcjax.sizes) adds the masks and the zero points: the summary's
+    kept = sum(int(np.count_nonzero(out.mask(q))) for q in plan.specs)
+    assert c["size_bits"] == out.summary["total/size_bits"] == opq.count_stored(p, out)["size_bits"]
+    assert c["rate"] == pytest.approx(out.summary["total/compression"]) and c["rate"] < rate
+    assert kept == sum(plan.kept.values())
     for path, spec in plan.specs.items():
         assert c[f"{path}/kept"] == plan.kept[path]
         assert spec.quant == Int(
@@ -148,8 +154,8 @@ def test_opq_compress_matches_numpy_reference():
         half = 2 ** (spec.quant.bits - 1)
         ref = np.where(mask, (np.clip(np.round(k / d) + half, 0, 2 * half - 1) - half) * d, 0.0)
         np.testing.assert_allclose(np.asarray(out.params[path]["kernel"]), ref, rtol=0, atol=1e-6)
-        np.testing.assert_array_equal(np.asarray(out.masks[path]), mask)
-        assert len(np.unique(np.asarray(out.qarrays[path][0].scale))) == 1  # one codebook per layer
+        np.testing.assert_array_equal(np.asarray(out.mask(path)), mask)
+        assert len(np.unique(np.asarray(out.qarray(path).scale))) == 1  # one codebook per layer
     assert p["fc1"]["kernel"] is not out.params["fc1"]["kernel"]
 
 
@@ -178,7 +184,7 @@ def test_uniform_allocation_meets_rate():
     p = _params()
     alloc = opq.uniform_allocate(p, 10.0, bits=4)
     c = opq.count_bits(p, alloc, opq.opq_compress(p, alloc).masks)
-    assert 0 <= c["dense_bits"] / 10.0 - c["size_bits"] < 4
+    assert 0 <= c["plan_dense_bits"] / 10.0 - c["plan_bits"] < 4
     sp = [s.prune.sparsity for s in alloc.values()]
     assert np.ptp(sp) < 0.05
 
@@ -250,19 +256,22 @@ def test_rate_met_exactly_as_counted_from_stored_bits_masks_and_grids(rate, gran
     plan = opq.opq_plan(p, rate, granularity=granularity)
     out = opq.opq_compress(p, plan.specs)
     c = opq.count_stored(p, out)  # reads masks, QArray bits and grids only
-    budget = c["dense_bits"] / rate
-    assert c["size_bits"] <= budget and budget - c["size_bits"] < max(plan.bits.values())
-    assert c["size_bits"] == plan.size_bits
-    for path, q in out.qarrays.items():
-        assert c[f"{path}/bits"] == plan.bits[path] == q[0].bits
+    budget = c["plan_dense_bits"] / rate
+    assert c["plan_bits"] <= budget and budget - c["plan_bits"] < max(plan.bits.values())
+    assert c["plan_bits"] == plan.size_bits
+    assert c["size_bits"] == out.summary["total/size_bits"]
+    for path in out.specs:
+        q = out.qarray(path)
+        assert c[f"{path}/bits"] == plan.bits[path] == q.bits
         assert c[f"{path}/kept"] == plan.kept[path]
-        grids = len(np.unique(np.asarray(q[0].scale)))
+        grids = len(np.unique(np.asarray(q.scale)))
         assert grids == (1 if granularity == "tensor" else p[path]["kernel"].shape[-1])
     # the count follows what is stored: one more kept weight costs exactly its bits
     path = max(plan.kept, key=plan.kept.get)
-    m = np.array(out.masks[path])
+    m = np.array(out.mask(path))
     m[np.unravel_index(np.argmin(m), m.shape)] = True
-    c2 = opq.count_stored(p, out._replace(masks={**out.masks, path: m}))
+    c2 = opq.count_stored(p, out._replace(masks=set_path(out.masks, path, "kernel", m)))
+    assert c2["plan_bits"] - c["plan_bits"] == plan.bits[path]
     assert c2["size_bits"] - c["size_bits"] == plan.bits[path]
 
 
@@ -276,7 +285,10 @@ def test_per_channel_grids_cost_one_scale_per_output_channel():
     ct = opq.count_stored(p, opq.opq_compress(p, t.specs))
     cc = opq.count_stored(p, opq.opq_compress(p, ch))
     extra = sum(32 * (p[k]["kernel"].shape[-1] - 1) for k in t.specs)
-    assert cc["size_bits"] - ct["size_bits"] == extra
+    assert cc["plan_bits"] - ct["plan_bits"] == extra
+    assert opq.count_bits(p, ch)["plan_bits"] == cc["plan_bits"]
+    # the size charges a uint8 zero point per grid as well
+    assert cc["size_bits"] - ct["size_bits"] == extra * 40 // 32
     assert opq.count_bits(p, ch)["size_bits"] == cc["size_bits"]
 
 
@@ -360,8 +372,8 @@ def test_finetune_keeps_masks_and_codebooks_bit_for_bit():
         unified = k in ("conv1", "conv3")
         assert np.shape(cb.scale) == (() if unified else (v["params"][k]["kernel"].shape[-1],))
     saved = {k: (np.array(cb.scale), np.array(cb.zero), cb.bits) for k, cb in cbs.items()}
-    saved_masks = {k: np.array(m) for k, m in comp.masks.items()}
-    assert _violations(comp.params, comp.masks, cbs) == 0
+    saved_masks = {k: np.array(comp.mask(k)) for k in comp.specs if comp.mask(k) is not None}
+    assert _violations(comp.params, saved_masks, cbs) == 0
     r = np.random.default_rng(0)
     data = Split(r.normal(size=(64, 40, 1)).astype(np.float32), r.integers(0, 10, 64))
     v2, info = zoo_finetune(
@@ -387,7 +399,7 @@ def test_finetune_keeps_masks_and_codebooks_bit_for_bit():
         np.testing.assert_array_equal(np.asarray(cb.scale), s)
         np.testing.assert_array_equal(np.asarray(cb.zero), z)
         np.testing.assert_array_equal(np.asarray(T.get_masks(st)[k]["kernel"]), saved_masks[k])
-        np.testing.assert_array_equal(np.asarray(comp.masks[k]), saved_masks[k])  # not mutated
+        np.testing.assert_array_equal(np.asarray(comp.mask(k)), saved_masks[k])  # not mutated
     assert any(
         not np.array_equal(
             np.asarray(v2["params"][k]["kernel"]), np.asarray(comp.params[k]["kernel"])
@@ -414,7 +426,8 @@ def test_kernel_codebooks_errors():
     with pytest.raises(ValueError, match="'fc1'.*granularity='group'"):
         opq.kernel_codebooks(p, opq.opq_compress(p, g).qarrays)
     with pytest.raises(ValueError, match="'zz' is not in params"):
-        opq.kernel_codebooks(p, {"zz": []})
+        opq.kernel_codebooks(p, {"zz": {"kernel": opq.opq_compress(
+            p, {"fc1": LayerSpec(None, Int(4))}).qarray("fc1")}})
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -138,7 +138,10 @@ def test_sequential_quantized_and_skip(linen):
     rules = [("fc3", None), (".*", Int(4))]
     seq = compress_sequential(model, v, batches, rules, apply_kwargs={"train": False})
     np.testing.assert_array_equal(seq.params["fc3"]["kernel"], v["params"]["fc3"]["kernel"])
-    assert set(seq.qarrays) == {"fc1", "fc2"}
+    assert {p for p in seq.specs if seq.qarray(p) is not None} == {"fc1", "fc2"}
+    assert seq.qarrays["fc3"]["kernel"] is None and seq.masks["fc1"]["kernel"] is None
+    np.testing.assert_allclose(seq.qarray("fc2").dequantize(), seq.params["fc2"]["kernel"],
+                               rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="leave every layer dense"):
         compress_sequential(model, v, batches, [(".*", None)], apply_kwargs={"train": False})
     with pytest.raises(ValueError, match="matches no layer"):

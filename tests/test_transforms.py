@@ -8,15 +8,16 @@ from flax import linen as nn
 
 from obcjax import kernels as K
 from obcjax.calibration import calibrate
+from obcjax.layout import kernel_to_matrices, matrices_to_kernel
+from obcjax.quant import QArray
 from obcjax.specs import GPTQ, NM, OBQ, Block, ExactOBS, Int, Magnitude, SparseGPT, Unstructured
 from obcjax.stats import hessian_finalize
 from obcjax.transforms import (
+    Compressed,
     LayerSpec,
     as_layer_spec,
     compress,
     find_layers,
-    kernel_to_matrices,
-    matrices_to_kernel,
     prune_levels,
 )
 
@@ -95,15 +96,27 @@ def test_compress_equals_kernel_calls_per_layer(setup):
         np.testing.assert_allclose(
             kernel_to_matrices(out.params["dw"]["kernel"], 8)[g], rq.weights, rtol=1e-5, atol=1e-6
         )
-    assert len(out.qarrays["dw"]) == 8
+    q = out.qarray("dw")  # one kernel-layout QArray for the 8 groups
+    assert q.layout.groups == 8 and q.codes.shape == v["params"]["dw"]["kernel"].shape
+    np.testing.assert_allclose(q.dequantize(), out.params["dw"]["kernel"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(q.as_matrix(5).codes, K.obq_quantize(mats[5], Hd[5], Int(4))
+                                  .qarray.codes)
     # skipped layer is untouched, structure and dtypes preserved
     np.testing.assert_array_equal(out.params["head"]["kernel"], v["params"]["head"]["kernel"])
     assert jax.tree.structure(out.params) == jax.tree.structure(v["params"])
     for a, b in zip(jax.tree.leaves(out.params), jax.tree.leaves(v["params"])):
         assert a.shape == b.shape and a.dtype == b.dtype
     # masks mirror kernels, True = kept
-    assert out.masks["fc"].shape == v["params"]["fc"]["kernel"].shape
-    np.testing.assert_array_equal(out.masks["fc"], np.asarray(out.params["fc"]["kernel"]) != 0)
+    assert out.mask("fc").shape == v["params"]["fc"]["kernel"].shape
+    np.testing.assert_array_equal(out.mask("fc"), np.asarray(out.params["fc"]["kernel"]) != 0)
+    # masks and qarrays mirror params: an entry at each compressed kernel, None elsewhere
+    none = lambda x: x is None or isinstance(x, QArray)  # noqa: E731
+    for tree in (out.masks, out.qarrays):
+        assert jax.tree.structure(tree, is_leaf=none) == jax.tree.structure(
+            jax.tree.map(lambda _: 0, v["params"]))
+    assert out.masks["fc"]["bias"] is None and out.masks["dw"]["kernel"] is None
+    assert out.qarrays["fc"]["kernel"] is None and out.qarrays["dw"]["bias"] is None
+    assert out.masks["fc"]["kernel"] is out.mask("fc")
     assert set(out.specs) == {"conv", "dw", "fc"}
 
 
@@ -115,7 +128,12 @@ def test_summary_counts(setup):
     assert s["fc/params"] == n
     assert s["fc/sparsity"] == pytest.approx(round(0.75 * n) / n)
     assert s["fc/bits"] == 4 and s["conv/bits"] == 32
-    assert s["fc/size_bits"] == (n - round(0.75 * n)) * 4
+    # obcjax.sizes: kept values at 4 bits + a 1-bit mask per weight + a float32 scale and a
+    # uint8 zero point per output row
+    rows = v["params"]["fc"]["kernel"].shape[-1]
+    assert s["fc/value_bits"] == (n - round(0.75 * n)) * 4
+    assert (s["fc/index_bits"], s["fc/grid_bits"]) == (n, rows * 40)
+    assert s["fc/size_bits"] == (n - round(0.75 * n)) * 4 + n + rows * 40
     total = sum(x.size for x in jax.tree.leaves(v["params"]))
     assert s["total/params"] == total
     assert s["total/dense_bits"] == 32 * total
@@ -199,22 +217,22 @@ def _same(a, b, rtol=1e-5, atol=1e-6):
     assert set(a.specs) == set(b.specs)
     for path in a.specs:
         ka, kb = np.asarray(a.params[path]["kernel"]), np.asarray(b.params[path]["kernel"])
-        if path in a.qarrays:
+        if a.qarray(path) is not None:
             far = ~np.isclose(ka, kb, rtol=rtol, atol=atol)
             assert far.mean() <= 0.01, (path, far.sum())
-            ca = np.concatenate([np.asarray(q.codes, np.int32).ravel() for q in a.qarrays[path]])
-            cb = np.concatenate([np.asarray(q.codes, np.int32).ravel() for q in b.qarrays[path]])
+            ca = np.asarray(a.qarray(path).codes, np.int32).ravel()
+            cb = np.asarray(b.qarray(path).codes, np.int32).ravel()
             assert np.abs(ca - cb).max() <= 1 and (ca != cb).mean() <= 0.01, path
         else:
             np.testing.assert_allclose(ka, kb, rtol=rtol, atol=atol, err_msg=path)
-        rel = 1e-3 if path in a.qarrays else 1e-4  # (a one-step code flip moves it ~1e-4)
+        rel = 1e-3 if a.qarray(path) is not None else 1e-4  # (a one-step code flip: ~1e-4)
         assert a.losses[path] == pytest.approx(b.losses[path], rel=rel, abs=1e-9), path
-        assert (path in a.masks) == (path in b.masks)
-        if path in a.masks:
-            np.testing.assert_array_equal(a.masks[path], b.masks[path], err_msg=path)
-        if path in a.qarrays:
-            assert len(a.qarrays[path]) == len(b.qarrays[path])
-            for qa, qb in zip(a.qarrays[path], b.qarrays[path]):
+        assert (a.mask(path) is None) == (b.mask(path) is None)
+        if a.mask(path) is not None:
+            np.testing.assert_array_equal(a.mask(path), b.mask(path), err_msg=path)
+        if a.qarray(path) is not None:
+            assert a.qarray(path).layout == b.qarray(path).layout
+            for qa, qb in [(a.qarray(path), b.qarray(path))]:
                 np.testing.assert_allclose(qa.scale, qb.scale, rtol=1e-6, err_msg=path)
                 np.testing.assert_array_equal(qa.zero, qb.zero, err_msg=path)
                 assert (qa.bits, qa.group_size) == (qb.bits, qb.group_size)
@@ -262,7 +280,7 @@ def test_grouped_batches_equal_per_group_loop(grouped, case, monkeypatch):
     assert len(calls) == 12 + 4 + (4 if case[2] is not None else 0)
     _same(batched, loop)
     if case[2] is not None:
-        m = np.asarray(batched.masks["gc1"]).reshape(4, 4, 4)  # (cin/G, G, out/G): 2 of 4 kept
+        m = np.asarray(batched.mask("gc1")).reshape(4, 4, 4)  # (cin/G, G, out/G): 2 of 4 kept
         assert (m.sum(axis=0) == 2).all()
     # and the loop itself is the kernel on group g's matrix and Hessian
     if case[0].solver == "gptq":
@@ -336,7 +354,7 @@ def test_dead_inputs_zero_or_keep(grouped, solver):
     np.testing.assert_array_equal(kernel_to_matrices(zero.params["gc"]["kernel"], 4)[1][:, 2], 0)
     keep = compress(v["params"], dead, rules, dead_inputs="keep")
     got = kernel_to_matrices(keep.params["gc"]["kernel"], 4)[1]
-    qa = keep.qarrays["gc"][1]
+    qa = keep.qarray("gc").as_matrix(1)
     # the dead input is rounded to its row's grid, not zeroed...
     np.testing.assert_allclose(
         got[:, 2], quantize(W1[:, 2], qa.scale[:, 0], qa.zero[:, 0], 8), rtol=1e-6, atol=1e-7
@@ -398,12 +416,12 @@ def _identical(a, b, code_flips=0.0):
     """
     assert set(a.specs) == set(b.specs)
     for path in a.specs:
-        assert (path in a.masks) == (path in b.masks)
-        if path in a.masks:
-            np.testing.assert_array_equal(a.masks[path], b.masks[path], err_msg=path)
-        assert (path in a.qarrays) == (path in b.qarrays)
+        assert (a.mask(path) is None) == (b.mask(path) is None)
+        if a.mask(path) is not None:
+            np.testing.assert_array_equal(a.mask(path), b.mask(path), err_msg=path)
+        assert (a.qarray(path) is None) == (b.qarray(path) is None)
         flips = 0
-        for qa, qb in zip(a.qarrays.get(path, []), b.qarrays.get(path, [])):
+        for qa, qb in [(a.qarray(path), b.qarray(path))] if a.qarray(path) is not None else []:
             d = np.abs(np.asarray(qa.codes, np.int32) - np.asarray(qb.codes, np.int32))
             assert d.max() <= (1 if code_flips else 0), path
             flips += int(np.count_nonzero(d))
@@ -453,9 +471,9 @@ def test_same_shaped_layers_batched_equal_one_by_one(stack, spec, monkeypatch):
             batched.params[path]["kernel"], np.asarray(r.weights).T, rtol=1e-6, atol=1e-7
         )
         if spec.prune is not None:
-            np.testing.assert_array_equal(batched.masks[path], np.asarray(r.mask).T)
+            np.testing.assert_array_equal(batched.mask(path), np.asarray(r.mask).T)
         if spec.quant is not None:
-            np.testing.assert_array_equal(batched.qarrays[path][0].codes, r.qarray.codes)
+            np.testing.assert_array_equal(batched.qarray(path).as_matrix().codes, r.qarray.codes)
         assert batched.losses[path] == pytest.approx(float(r.loss), rel=1e-5)
     # and the one-by-one fallback (the solvers' host wrappers) gives the same masks and codes
     monkeypatch.setattr(T, "_stacked", lambda *a, **k: None)
@@ -472,14 +490,14 @@ def test_solver_records_reach_the_kernels(stack):
     out = compress(v["params"], stats, [("block2", LayerSpec(None, q, GPTQ(act_order=True,
                    static_groups=True))), (".*", None)])
     want = K.gptq_quantize(W, H, q, act_order=True, static_groups=True)
-    np.testing.assert_array_equal(out.qarrays["block2"][0].codes, want.qarray.codes)
+    np.testing.assert_array_equal(out.qarray("block2").as_matrix().codes, want.qarray.codes)
     plain = K.gptq_quantize(W, H, q, static_groups=True)
     assert (np.asarray(plain.qarray.codes) != np.asarray(want.qarray.codes)).any()
     # the compress-level default solver may be a record too; GPTQ on a pruned layer is SparseGPT
     out = compress(v["params"], stats, [("block2", NM(2, 4)), (".*", None)],
                    solver=GPTQ(blocksize=4))
     want = K.sparsegpt_prune(W, H, NM(2, 4), blocksize=4)
-    np.testing.assert_array_equal(out.masks["block2"], np.asarray(want.mask).T)
+    np.testing.assert_array_equal(out.mask("block2"), np.asarray(want.mask).T)
 
 
 def test_layer_spec_solvers_and_shorthands():
@@ -569,3 +587,24 @@ def test_prune_levels_same_shaped_layers_equal_one_by_one(stack, monkeypatch):
                 )
     with pytest.raises(ValueError, match="prune_levels: solver"):
         prune_levels(v["params"], stats, [0.5], solver=GPTQ())
+
+
+def test_from_flat_builds_the_trees_from_per_layer_results(setup):
+    """Every producer's constructor: matrix QArrays (one per group) go to kernel layout with the
+    layer's layout, read off the codes when none is given; bad paths and shapes are errors."""
+    _, v, stats, _ = setup
+    out = compress(v["params"], stats, [("dw", Int(4)), ("fc", Unstructured(0.5)), (".*", None)])
+    q = out.qarray("dw")
+    per_group = [q.as_matrix(g) for g in range(8)]
+    again = Compressed.from_flat(out.params, {"fc": out.mask("fc")}, {"dw": per_group},
+                                 out.losses, out.specs, out.summary)
+    assert again.qarray("dw").layout == q.layout == out.layouts["dw"]
+    for f in ("codes", "scale", "zero"):
+        np.testing.assert_array_equal(getattr(again.qarray("dw"), f), getattr(q, f))
+    np.testing.assert_array_equal(again.mask("fc"), out.mask("fc"))
+    assert again.layouts["fc"] == out.layouts["fc"]
+    assert again.mask("dw") is None and again.qarray("fc") is None and again.mask("nope") is None
+    with pytest.raises(ValueError, match="'nope' is not in params"):
+        Compressed.from_flat(out.params, {"nope": out.mask("fc")})
+    with pytest.raises(ValueError, match="layer 'fc': mask of shape"):
+        Compressed.from_flat(out.params, {"fc": out.mask("fc")[:2]})

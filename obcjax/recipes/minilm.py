@@ -391,11 +391,14 @@ def with_gptq_options(spec, *, act_order: bool = False, static_groups: bool = Fa
 
 
 def _compress_paths(params, stats, paths, spec, *, rel_damp):
-    """Compress ``paths`` of ``params``; returns ``(params, masks, qarrays, losses)``."""
+    """Compress ``paths`` of ``params``; returns ``(params, masks, qarrays, losses)``, the
+    per-layer entries keyed by path (for :meth:`obcjax.transforms.Compressed.from_flat`)."""
     from obcjax.transforms import compress
 
     out = compress(params, stats, [(re.escape(p), spec) for p in paths], rel_damp=rel_damp)
-    return out.params, out.masks, out.qarrays, out.losses
+    masks = {p: out.mask(p) for p in out.specs if out.mask(p) is not None}
+    qarrays = {p: out.qarray(p) for p in out.specs if out.qarray(p) is not None}
+    return out.params, masks, qarrays, out.losses
 
 
 def compress_minilm(
@@ -436,7 +439,7 @@ def compress_minilm(
         >>> out = compress_minilm(model, variables, level_spec(bits=4, group=128), batches=batches)
         >>> new_variables = {**variables, "params": out.params}
     """
-    from obcjax.transforms import Compressed, summarize
+    from obcjax.transforms import Compressed
 
     if mode not in ("one-pass", "sequential"):
         raise ValueError(f"mode must be 'one-pass' or 'sequential', got {mode!r}")
@@ -474,7 +477,7 @@ def compress_minilm(
             qarrays.update(q)
             losses.update(loss)
     specs = {p: spec for p in layers}
-    return Compressed(new, masks, qarrays, losses, specs, summarize(params, new, specs, losses))
+    return Compressed.from_flat(new, masks, qarrays, losses, specs)
 
 
 def dense_size_bits(summary: Mapping[str, Any], layers: Sequence[str]) -> tuple[int, int]:
