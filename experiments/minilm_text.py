@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     def evaluate(params):
         v = {**variables, "params": params}
         return {
-            t: dataclasses.asdict(mc.evaluate(model, v, tokenizer, s, refs[t]))
+            t: dataclasses.asdict(mc.compare_embeddings(model, v, tokenizer, s, refs[t]))
             for t, s in test_sets.items()
         }
 
