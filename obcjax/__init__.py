@@ -9,9 +9,9 @@ The names here are the common path; everything else lives in the submodules, lis
 
 * one call: :func:`oneshot` (calibrate, compress one-pass or sequentially, repair batch norm);
 * the steps: :func:`calibrate`, :func:`compress`, :func:`prune_levels`;
-* the specs: :class:`Unstructured`, :class:`NM`, :class:`Block`, :class:`Int`,
-  :class:`LayerSpec` and the solver records :class:`ExactOBS`, :class:`OBQ`, :class:`GPTQ`,
-  :class:`SparseGPT`, :class:`Magnitude`;
+* the specs: :class:`Unstructured`, :class:`NM`, :class:`Block`, :class:`Int` and the solver
+  records :class:`ExactOBS`, :class:`OBQ`, :class:`GPTQ`, :class:`SparseGPT`, :class:`Magnitude`
+  (a layer's bundle of them, ``LayerSpec``, is :class:`obcjax.transforms.LayerSpec`);
 * files: :func:`save_params` / :func:`load_params` (a whole params tree, compressed layers
   packed);
 * :func:`enable_compile_cache`.
@@ -52,7 +52,6 @@ _EXPORTS = {
     "calibrate": "calibration",
     "compress": "transforms",
     "prune_levels": "transforms",
-    "LayerSpec": "transforms",
     "oneshot": "workflow",
     "OneShotResult": "workflow",
     "save_params": "export",
@@ -72,7 +71,6 @@ __all__ = [
     "NM",
     "Block",
     "Int",
-    "LayerSpec",
     "ExactOBS",
     "OBQ",
     "GPTQ",
@@ -139,7 +137,7 @@ if TYPE_CHECKING:
     )
     from obcjax.calibration import calibrate
     from obcjax.export import load_params, save_params
-    from obcjax.transforms import LayerSpec, compress, prune_levels
+    from obcjax.transforms import compress, prune_levels
     from obcjax.workflow import OneShotResult, oneshot
 
 

@@ -1353,7 +1353,8 @@ def load_params(path, *, like=None) -> dict:
       kernels of :func:`pack_compressed`) comes back bit for bit.
 
     Raises:
-      CorruptedFileError: a damaged file (see :func:`load`), naming the file and the field.
+      obcjax.fileio.CorruptedFileError: a damaged file (see :func:`load`), naming the file and
+        the field.
       ValueError: the file does not match ``like``, holds no params tree, or is not ours.
     """
     manifest, layers, _ = _read(path)

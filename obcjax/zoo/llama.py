@@ -118,7 +118,7 @@ class RMSNorm(nnx.Module):
 
 
 def rotary_tables(seq_len: int, head_dim: int, theta: float = 10000.0):
-    """``(cos, sin)``, each ``(seq_len, head_dim // 2)``, for positions ``0 .. seq_len-1``."""
+    """``(cos, sin)``, each ``(seq_len, head_dim // 2)``, for positions ``0`` to ``seq_len - 1``."""
     inv = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
     ang = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv[None, :]
     return jnp.cos(ang), jnp.sin(ang)
