@@ -117,8 +117,8 @@ def run_model(name: str, dataset: str, *, quick: bool, out: Path, seed: int, log
     log(f"  database {t_db:.1f}s ({len(db.paths)} layers x {len(db.levels(db.paths[0]))} "
         f"levels), network scores {t_net:.1f}s")
 
-    factors = {"size": [10.0] if quick else [8.0, 10.0, 12.0],
-               "bops": [10.0] if quick else [8.0, 12.0, 16.0]}
+    factors = {"size": [10.0] if quick else [8.0, 12.0, 16.0],
+               "bops": [10.0] if quick else [8.0, 16.0, 24.0]}
     spdy_kw = (dict(inits=10, tries=5, max_evals=30) if quick
                else dict(inits=100, tries=100, max_evals=400))
     rows = []

@@ -53,7 +53,7 @@ import numpy as np
 from flax import linen as nn
 from flax import nnx
 
-from obcjax.capture import BoundModel, input_hook, intercept, layer_kinds
+from obcjax.capture import BoundModel, input_hook, intercept, layer_kinds, layer_rows
 from obcjax.quant import find_params
 from obcjax.rules import match_rules, normalize_rules
 from obcjax.specs import Int
@@ -74,6 +74,8 @@ __all__ = [
     "calibrate_mixed",
     "compress_mixed",
     "mixed_database",
+    "ActErrorStats",
+    "activation_error_stats",
 ]
 
 MIN_BITS, MAX_BITS = 4, 8
@@ -462,6 +464,117 @@ def activation_errors(
     return out
 
 
+class ActErrorStats(NamedTuple):
+    """Second moments of one layer input's rounding error at one bit-width, in the layer's rows.
+
+    With ``r`` a row the layer multiplies with its flattened kernel (:func:`obcjax.capture.layer_rows`:
+    the input of a Dense layer, an im2col patch of a conv) and ``e = r̂ − r`` the rounding error of
+    the quantized input, the output error of weights ``Ŵ`` (reference ``W``, ``ΔW = Ŵ − W``) over
+    the calibration tokens is ``Σ ‖Ŵ r̂ − W r‖² = Σ ‖ΔW r‖² + tr(Ŵ ee Ŵᵀ) + 2 tr(Ŵ er ΔWᵀ)``, with
+    no assumption on the errors: :func:`obcjax.allocation.build_database` takes the last two terms
+    divided by ``count`` as the measured activation part of a mixed level's loss.
+
+    Attributes:
+      ee: ``(G, cols, cols)`` float64 ``Σ e eᵀ`` per feature group.
+      er: ``(G, cols, cols)`` float64 ``Σ e rᵀ``.
+      count: the number of rows (tokens) summed.
+    """
+
+    ee: np.ndarray
+    er: np.ndarray
+    count: int
+
+
+def activation_error_stats(
+    model,
+    variables,
+    batches: Sequence[Any],
+    bits: Sequence[int] = (4, 8),
+    spec: ActSpec | Int = DEFAULT_SPEC,
+    *,
+    rules=(".*",),
+    layer_types: Sequence[str] = ("Dense", "Conv"),
+    apply_kwargs: Mapping[str, Any] | None = None,
+    forward: Callable | None = None,
+    sample: int = 1 << 15,
+) -> dict[str, dict[int, ActErrorStats]]:
+    """The measured activation error of each layer input at each bit-width (:class:`ActErrorStats`).
+
+    One pass fits the grids exactly as :func:`calibrate_activations` does (per layer, per
+    bit-width, from ``spec``), a second pass runs the calibration batches again and accumulates,
+    for every matched layer call, the second moments of the rounding error of its rows and their
+    cross moments with the rows. :func:`obcjax.allocation.build_database` turns them into the
+    exact output error the quantized inputs add to each level's weights (measured, where
+    :func:`activation_errors` gives the per-channel proxy that assumes uncorrelated errors).
+
+    Args:
+      bits: the activation bit-widths (each 4..8).
+      spec: the grid template (its ``bits`` replaced by each of ``bits``).
+      Others: as in :func:`calibrate_activations`.
+
+    Returns:
+      ``{path: {bits: ActErrorStats}}`` in forward order.
+
+    Example:
+        >>> from obcjax import zoo
+        >>> model, v = zoo.linen_model("lenet5"), zoo.init_variables("lenet5", (8, 8, 1))
+        >>> batches = [x for x, _ in zoo.batches(zoo.digits()["calib"], 64)]
+        >>> st = activation_error_stats(model, v, batches, (4,), rules=[("conv1", None), ".*"])
+        >>> st["conv2"][4].ee.shape                     # one 5x5x6 patch per output position
+        (1, 150, 150)
+    """
+    spec = as_act_spec(spec)
+    bits = tuple(dict.fromkeys(bits))
+    if not bits:
+        raise ValueError("activation_error_stats: bits is empty")
+    for b in bits:
+        dataclasses.replace(spec, bits=b)  # validates 4..8
+    normalize_rules(rules, what="layer input")
+    forward = forward or _default_forward(apply_kwargs)
+    g = _gather(
+        model,
+        variables,
+        batches,
+        layer_types=layer_types,
+        forward=forward,
+        sample=sample,
+        what="activation_error_stats",
+    )
+    grids = {
+        path: {int(b): _fit(dataclasses.replace(s, bits=b), g, path) for b in bits}
+        for path, s in _layer_specs(g, rules, spec).items()
+    }
+    acc: dict[str, dict[int, list]] = {p: {} for p in grids}
+
+    def observe(call):
+        if call.path not in grids:
+            return None
+        x = jnp.asarray(call.input, jnp.float32)
+        R = np.asarray(layer_rows(call.kind, call.module, x, call.path), np.float64)
+        for b, aq in grids[call.path].items():
+            E = np.asarray(
+                layer_rows(call.kind, call.module, fake_quantize(x, aq) - x, call.path), np.float64
+            )
+            ee = np.einsum("tgi,tgj->gij", E, E)
+            er = np.einsum("tgi,tgj->gij", E, R)
+            cur = acc[call.path].get(b)
+            acc[call.path][b] = (
+                [ee, er, R.shape[0]]
+                if cur is None
+                else [cur[0] + ee, cur[1] + er, cur[2] + R.shape[0]]
+            )
+        return None
+
+    kinds = layer_kinds(layer_types, what="activation_error_stats")
+    bound = BoundModel(model, variables, what="activation_error_stats")
+    hook = input_hook(observe)
+    for batch in list(batches):
+        bound.run(forward, batch, hook=hook, layer_types=kinds)  # eager: reduced right away
+    return {
+        p: {b: ActErrorStats(*acc[p][b]) for b in grids[p]} for p in grids if acc[p]
+    }
+
+
 def activation_forward(
     aq: Mapping[str, ActQuant],
     *,
@@ -782,12 +895,15 @@ def mixed_database(
     layer_types: Sequence[str] = ("Dense", "Conv"),
     forward: Callable | None = None,
     sample: int = 1 << 15,
+    act_error: str = "measured",
     **database_kwargs,
 ):
     """OBC's mixed database in one call: activation errors, then the database of levels.
 
-    Measures :func:`activation_errors` at every activation bit-width the levels use, on the
-    layers ``rules`` put in the database, and passes them to
+    Measures the activation errors at every activation bit-width the levels use, on the
+    layers ``rules`` put in the database (:func:`activation_error_stats`, the output error the
+    quantized inputs add, measured; or the per-channel proxy of :func:`activation_errors`), and
+    passes them to
     :func:`obcjax.allocation.build_database` (Linen variables; ``params`` from
     ``variables["params"]``).
 
@@ -797,6 +913,8 @@ def mixed_database(
       rules: the database's rules (True: in the database, None: left out).
       act_spec: the activation grid used to measure the errors (use the same in
         :func:`compress_mixed`).
+      act_error: ``"measured"`` (:func:`activation_error_stats`) or ``"proxy"``
+        (:func:`activation_errors`, uncorrelated per-channel errors).
       database_kwargs: passed on to :func:`~obcjax.allocation.build_database` (``positions``,
         ``path``, ``error``, ``rel_damp``, ``progress``...).
 
@@ -826,7 +944,12 @@ def mixed_database(
             (pat, None if val is None else True)
             for pat, val in normalize_rules(rules, what="layer")
         ]
-        errs = activation_errors(
+        if act_error not in ("measured", "proxy"):
+            raise ValueError(
+                f"mixed_database: act_error must be 'measured' or 'proxy', got {act_error!r}"
+            )
+        measure = activation_error_stats if act_error == "measured" else activation_errors
+        errs = measure(
             model,
             variables,
             batches,

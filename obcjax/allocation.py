@@ -10,7 +10,10 @@ a budget in two steps:
    from one elimination pass, so a sweep of 40 sparsities costs about one level.
 2. **Global solver.** A dynamic program over layers picks one level per layer minimising the summed
    loss subject to the summed cost staying within the budget (layer losses are assumed additive,
-   as in the paper).
+   as in the paper). The summed score is the OBS loss, its relative or OBC's ``squared`` form, or
+   the network score of :func:`network_scores` (OBC's ``loss`` mode: the calibration loss with
+   only that layer at that level, from a ``loss_fn`` the caller supplies); :func:`spdy` searches
+   over the DP with the stitched model's real calibration loss (OBC's default search).
 
 Cost model (per layer; ``numel`` weights, ``nnz`` kept weights, ``b`` weight bits, 32 when not
 quantized; ``positions`` output positions, 1 by default for Dense):
@@ -28,12 +31,14 @@ quantized; ``positions`` output positions, 1 by default for Dense):
 
 Mixed weight/activation levels (OBC's "mixed" database: 8w8a, 4w4a, 2:4+8w8a, 2:4+4w4a):
 a :class:`WALevel` is a weight level plus an activation bit-width. Levels sharing the same
-weights (4w4a and 4w8a) are solved once. Their loss is the weights' OBS loss plus the activation
-term ``Σ_i σ_i²(a) ‖Ŵ[:, i]‖²`` from :func:`obcjax.activations.activation_errors` (``σ_i²``: the
-mean squared rounding error the a-bit grid adds to input channel ``i``; ``Ŵ`` the compressed
-kernel), the output error of uncorrelated rounding noise, in the OBS loss's units.
+weights (4w4a and 4w8a) are solved once. Their loss is the weights' OBS loss plus an activation
+term in the same units: measured, the output error the quantized inputs add to the compressed
+layer on the calibration data (:func:`obcjax.activations.activation_error_stats`), or the proxy
+``Σ_i σ_i²(a) ‖Ŵ[:, i]‖²`` of uncorrelated rounding noise
+(:func:`obcjax.activations.activation_errors`; ``σ_i²``: the mean squared rounding error the
+a-bit grid adds to input channel ``i``; ``Ŵ`` the compressed kernel).
 
-    >>> errs = activations.activation_errors(model, v, batches, (4, 8), rules=keep + [".*"])
+    >>> errs = activations.activation_error_stats(model, v, batches, (4, 8), rules=keep + [".*"])
     >>> db = build_database(params, stats, mixed_levels((8, 4)), rules=keep + [(".*", True)],
     ...                     act_errors=errs, positions=positions)
     >>> choice = solve(db, db.cost_of({p: "8w8a" for p in db.paths}, "bops") / 2, metric="bops")
@@ -69,7 +74,7 @@ import numpy as np
 from obcjax import kernels as K
 from obcjax._checks import check_kernel, check_rel_damp
 from obcjax.fileio import CorruptedFileError, atomic_write
-from obcjax.layout import set_path
+from obcjax.layout import from_matrices, layout_for, set_path, to_matrices
 from obcjax.specs import (
     NM,
     Block,
@@ -86,9 +91,7 @@ from obcjax.transforms import (
     as_layer_spec,
     compress,
     find_layers,
-    kernel_to_matrices,
     layer_hessians,
-    matrices_to_kernel,
 )
 
 __all__ = [
@@ -110,6 +113,7 @@ __all__ = [
     "uniform",
     "to_rules",
     "materialize",
+    "layer_bops",
 ]
 
 METRICS = ("size", "bops", "flops")
@@ -347,6 +351,20 @@ def _levels_tuple(levels, what: str) -> tuple[LayerSpec, ...]:
 
 def _wbits(level: LayerSpec) -> int:
     return level.quant.bits if level.quant is not None else 32
+
+
+def layer_bops(nnz, wbits, abits, positions=1):
+    """BOPs of a layer, the ``"bops"`` metric: ``nnz·positions·wbits·abits``.
+
+    The MACs of the kept weights (``nnz`` kept weights × ``positions`` output positions, 1 for a
+    Dense layer on one vector) times the weight and activation bit-widths (32 when not
+    quantized). Works elementwise on arrays.
+
+    Example:
+        >>> layer_bops(nnz=3 * 3 * 16 * 32, wbits=4, abits=8, positions=8 * 8)
+        9437184
+    """
+    return nnz * positions * wbits * abits
 
 
 def _fits(level: LayerSpec, cols: int) -> bool:
@@ -605,12 +623,12 @@ class Database:
             if metric == "size":
                 out[p] = nnz * wb + (r.overhead if self.overhead else 0.0)
                 continue
-            macs = nnz * float(self.positions.get(p, 1))
+            pos = float(self.positions.get(p, 1))
             if metric == "flops":
-                out[p] = macs
+                out[p] = nnz * pos
             else:
                 ab = [self._abits(lv) for lv in r.levels]
-                out[p] = macs * wb * np.asarray(ab, np.float64)
+                out[p] = layer_bops(nnz, wb, np.asarray(ab, np.float64), pos)
         return out
 
     def _abits(self, level) -> int:
@@ -629,9 +647,9 @@ class Database:
             if metric == "size":
                 tot += 32.0 * n
             else:
-                macs = n * self.positions.get(p, 1)
+                pos = self.positions.get(p, 1)
                 ab = self._abits(_DENSE)
-                tot += macs if metric == "flops" else macs * 32.0 * ab
+                tot += n * pos if metric == "flops" else layer_bops(n, 32.0, ab, pos)
         return tot
 
     def min_cost(self, metric: str = "size") -> float:
@@ -823,13 +841,14 @@ def _layer_matrices(kernel, H, path: str):
     G, cols = H.shape[0], H.shape[-1]
     if kernel.ndim < 2:
         raise ValueError(f"layer {path!r}: kernel must be at least 2-D, got {tuple(kernel.shape)}")
-    mats = kernel_to_matrices(kernel, G) if kernel.shape[-1] % G == 0 else None
-    if mats is None or mats[0].shape[1] != cols:
+    try:
+        lay = layout_for(kernel.shape, cols, G, layer=path)
+    except ValueError:
         raise ValueError(
             f"layer {path!r}: kernel of shape {tuple(kernel.shape)} does not match its "
             f"statistics ({G} group(s) of width {cols}); the statistics come from another model"
-        )
-    return mats
+        ) from None
+    return to_matrices(kernel, lay), lay
 
 
 def _solve_levels(W, H, P, levels, avail, *, rel_damp, method, mesh, name):
@@ -877,8 +896,8 @@ def _solve_levels(W, H, P, levels, avail, *, rel_damp, method, mesh, name):
 
 
 def _compute_layer(path, kernel, Hs, levels, *, rel_damp, method, mesh, keep_weights, fp):
-    mats = _layer_matrices(kernel, Hs, path)
-    G = len(mats)
+    mats, lay = _layer_matrices(kernel, Hs, path)
+    G = lay.groups
     cols = Hs.shape[-1]
     avail = [_fits(lv, cols) for lv in levels]
     S = len(levels)
@@ -913,10 +932,7 @@ def _compute_layer(path, kernel, Hs, levels, *, rel_damp, method, mesh, keep_wei
         # npz has no bfloat16; half-precision kernels are stored as float32 (materialize casts back)
         wdtype = kernel.dtype if kernel.dtype in (jnp.float32, jnp.float64) else jnp.float32
         weights = np.stack(
-            [
-                np.asarray(matrices_to_kernel([jnp.asarray(m) for m in ms], kernel.shape, wdtype))
-                for ms in per_level
-            ]
+            [from_matrices(np.stack([np.asarray(m) for m in ms]), lay, wdtype) for ms in per_level]
         )
     return LayerRecord(
         path, tuple(kernel.shape), G, levels, loss, nnz, overhead, energy, fp, weights
@@ -1199,14 +1215,19 @@ def _database_folder(path) -> str:
     return root
 
 
-def _check_act_errors(act_errors, path: str, levels, kernel) -> None:
+def _is_act_stats(value) -> bool:
+    """An :class:`obcjax.activations.ActErrorStats` (measured), not a per-channel vector."""
+    return all(hasattr(value, a) for a in ("ee", "er", "count"))
+
+
+def _check_act_errors(act_errors, path: str, levels, kernel, hshape) -> None:
     need = sorted({lv.abits for lv in levels if _abits_of(lv) is not None})
     if act_errors is None or path not in act_errors:
         raise ValueError(
             f"build_database: layer {path!r} has levels with activation bits {need} but "
             f"act_errors has no entry for it; measure them with "
-            f"obcjax.activations.activation_errors(model, variables, batches, {need}) on the same "
-            f"layers"
+            f"obcjax.activations.activation_error_stats(model, variables, batches, {need}) (or "
+            f"the per-channel proxy activation_errors) on the same layers"
         )
     errs = act_errors[path]
     missing = [b for b in need if b not in errs]
@@ -1217,7 +1238,24 @@ def _check_act_errors(act_errors, path: str, levels, kernel) -> None:
         )
     cin = None
     for b in need:
-        e = np.asarray(errs[b])
+        e = errs[b]
+        if _is_act_stats(e):
+            G, cols = hshape[0], hshape[-1]
+            for name in ("ee", "er"):
+                m = np.asarray(getattr(e, name))
+                if m.shape != (G, cols, cols) or not np.all(np.isfinite(m)):
+                    raise ValueError(
+                        f"build_database: layer {path!r}: act_errors[{b}].{name} must be finite "
+                        f"of shape {(G, cols, cols)} (the layer's statistics), got {m.shape}; "
+                        "were the errors measured on this model?"
+                    )
+            if not int(e.count) > 0:
+                raise ValueError(
+                    f"build_database: layer {path!r}: act_errors[{b}].count must be > 0, got "
+                    f"{e.count!r}"
+                )
+            continue
+        e = np.asarray(e)
         if e.ndim != 1 or not np.all(np.isfinite(e)) or np.any(e < 0):
             raise ValueError(
                 f"build_database: layer {path!r}: act_errors[{b}] must be a finite, non-negative "
@@ -1235,16 +1273,32 @@ def _check_act_errors(act_errors, path: str, levels, kernel) -> None:
 
 
 def _act_term(kernel, groups: int, sigma2) -> float:
-    """``Σ_g Σ_i σ²[g·cg + i] · ‖Ŵ_g[:, i]‖²`` of an (..., cg, out) kernel (Dense: (in, out))."""
+    """The proxy ``Σ_g Σ_c σ²[channel of c] · ‖Ŵ_g[:, c]‖²`` over the columns of each group's matrix.
+
+    Columns run over (window taps, input channel of the group), the channel fastest, so the
+    per-channel ``σ²`` of group ``g`` repeats once per tap (:mod:`obcjax.layout`).
+    """
     k = np.asarray(kernel, np.float64)
-    cg, out = k.shape[-2], k.shape[-1]
-    sq = np.square(k).reshape(-1, cg, out).sum(axis=0)  # (cg, out)
-    s2 = np.asarray(sigma2, np.float64).reshape(groups, cg)
-    og = out // groups
-    return float(sum((s2[g][:, None] * sq[:, g * og : (g + 1) * og]).sum() for g in range(groups)))
+    s2 = np.asarray(sigma2, np.float64).reshape(groups, -1)  # (G, channels per group)
+    lay = layout_for(k.shape, math.prod(k.shape[:-1]), groups)
+    mats = to_matrices(k, lay)  # (G, rows, cols)
+    reps = lay.cols // s2.shape[1]
+    col = np.tile(s2, (1, reps))  # (G, cols)
+    return float(np.sum(col[:, None, :] * np.square(mats)))
 
 
-def _expand(rec: LayerRecord, levels, act_errors, path: str) -> LayerRecord:
+def _act_measured(kernel, reference, groups: int, st) -> float:
+    """``(tr(Ŵ ee Ŵᵀ) + 2 tr(Ŵ er ΔWᵀ)) / count`` summed over groups (see ``ActErrorStats``)."""
+    ee, er = np.asarray(st.ee, np.float64), np.asarray(st.er, np.float64)
+    lay = layout_for(np.shape(kernel), ee.shape[-1], groups)
+    Wh = to_matrices(np.asarray(kernel, np.float64), lay)  # (G, rows, cols)
+    D = Wh - to_matrices(np.asarray(reference, np.float64), lay)
+    quad = np.einsum("gri,gij,grj->", Wh, ee, Wh)
+    cross = np.einsum("gri,gij,grj->", Wh, er, D)
+    return float((quad + 2.0 * cross) / float(st.count))
+
+
+def _expand(rec: LayerRecord, levels, act_errors, path: str, reference) -> LayerRecord:
     """The record of the weight levels, spread over the (weight, activation) levels."""
     wl = rec.levels
     idx = [wl.index(_weight_level(lv)) for lv in levels]
@@ -1265,6 +1319,9 @@ def _expand(rec: LayerRecord, levels, act_errors, path: str) -> LayerRecord:
             continue
         errs = act_errors[path][b]
         groups = rec.groups
+        if _is_act_stats(errs):
+            act[i] = _act_measured(kernel(idx[i]), reference, groups, errs)
+            continue
         cin = np.asarray(errs).shape[0]
         if cin != rec.shape[-2] * groups:
             raise ValueError(
@@ -1357,9 +1414,11 @@ def build_database(
       on_mismatch: a stored layer whose fingerprint differs: ``"raise"`` (ValueError naming the
         layer and what differs) or ``"recompute"`` (overwrite it).
       callback: called as ``callback(path, record)`` after each newly computed layer is stored.
-      act_errors: ``{path: {abits: (in_channels,) mean squared activation error}}`` from
-        :func:`obcjax.activations.activation_errors`, needed for levels with activation bits
-        (:class:`WALevel`); their loss adds ``Σ_i σ_i² ‖Ŵ[:, i]‖²`` to the weights' OBS loss.
+      act_errors: ``{path: {abits: errors}}``, needed for levels with activation bits
+        (:class:`WALevel`): an :class:`obcjax.activations.ActErrorStats` from
+        :func:`obcjax.activations.activation_error_stats` (the measured output error the quantized
+        inputs add is added to the weights' OBS loss), or an ``(in_channels,)`` mean squared error
+        from :func:`obcjax.activations.activation_errors` (the proxy ``Σ_i σ_i² ‖Ŵ[:, i]‖²``).
         Levels that share weights are solved once; the weights are always kept (the activation
         term needs them), in memory or under ``path``.
 
@@ -1430,10 +1489,10 @@ def build_database(
         lvls = tuple(dict.fromkeys(_weight_level(lv) for lv in all_lvls))
         needs_act = any(_abits_of(lv) is not None for lv in all_lvls)
         keep_w = store_weights or needs_act
-        if needs_act:
-            _check_act_errors(act_errors, lpath, all_lvls, layers[lpath])
         kernel = jnp.asarray(layers[lpath])
         Hs = _layer_hessians(stats[lpath], lpath)
+        if needs_act:
+            _check_act_errors(act_errors, lpath, all_lvls, layers[lpath], Hs.shape)
         _layer_matrices(kernel, Hs, lpath)  # width check before any hashing or solving
         fp = {
             "version": str(FORMAT_VERSION),
@@ -1465,7 +1524,7 @@ def build_database(
                     )
                 if not diff and (has_w or not keep_w):
                     if all_lvls != lvls:
-                        rec = _expand(rec, all_lvls, act_errors, lpath)
+                        rec = _expand(rec, all_lvls, act_errors, lpath, kernel)
                     records.append(rec)
                     loaded.append(lpath)
                     continue
@@ -1485,7 +1544,7 @@ def build_database(
             if rec.weights is not None:  # on disk now: do not hold every level in memory
                 rec = dataclasses.replace(rec, weights=None, weights_file=fname)
         if all_lvls != lvls:
-            rec = _expand(rec, all_lvls, act_errors, lpath)
+            rec = _expand(rec, all_lvls, act_errors, lpath, kernel)
         records.append(rec)
         computed.append(lpath)
         if callback is not None:

@@ -28,8 +28,14 @@
   from per-example gradients w.r.t. layer inputs (the first layer's input, the data, skipped);
   :func:`activation_grids` gives the min-max activation grids it models.
 
-Differences from the papers (see shared/algorithms/joint-methods.md §1): the Fisher is computed
-once at the float weights (the paper re-estimates it at each expanded node); the early stop is on
+:func:`fit_search` options: ``reestimate_every`` re-estimates the Fisher at the expanded node (as
+the authors' code; the cost is reported), ``act`` adds FIT's activation term to the objective, and
+``target_bops`` / ``target_bops_ratio`` constrain BOPs (:func:`obcjax.allocation.layer_bops`) next
+to or instead of the size.
+
+Differences from the papers (see shared/algorithms/joint-methods.md §1): by default the Fisher is
+computed once at the float weights (the paper re-estimates it at each expanded node:
+``reestimate_every=1``); the early stop is on
 the relative change of the running estimate (the code's rule is the variance of per-batch
 deviations); the search is greedy (beam 1); children are rounded from the float master weights
 (as PQuantML); the noise model of :func:`fit_score` is Δ²/12 (``noise="actual"`` uses the real
@@ -63,6 +69,7 @@ import functools
 import itertools
 import math
 import re
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -118,7 +125,8 @@ class Fisher(NamedTuple):
 
     Attributes:
       diag: ``{layer path: kernel-shaped float32 array}`` of mean squared per-example gradients.
-      batches: batches consumed. examples: examples consumed.
+      batches: batches consumed.
+      examples: examples consumed.
       converged: True if the early stop fired (False: ``max_batches`` or data ran out).
       changes: relative change of the running mean after each batch (``inf`` for the first).
     """
@@ -225,7 +233,9 @@ def fisher_diagonal(
       params: params pytree (nested dicts); kernels found by :func:`obcjax.transforms.find_layers`.
       batches: iterable of ``(x, y)`` pairs or ``{"x", "y"}`` dicts; ``x: (B, ...)``, ``y: (B,)``.
       rules: regexes (``re.fullmatch`` on layer paths) choosing the kernels.
-      tol, min_batches, max_batches: early-stopping rule.
+      tol: early stop when the relative change of the running mean falls below this.
+      min_batches: the fewest batches before the early stop may fire.
+      max_batches: the most batches read.
 
     Returns:
       A :class:`Fisher`.
@@ -431,10 +441,26 @@ class FITPlan(NamedTuple):
       specs: ``{path: LayerSpec}`` (``Unstructured`` at the layer's exact pruned fraction, when
         any weight is pruned, and ``Int`` at its bits).
       masks: ``{path: kernel-shaped bool}`` kept weights (global ``F·w²`` ranking).
-      bits: ``{path: int}``. level: index into ``pruned_fractions``; sparsity: its global value.
+      bits: ``{path: int}``.
+      level: index into ``pruned_fractions``.
+      sparsity: the level's global pruned fraction.
       size_bits: Σ kept × bits + 32 × (all other leaves), ``summarize``'s ``total/value_bits``.
-      dense_bits: 32 × all leaves. target_bits: the target. fit: FIT of the plan (noise model).
-      trace: one dict per step: move, layer, fit, size_bits, score.
+      dense_bits: 32 × all leaves.
+      target_bits: the size target (None when only a BOPs target was given).
+      fit: FIT of the plan (noise model, under the last Fisher estimate; plus the activation
+        term ``act_fit`` when the search was given ``act``).
+      trace: one dict per step: move, layer, fit, size_bits, score (see :func:`fit_search`).
+      bops: BOPs of the selected layers (:func:`obcjax.allocation.layer_bops`: kept weights ×
+        output positions × weight bits × activation bits), or None when not counted.
+      target_bops: the BOPs target, or None.
+      dense_bops: BOPs of the selected layers with 32-bit weights, or None.
+      act_bits: ``{path: activation bits}`` used for BOPs and the activation term (32: not
+        quantized), or None.
+      act_fit: FIT's activation term of the plan (0 without ``act``).
+      fisher_passes: Fisher re-estimations run during the search (``reestimate_every``).
+      fisher_batches: batches those passes consumed.
+      fisher_seconds: wall time of those passes.
+      seconds: wall time of the whole search (Fisher passes included).
     """
 
     specs: dict[str, LayerSpec]
@@ -447,6 +473,15 @@ class FITPlan(NamedTuple):
     target_bits: float
     fit: float
     trace: list[dict]
+    bops: int | None = None
+    target_bops: float | None = None
+    dense_bops: int | None = None
+    act_bits: dict[str, int] | None = None
+    act_fit: float = 0.0
+    fisher_passes: int = 0
+    fisher_batches: int = 0
+    fisher_seconds: float = 0.0
+    seconds: float = 0.0
 
     def rules(self) -> list[tuple[str, LayerSpec | None]]:
         """Ordered rules for :func:`obcjax.transforms.compress` (via ``allocation.to_rules``)."""
@@ -483,7 +518,6 @@ def fit_search(
     *,
     target_bits: float | None = None,
     target_ratio: float | None = None,
-    ratio: float | str | None = None,
     bit_schedule: Sequence[int] = (8, 6, 4, 3, 2),
     pruned_fractions: Sequence[float] | None = None,
     quant: Int = _DEFAULT_GRID,
@@ -493,8 +527,17 @@ def fit_search(
     solver: str = "obc",
     seed: int = 0,
     max_steps: int = 100_000,
+    target_bops: float | None = None,
+    target_bops_ratio: float | None = None,
+    positions: Mapping[str, int] | None = None,
+    act: ActFisher | None = None,
+    act_bits: str | int | Mapping[str, int] = "weights",
+    reestimate_every: int | None = None,
+    loss_fn: Callable[[Any, Any, Any], jax.Array] | None = None,
+    batches: Iterable[Any] | Callable[[int], Iterable[Any]] | None = None,
+    fisher_kwargs: Mapping[str, Any] | None = None,
 ) -> FITPlan:
-    """FITCompress greedy path search to a size target.
+    """FITCompress greedy path search to a size and/or BOPs target.
 
     Start: every selected layer at ``bit_schedule[0]``, nothing pruned. From the current node the
     children are: one per layer that can still lose bits (only that layer moves one step down the
@@ -511,47 +554,98 @@ def fit_search(
     * ``rule="ratio"`` (ours): the child with the smallest modelled ``ΔFIT / Δsize``; stops as
       soon as the size meets the target.
 
-    Both use one Fisher (at the float weights; the paper re-estimates it at each expanded node).
+    Options beyond the size target (all off by default; the default search is unchanged):
+
+    * **BOPs** (``target_bops`` / ``target_bops_ratio``): BOPs of the selected layers,
+      :func:`obcjax.allocation.layer_bops` (kept weights × output positions × weight bits ×
+      activation bits, the ``"bops"`` metric of OBC's allocator). ``positions`` gives each
+      layer's output positions (``H_out·W_out`` of a conv); else ``act.positions``, else 1 for a
+      Dense kernel. With both a size and a BOPs target the search stops when both hold; ``α`` in
+      the heuristic becomes the larger of the two relative shortfalls (``cost/dense − target/
+      dense``), and ``rule="ratio"`` divides ΔFIT by the fraction of the remaining gaps closed.
+    * **Activation term** (``act``, :func:`activation_fisher`): FIT's ``Tr F(a)·Δ_a²/12`` of each
+      selected layer's input (:func:`activation_fit`) at ``act_bits`` joins the objective: the
+      modelled FIT of ``rule="ratio"`` and the squared step length of ``rule="astar"`` (the step
+      adds the activation FIT it raises). ``act_bits="weights"`` ties a layer's input bits to its
+      weight bits (FITCompress's calibration: the same total bits), so lowering a layer's bits
+      also coarsens its input; an int or ``{path: bits}`` fixes them (a constant term then, but
+      it sets the BOPs; 32 or a layer left out: not quantized).
+    * **Fisher re-estimation** (``reestimate_every=k``; needs ``loss_fn`` and ``batches``, as
+      :func:`fisher_diagonal`): before every ``k``-th expansion (not the first, which uses
+      ``fisher``) the Fisher is re-estimated at the current node's weights, as the authors' code
+      does at each expanded node. The new Fisher scores the children and re-ranks the weights
+      still kept by ``F·θ²`` on the node's (rounded) weights; pruned weights stay pruned. The
+      cost is reported in ``fisher_passes``, ``fisher_batches`` and ``fisher_seconds``.
 
     Args:
-      params: float params; fisher: :func:`fisher_diagonal` of the same kernels.
-      target_bits: size target in bits (``summarize``'s ``total/value_bits``), or
-      target_ratio: target as a fraction of the fp32 size of all params (``α*``).
-      ratio: the same target as a compression ratio, ``8``, ``8.0`` or ``"8x"``
-        (:func:`obcjax.sizes.as_ratio`; ``ratio=8`` is ``target_ratio=1/8``), the form every
-        other size target of obcjax takes.
+      params: float params.
+      fisher: :func:`fisher_diagonal` of the same kernels (or ``{path: diagonal}``).
+      target_bits: size target in bits (``summarize``'s ``total/value_bits``).
+      target_ratio: size target as a fraction of the fp32 size of all params (``α*``); give at
+        most one of ``target_bits`` and ``target_ratio``.
       bit_schedule: strictly decreasing bit-widths in 2..8.
       pruned_fractions: increasing global pruned fractions starting at 0; default
         :func:`prune_schedule` ``(40, -3)``.
       quant: grid template (bits replaced per layer); the noise model uses its row steps.
       rules: regexes choosing the layers (must all have a Fisher diagonal).
-      rule: ``"astar"`` or ``"ratio"`` (see above). lam: the heuristic's weight λ (astar).
+      rule: ``"astar"`` or ``"ratio"`` (see above).
+      lam: the heuristic's weight λ (astar).
       solver: the ``LayerSpec.solver`` written into ``specs`` (for ``compress``).
       seed: tie-breaking seed (ranking ties and equal move scores).
+      max_steps: the most expansions before a ``RuntimeError``.
+      target_bops: BOPs target of the selected layers.
+      target_bops_ratio: BOPs target as a fraction of ``dense_bops`` (32-bit weights, activations
+        at ``act_bits``' 32-bit value); give at most one of the two.
+      positions: ``{path: output positions}`` for the MAC counts (needed for convolutions unless
+        ``act`` carries them).
+      act: an :class:`ActFisher`: adds FIT's activation term to the objective.
+      act_bits: ``"weights"``, an int or ``{path: int}`` in 2..32 (see above).
+      reestimate_every: re-estimate the Fisher every this many expansions (None: never).
+      loss_fn: per-example loss for the re-estimation (as :func:`fisher_diagonal`).
+      batches: a list of batches reused by every re-estimation, or a callable
+        ``pass_index -> iterable`` of batches.
+      fisher_kwargs: passed to :func:`fisher_diagonal` (``tol``, ``min_batches``,
+        ``max_batches``).
 
     Returns:
       A :class:`FITPlan`; ``trace`` holds one dict per node on the path (move, layer, fit,
-      size_bits, alpha, g, h, f, score, sparsity, bits).
+      size_bits, alpha, g, h, f, score, sparsity, bits; ``bops`` when counted, ``act_fit`` with
+      ``act``, ``reestimated`` with ``reestimate_every``).
 
     Raises:
       ValueError: no kernel matched, a kernel has no Fisher diagonal, a bad schedule or rule, no
-        or both targets, or a target below the smallest reachable size (the message gives it).
+        target or two of a kind, a target below the smallest reachable size or BOPs (the message
+        gives it), a convolution without positions for BOPs, bad activation bits, or
+        re-estimation without ``loss_fn`` / reusable ``batches``.
 
     Example:
         >>> rng = np.random.default_rng(0)
         >>> params = {"fc1": {"kernel": rng.normal(size=(64, 32)).astype(np.float32)},
         ...           "fc2": {"kernel": rng.normal(size=(32, 10)).astype(np.float32)}}
         >>> fisher = {p: np.ones_like(params[p]["kernel"]) for p in params}  # or fisher_diagonal
-        >>> plan = fit_search(params, fisher, ratio="10x", bit_schedule=(8, 4))
+        >>> plan = fit_search(params, fisher, target_ratio=0.1, bit_schedule=(8, 4))
         >>> plan.size_bits <= plan.target_bits
         True
         >>> rules = plan.rules()                 # for compress(params, stats, rules)
+        >>> small = fit_search(params, fisher, target_bops_ratio=0.02, act_bits=8)
+        >>> small.bops <= small.target_bops
+        True
     """
+    t_start = time.perf_counter()
     diag = _diag(fisher)
-    if sum(x is not None for x in (target_bits, target_ratio, ratio)) != 1:
-        raise ValueError("fit_search: give exactly one of target_bits, target_ratio or ratio")
-    if ratio is not None:  # 8, 8.0 or "8x": the size target is dense / ratio
-        target_ratio = 1.0 / as_ratio(ratio, "fit_search: ratio")
+    if target_bits is not None and target_ratio is not None:
+        raise ValueError("fit_search: give exactly one of target_bits or target_ratio, not both")
+    if target_bops is not None and target_bops_ratio is not None:
+        raise ValueError(
+            "fit_search: give exactly one of target_bops or target_bops_ratio, not both"
+        )
+    has_size = target_bits is not None or target_ratio is not None
+    has_bops = target_bops is not None or target_bops_ratio is not None
+    if not (has_size or has_bops):
+        raise ValueError(
+            "fit_search: give exactly one of target_bits or target_ratio (and/or one of "
+            "target_bops or target_bops_ratio)"
+        )
     if rule not in ("astar", "ratio"):
         raise ValueError(f"fit_search: rule must be 'astar' or 'ratio', got {rule!r}")
     if not (float(lam) >= 0 and math.isfinite(float(lam))):
@@ -572,6 +666,20 @@ def fit_search(
         )
     if not isinstance(quant, Int):
         raise TypeError(f"fit_search: quant must be an Int grid, got {quant!r}")
+    if reestimate_every is not None:
+        if isinstance(reestimate_every, bool) or not (
+            isinstance(reestimate_every, (int, np.integer)) and reestimate_every >= 1
+        ):
+            raise ValueError(
+                f"fit_search: reestimate_every must be an int >= 1 or None, got {reestimate_every!r}"
+            )
+        if not callable(loss_fn):
+            raise ValueError("fit_search: reestimate_every needs loss_fn (a per-example loss)")
+        if batches is None or (not callable(batches) and iter(batches) is batches):
+            raise ValueError(
+                "fit_search: reestimate_every needs batches it can read again: a list of batches "
+                f"or a callable pass_index -> iterable, got {type(batches).__name__}"
+            )
     kernels = _select(params, rules, "fit_search")
     missing = [p for p in kernels if p not in diag]
     if missing:
@@ -590,17 +698,52 @@ def fit_search(
     all_leaves = int(sum(np.size(x) for x in jax.tree.leaves(params)))
     other_bits = 32 * (all_leaves - N)
     dense_bits = 32 * all_leaves
-    target = float(target_bits) if target_bits is not None else float(target_ratio) * dense_bits
-    if not target > 0:
-        raise ValueError(f"fit_search: the size target must be > 0, got {target}")
-    alpha_star = target / dense_bits
+    target = None
+    if has_size:
+        target = float(target_bits) if target_bits is not None else float(target_ratio) * dense_bits
+        if not target > 0:
+            raise ValueError(f"fit_search: the size target must be > 0, got {target}")
+    alpha_star = None if target is None else target / dense_bits
+
+    # activation bits per (layer, bit index), the activation term, and the BOPs' MAC counts
+    abits_tab = _act_bits_table(act_bits, paths, bsched)
+    count_bops = has_bops or positions is not None
+    pos = _positions_of(positions, act, paths, ws) if count_bops else None
+    act_tab = np.zeros((L, len(bsched)))
+    if act is not None:
+        if not isinstance(act, ActFisher):
+            raise TypeError(f"fit_search: act must be an ActFisher, got {type(act).__name__}")
+        for l, p in enumerate(paths):
+            if p in act.trace:
+                for bi in range(len(bsched)):
+                    a = int(abits_tab[l, bi])
+                    act_tab[l, bi] = activation_fit(act, {p: a})[p] if a <= 16 else 0.0
+    lix = np.arange(L)
+
+    def bops_of(kept, cb):
+        """BOPs of candidates: kept ``(C, L)`` weights, bit indices ``cb (C, L)``."""
+        from obcjax.allocation import layer_bops
+
+        wb, ab = np.asarray(bsched, np.int64)[cb], abits_tab[lix, cb]
+        return layer_bops(kept.astype(np.int64), wb, ab, pos[None]).sum(axis=1)
+
+    bops_target = dense_bops = None
+    if count_bops:
+        dense_bops = int(np.sum(_dense_bops(sizes, pos, act_bits, paths)))
+    if has_bops:
+        bops_target = (
+            float(target_bops) if target_bops is not None else float(target_bops_ratio) * dense_bops
+        )
+        if not bops_target > 0:
+            raise ValueError(f"fit_search: the BOPs target must be > 0, got {bops_target}")
 
     layer_id = np.repeat(np.arange(L), sizes).astype(np.int32)
     w_flat = np.concatenate([w.ravel() for w in ws]).astype(np.float64)
     F_flat = np.concatenate([F.ravel() for F in Fs]).astype(np.float64)
     sal = F_flat * w_flat**2
     rng = np.random.default_rng(seed)
-    order = np.lexsort((rng.permutation(N), sal))
+    perm = rng.permutation(N)
+    order = np.lexsort((perm, sal))
     rank = np.empty(N, np.int32)
     rank[order] = np.arange(N, dtype=np.int32)
     ks = np.unique(np.floor(fr * N + 1e-9).astype(np.int64))
@@ -609,21 +752,28 @@ def fit_search(
     ok_levels = np.nonzero((kept_at >= 1).all(axis=1))[0]
     jmax = int(ok_levels.max())
     bvec = np.asarray(bsched, np.int64)
+    last = np.full(L, len(bsched) - 1)
     min_size = int(kept_at[jmax] @ np.full(L, bvec[-1])) + other_bits
-    if target < min_size:
+    if target is not None and target < min_size:
         raise ValueError(
             f"fit_search: size target {target:.0f} bits ({target / dense_bits:.4g} of fp32) is "
             f"unreachable; the smallest reachable size is {min_size} bits "
             f"({min_size / dense_bits:.4g}) with {bvec[-1]} bits and {ks[jmax] / N:.4g}"
             " pruned; lower the bit schedule or extend pruned_fractions"
         )
+    if has_bops:
+        min_bops = int(bops_of(kept_at[jmax][None], last[None])[0])
+        if bops_target < min_bops:
+            raise ValueError(
+                f"fit_search: BOPs target {bops_target:.6g} ({bops_target / dense_bops:.4g} of "
+                f"dense) is unreachable; the smallest reachable is {min_bops} "
+                f"({min_bops / dense_bops:.4g}) with {bvec[-1]} bits and {ks[jmax] / N:.4g} pruned"
+            )
     specs_b = [dataclasses.replace(quant, bits=b) for b in bsched]
-    FS = np.stack(
-        [
-            np.concatenate([np.asarray(quant_noise(w, s)).ravel() for w in ws]) * F_flat
-            for s in specs_b
-        ]
+    noise = np.stack(
+        [np.concatenate([np.asarray(quant_noise(w, s)).ravel() for w in ws]) for s in specs_b]
     )
+    FS = noise * F_flat
     QW = np.stack([np.concatenate([np.asarray(_rtn(w, s)).ravel() for w in ws]) for s in specs_b])
     dev = dict(
         Fw2=jnp.asarray(sal, jnp.float32),
@@ -647,8 +797,22 @@ def fit_search(
         )
         return [np.asarray(o, np.float64) for o in out]
 
+    def shortfall(csize, cbops):
+        """Signed relative distance to the targets: the largest ``cost/dense − target/dense``."""
+        d = None if target is None else csize / dense_bits - alpha_star
+        if bops_target is not None:
+            db = cbops / dense_bops - bops_target / dense_bops
+            d = db if d is None else np.maximum(d, db)
+        return d
+
+    def met(csize, cbops):
+        ok = True if target is None else csize <= target
+        if bops_target is not None:
+            ok = ok & (cbops <= bops_target)
+        return ok
+
     def snapshot(move, layer, fit, size, g, h, f, sc):
-        return {
+        rec = {
             "move": move,
             "layer": layer,
             "fit": fit,
@@ -661,6 +825,49 @@ def fit_search(
             "sparsity": float(ks[j] / N),
             "bits": [int(bsched[b]) for b in bidx],
         }
+        if count_bops:
+            rec["bops"] = int(bops)
+        if act is not None:
+            rec["act_fit"] = float(afit)
+        if reestimate_every is not None:
+            rec["reestimated"] = reestimated
+        return rec
+
+    fkw = dict(fisher_kwargs or {})
+    n_pass, n_batches, fisher_s = 0, 0, 0.0
+
+    def reestimate(theta):
+        """The Fisher at the current node; re-rank the kept weights by ``F·θ²``."""
+        nonlocal F_flat, rank, kept_at, jmax, n_pass, n_batches, fisher_s
+        t0 = time.perf_counter()
+        off, node = 0, {}
+        for l, p in enumerate(paths):
+            node[p] = jnp.asarray(theta[off : off + sizes[l]].reshape(ws[l].shape))
+            off += sizes[l]
+        data = batches(n_pass) if callable(batches) else batches
+        new = fisher_diagonal(
+            loss_fn, _with_kernels(params, node), data,
+            rules=tuple(re.escape(p) for p in paths), **fkw,
+        )  # fmt: skip
+        n_pass += 1
+        n_batches += new.batches
+        F_flat = np.concatenate([np.asarray(new.diag[p], np.float64).ravel() for p in paths])
+        kept_now = np.nonzero(rank >= ks[j])[0]
+        sal_now = F_flat[kept_now] * np.asarray(theta, np.float64)[kept_now] ** 2
+        new_rank = rank.copy()
+        new_rank[kept_now[np.lexsort((perm[kept_now], sal_now))]] = ks[j] + np.arange(
+            kept_now.size, dtype=np.int32
+        )
+        rank = new_rank
+        kept_at = np.stack([np.bincount(layer_id[rank >= k], minlength=L) for k in ks])
+        jmax = int(np.nonzero((kept_at >= 1).all(axis=1))[0].max())
+        dev.update(
+            Fw2=jnp.asarray(F_flat * w_flat**2, jnp.float32),
+            FS=jnp.asarray(noise * F_flat, jnp.float32),
+            F=jnp.asarray(F_flat, jnp.float32),
+            rank=jnp.asarray(rank),
+        )
+        fisher_s += time.perf_counter() - t0
 
     bidx = np.zeros(L, np.int64)
     j = 0
@@ -668,16 +875,24 @@ def fit_search(
     # the start state is scored with the candidate batch's shape (L + 1 copies) so the jitted
     # scorer is traced once per search
     fits0, kept0, _, self0 = score(np.repeat(bidx[None], L + 1, 0), np.full(L + 1, ks[0]), theta)
-    fit = float(fits0[0])
+    afit = float(act_tab[lix, bidx].sum())
+    fit = float(fits0[0]) + afit
     size = int(kept0[0] @ bvec[bidx]) + other_bits
+    bops = int(bops_of(kept0[:1], bidx[None])[0]) if count_bops else None
     g = 0.0
-    h0 = float(lam * abs(size / dense_bits - alpha_star) * math.sqrt(self0[0]))
+    h0 = float(lam * abs(shortfall(size, bops)) * math.sqrt(self0[0]))
+    reestimated = False
     trace = [snapshot("start", None, fit, size, 0.0, h0, h0, 0.0)]
     steps = 0
-    done = size <= target
+    done = bool(met(size, bops))
     while not done:
         if steps >= max_steps:
             raise RuntimeError(f"fit_search: no solution within max_steps={max_steps}")
+        reestimated = reestimate_every is not None and steps > 0 and steps % reestimate_every == 0
+        if reestimated:
+            reestimate(theta)
+            cur = score(np.repeat(bidx[None], L + 1, 0), np.full(L + 1, ks[j]), theta)
+            fit = float(cur[0][0]) + afit
         steps += 1
         cb = np.repeat(bidx[None], L + 1, 0)
         ck = np.full(L + 1, ks[j], np.int64)
@@ -691,19 +906,43 @@ def fit_search(
             valid[L] = True
         fits, kept, step, selff = score(cb, ck, theta)
         kept = kept.astype(np.int64)
+        cafit = act_tab[lix[None], cb].sum(axis=1)
+        fits = fits + cafit
+        step = step + (cafit - afit)
         csize = np.einsum("cl,cl->c", kept, bvec[cb]) + other_bits
         saved = size - csize
-        valid &= saved > 0
-        if not valid.any():  # cannot happen when the target is reachable; kept as a guard
-            raise RuntimeError("fit_search: no move reduces the size")
-        hs = lam * np.abs(csize / dense_bits - alpha_star) * np.sqrt(np.maximum(selff, 0.0))
+        cbops = bops_of(kept, cb) if count_bops else None
+        if bops_target is None:
+            valid &= saved > 0
+        else:
+            # a move must bring an unmet target closer
+            gain = np.zeros(L + 1, bool)
+            if target is not None and size > target:
+                gain |= saved > 0
+            if bops > bops_target:
+                gain |= cbops < bops
+            valid &= gain
+        if not valid.any():
+            raise RuntimeError(
+                "fit_search: no move brings the targets closer (after a Fisher re-estimation the "
+                "ranking can forbid the pruning levels the first ranking allowed)"
+            )
+        hs = lam * np.abs(shortfall(csize, cbops)) * np.sqrt(np.maximum(selff, 0.0))
         fs = g + np.sqrt(np.maximum(step, 0.0)) + hs
         if rule == "astar":
-            reach = valid & (csize <= target)
+            reach = valid & met(csize, cbops)
             pool = reach if reach.any() else valid
             sc = np.where(pool, fs, np.inf)
-        else:
+        elif bops_target is None:
             sc = np.where(valid, (fits - fit) / np.maximum(saved, 1), np.inf)
+        else:
+            # the fraction of each unmet gap the move closes
+            prog = np.zeros(L + 1)
+            if target is not None and size > target:
+                prog += np.maximum(saved, 0) / (size - target)
+            if bops > bops_target:
+                prog += np.maximum(bops - cbops, 0) / (bops - bops_target)
+            sc = np.where(valid, (fits - fit) / np.maximum(prog, 1e-300), np.inf)
         best = sc.min()
         ties = np.nonzero(sc == best)[0]
         c = int(ties[0]) if len(ties) == 1 else int(rng.choice(ties))
@@ -714,10 +953,12 @@ def fit_search(
             bidx[c] += 1
             move, layer = "quant", paths[c]
         g += math.sqrt(max(float(step[c]), 0.0))
-        fit, size = float(fits[c]), int(csize[c])
+        fit, size, afit = float(fits[c]), int(csize[c]), float(cafit[c])
+        if count_bops:
+            bops = int(cbops[c])
         theta = weights_of(bidx, ks[j])
         trace.append(snapshot(move, layer, fit, size, g, float(hs[c]), float(fs[c]), float(best)))
-        done = size <= target
+        done = bool(met(size, bops))
 
     keep_flat = rank >= ks[j]
     specs, masks, bits = {}, {}, {}
@@ -731,7 +972,88 @@ def fit_search(
         specs[p] = LayerSpec(prune=prune, quant=dataclasses.replace(quant, bits=b), solver=solver)
         masks[p] = m
         bits[p] = b
-    return FITPlan(specs, masks, bits, j, float(ks[j] / N), size, dense_bits, target, fit, trace)
+    abits_out = None
+    if count_bops or act is not None:
+        abits_out = {p: int(abits_tab[l, bidx[l]]) for l, p in enumerate(paths)}
+    return FITPlan(
+        specs, masks, bits, j, float(ks[j] / N), size, dense_bits, target, fit, trace,
+        bops=bops, target_bops=bops_target, dense_bops=dense_bops, act_bits=abits_out,
+        act_fit=afit, fisher_passes=n_pass, fisher_batches=n_batches, fisher_seconds=fisher_s,
+        seconds=time.perf_counter() - t_start,
+    )  # fmt: skip
+
+
+def _act_bits_table(act_bits, paths, bsched) -> np.ndarray:
+    """``(L, len(bsched))`` activation bits of each layer at each weight-bit index."""
+    L = len(paths)
+
+    def check(b, where):
+        if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or not 2 <= b <= 32:
+            raise ValueError(f"fit_search: act_bits{where} must be an int in 2..32, got {b!r}")
+        return int(b)
+
+    if isinstance(act_bits, str):
+        if act_bits != "weights":
+            raise ValueError(
+                f"fit_search: act_bits must be 'weights', an int or {{path: int}}, got {act_bits!r}"
+            )
+        return np.tile(np.asarray(bsched, np.int64), (L, 1))
+    if isinstance(act_bits, Mapping):
+        extra = sorted(set(act_bits) - set(paths))
+        if extra:
+            raise ValueError(
+                f"fit_search: act_bits names layer(s) {extra} the search does not select "
+                f"({list(paths)})"
+            )
+        col = [check(act_bits[p], f"[{p!r}]") if p in act_bits else 32 for p in paths]
+    else:
+        col = [check(act_bits, "")] * L
+    return np.repeat(np.asarray(col, np.int64)[:, None], len(bsched), axis=1)
+
+
+def _dense_abits(act_bits, p) -> int:
+    if isinstance(act_bits, str):
+        return 32
+    if isinstance(act_bits, Mapping):
+        return int(act_bits.get(p, 32))
+    return int(act_bits)
+
+
+def _dense_bops(sizes, pos, act_bits, paths) -> np.ndarray:
+    from obcjax.allocation import layer_bops
+
+    ab = np.asarray([_dense_abits(act_bits, p) for p in paths], np.int64)
+    return layer_bops(np.asarray(sizes, np.int64), 32, ab, pos)
+
+
+def _positions_of(positions, act, paths, ws) -> np.ndarray:
+    """Output positions per layer: ``positions``, else ``act.positions``, else 1 for Dense."""
+    given = dict(positions or {})
+    extra = sorted(set(given) - set(paths))
+    if extra:
+        raise ValueError(
+            f"fit_search: positions names layer(s) {extra} the search does not select "
+            f"({list(paths)})"
+        )
+    from_act = dict(getattr(act, "positions", None) or {}) if act is not None else {}
+    out, convs = [], []
+    for p, w in zip(paths, ws):
+        v = given.get(p, from_act.get(p))
+        if v is None:
+            if w.ndim > 2:
+                convs.append(p)
+                continue
+            v = 1
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"fit_search: positions[{p!r}] must be an int >= 1, got {v!r}")
+        out.append(int(v))
+    if convs:
+        raise ValueError(
+            "fit_search: BOPs count MACs, which for a convolution depend on its number of output "
+            f"positions; pass positions={{path: H_out*W_out}} (or act= from activation_fisher) "
+            f"for conv layer(s) {convs}"
+        )
+    return np.asarray(out, np.int64)
 
 
 def apply_plan(
@@ -844,10 +1166,12 @@ def fit_database(
     :func:`obcjax.allocation.solve` (or use :func:`fit_dp`).
 
     Args:
-      params: float params; fisher: the Fisher diagonal of the selected kernels.
+      params: float params.
+      fisher: the Fisher diagonal of the selected kernels.
       levels: level specs (``LayerSpec``, ``Int``, ``Unstructured``, ``(Unstructured, Int)`` or
         None for dense); default: OBC's 45 sparsities × bits (8, 6, 4, 3, 2) on min-max grids.
-      rules: regexes choosing the layers. seed: ranking tie-break (as :func:`fisher_mask`).
+      rules: regexes choosing the layers.
+      seed: ranking tie-break (as :func:`fisher_mask`).
 
     Returns:
       An :class:`obcjax.allocation.Database` (built with ``Database.from_table``).
@@ -1009,7 +1333,8 @@ def finetune_plan(loss_fn: Callable, out: Compressed, batches, steps: int | None
       out: a :class:`~obcjax.transforms.Compressed` (e.g. :func:`apply_plan`'s result); its
         params are the starting weights (nested dicts; for an NNX model, ``nnx.State`` works
         too).
-      batches: iterable of batches or a callable ``epoch -> iterable``. steps: optimizer steps.
+      batches: iterable of batches or a callable ``epoch -> iterable``.
+      steps: optimizer steps.
       **kwargs: passed to ``finetune`` (``model_state``, ``tx``, ``lr``, ``weight_decay``).
 
     Returns:
@@ -1047,8 +1372,16 @@ class ActFisher(NamedTuple):
     Attributes:
       trace: ``{layer path: Tr F(a)}`` = mean over examples of ``‖∂ℓ/∂a‖²`` (a = the layer's
         whole input for one example).
-      lo, hi: ``{layer path: float}`` mean over batches of the per-batch min / max of ``a``.
-      order: the layers in call order. batches, examples, converged, changes: as :class:`Fisher`.
+      lo: ``{layer path: float}`` mean over batches of the per-batch min of ``a``.
+      hi: ``{layer path: float}`` mean over batches of the per-batch max of ``a``.
+      order: the layers in call order.
+      batches: as :class:`Fisher`.
+      examples: as :class:`Fisher`.
+      converged: as :class:`Fisher`.
+      changes: as :class:`Fisher`.
+      positions: ``{layer path: output positions}`` of every layer in ``order`` for one example
+        (``H_out·W_out`` of a conv, the tokens of a Dense layer on a sequence, else 1): the MAC
+        counts of :func:`fit_search`'s BOPs.
     """
 
     trace: dict[str, float]
@@ -1059,6 +1392,7 @@ class ActFisher(NamedTuple):
     examples: int
     converged: bool
     changes: list[float]
+    positions: dict[str, int] | None = None
 
 
 def activation_fisher(
@@ -1087,9 +1421,15 @@ def activation_fisher(
         module (``module(x, **apply_kwargs) -> logits``; put it in evaluation mode yourself).
       variables: Linen: its variables (every collection it reads, e.g. ``batch_stats``). NNX: None
         for the model's own state, or a state / pure dict replacing parts of it (the model is not
-        changed). batches: ``(x, y)`` pairs or ``{"x", "y"}`` dicts.
-      rules: regexes choosing layers. tol, min_batches, max_batches: early stop on the relative
-        change of the running traces, as :func:`fisher_diagonal`.
+        changed).
+      batches: ``(x, y)`` pairs or ``{"x", "y"}`` dicts.
+      rules: regexes choosing layers.
+      skip_first: skip the first layer's input (the data), as the paper.
+      layer_types: the layer kinds whose inputs are measured.
+      apply_kwargs: keyword arguments of the model call (e.g. ``{"train": False}``).
+      tol: early stop on the relative change of the running traces, as :func:`fisher_diagonal`.
+      min_batches: as :func:`fisher_diagonal`.
+      max_batches: as :func:`fisher_diagonal`.
 
     Returns:
       An :class:`ActFisher`.
@@ -1125,12 +1465,19 @@ def activation_fisher(
         raise ValueError("activation_fisher: batches is empty")
     x0, _ = _split_batch(first, 0)
     seen: dict[str, tuple] = {}
+    npos: dict[str, int] = {}
 
-    def record(path, a):
-        seen.setdefault(path, tuple(a.shape))
-        return None
+    def record(call, proceed):
+        out = proceed(*call.args, **call.kwargs)
+        if call.path not in seen:
+            seen[call.path] = tuple(call.input.shape)
+            npos[call.path] = int(math.prod(jnp.shape(out)[1:-1]))
+        return out
 
-    jax.eval_shape(lambda x: apply(x, record), jnp.asarray(x0[:1]))
+    jax.eval_shape(
+        lambda x: bound.run(lambda m, b: m(b, **kwargs), x, hook=record, layer_types=kinds),
+        jnp.asarray(x0[:1]),
+    )
     order = list(seen)
     cand = order[1:] if skip_first else order
     paths = tuple(p for p in cand if any(re.fullmatch(r, p) for r in rules))
@@ -1201,6 +1548,7 @@ def activation_fisher(
         n,
         converged,
         changes,
+        {p: npos[p] for p in order},
     )
 
 
@@ -1217,8 +1565,8 @@ def activation_fit(act: ActFisher, bits: Mapping[str, int]) -> dict[str, float]:
     """FIT's activation term per layer: ``Tr F(a)·Δ²/12`` with ``Δ = (hi − lo)/(2^b − 1)``.
 
     Args:
-      act: :func:`activation_fisher`'s result. bits: ``{layer path: bits}`` (layers left out are
-        not quantized).
+      act: :func:`activation_fisher`'s result.
+      bits: ``{layer path: bits}`` (layers left out are not quantized).
 
     Example:
         >>> from obcjax import zoo

@@ -352,6 +352,52 @@ def test_activation_errors_are_the_grids_per_channel_mse(setup):
         activation_errors(model, v, xs, (2, 8))
 
 
+def test_measured_activation_errors_equal_a_direct_computation(setup):
+    """The database's measured activation part is the layer's real output error: the compressed
+    layer on quantized inputs against the dense layer, less the weights' own error."""
+    from obcjax.activations import activation_error_stats
+
+    model, v, xs = setup
+    stats = calibrate(model, v, xs)
+    levels = [parse_level(t, solver="magnitude") for t in ("32w4a", "4w4a", "4w8a", "2:4+4w4a")]
+    rules = [("conv", None), (".*", True)]
+    db = mixed_database(model, v, xs, stats, levels, rules=rules, progress=False)
+    proxy = mixed_database(model, v, xs, stats, levels, rules=rules, progress=False,
+                           act_error="proxy")
+    st = activation_error_stats(model, v, xs, (4, 8), rules=[("conv", None), ".*"])
+    assert list(st) == ["dw", "fc"] and st["dw"][4].ee.shape == (8, 9, 9)
+    ins = [_layer_inputs(model, v, x) for x in xs]
+    layer = {
+        "dw": lambda k, x: nn.Conv(8, (3, 3), feature_group_count=8, padding=1, use_bias=False)
+        .apply({"params": {"kernel": k}}, x).reshape(-1, 8),
+        "fc": lambda k, x: x.reshape(x.shape[0], -1) @ k,
+    }
+    for path in ("dw", "fc"):
+        r = db.records[path]
+        W = jnp.asarray(v["params"][path]["kernel"])
+        for i, lv in enumerate(r.levels):
+            if not np.isfinite(r.loss[i]):
+                continue
+            aq = calibrate_activations(model, v, xs, ActSpec(lv.abits), rules=[path])[path]
+            K = jnp.asarray(db.weights(path, lv))
+            tot = wonly = tokens = 0.0
+            for inp in ins:
+                x = inp[path]
+                ref = np.asarray(layer[path](W, x), np.float64)
+                yq = np.asarray(layer[path](K, fake_quantize(x, aq)), np.float64)
+                yw = np.asarray(layer[path](K, x), np.float64)
+                tot += np.sum((yq - ref) ** 2)
+                wonly += np.sum((yw - ref) ** 2)
+                tokens += ref.shape[0]
+            want = (tot - wonly) / tokens
+            assert r.act_loss[i] == pytest.approx(want, rel=2e-3, abs=1e-6 * tot / tokens)
+        # the proxy (uncorrelated per-channel errors) is another number; both are positive
+        assert np.all(proxy.records[path].act_loss[np.isfinite(r.loss)] > 0)
+        assert not np.allclose(proxy.records[path].act_loss, r.act_loss)
+    with pytest.raises(ValueError, match="act_error"):
+        mixed_database(model, v, xs, stats, levels, rules=rules, act_error="exact")
+
+
 class BNNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -379,6 +425,7 @@ def test_compress_mixed_follows_obc_order(setup):
         apply_kwargs=ev,
         progress=False,
         positions={"conv": 64, "dw": 64},
+        act_error="proxy",
     )
     errs = activation_errors(model, v, xs, (4, 8), apply_kwargs=ev)
     k = np.asarray(db.weights("fc", "2:4+4w4a"), np.float64)

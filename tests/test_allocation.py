@@ -780,3 +780,21 @@ def test_spdy_is_deterministic_and_never_worse_than_the_dp(net):
     assert capped.evaluations <= 2
     with pytest.raises(ValueError, match="smallest reachable cost"):
         spdy(db, 1.0, params, loss_fn, **kw)
+
+
+def test_dense_general_kernels_through_the_layout():
+    """Kernels with several output (or input) axes are read through obcjax.layout, as compress
+    reads them: the database's levels equal compress's results."""
+    rng = np.random.default_rng(5)
+    params = {
+        "q": {"kernel": jnp.asarray(rng.normal(size=(16, 2, 8)), jnp.float32)},  # (in, heads, hd)
+        "o": {"kernel": jnp.asarray(rng.normal(size=(2, 8, 16)), jnp.float32)},  # (heads, hd, out)
+    }
+    stats = {"q": _state(rng, 16), "o": _state(rng, 16)}
+    levels = [None, Unstructured(0.5), Int(4)]
+    db = build_database(params, stats, levels, progress=False)
+    for lv in levels[1:]:
+        out = compress(params, stats, [(".*", lv)])
+        for p in ("q", "o"):  # (compress solves the two same-shaped layers as one vmapped call)
+            np.testing.assert_allclose(db.weights(p, lv), out.params[p]["kernel"], rtol=1e-5,
+                                       atol=1e-6)

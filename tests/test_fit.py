@@ -376,3 +376,184 @@ def test_activation_fisher_matches_manual_gradients():
         fit.activation_fisher(linen_model("mlp", 3), v, batches, rules=("fc1",))
     with pytest.raises(ValueError, match="'fc1'"):
         fit.activation_fit(act, {"fc1": 4})
+
+
+# -- issue 20: Fisher re-estimation, the activation term, BOPs -------------------------------------
+
+
+def test_default_search_path_is_unchanged():
+    """The plans of the search before the re-estimation / activation / BOPs options (pinned)."""
+    params, F = _search_setup(0)
+    fr = fit.prune_schedule(12, -1.5)
+    want = {"astar": "pq1q2q1q2pq1q2p", "ratio": "q1q2pq1q2pq1pq2"}
+    for rule, path in want.items():
+        plan = fit.fit_search(params, F, target_ratio=0.1, rule=rule, pruned_fractions=fr)
+        moves = "".join(
+            "q" + t["layer"][-1] if t["move"] == "quant" else "p" for t in plan.trace[1:]
+        )
+        assert moves == path, rule
+        assert plan.bits == {"fc1": 3, "fc2": 3} and plan.level == 3 and plan.size_bits == 1706
+        assert plan.fisher_passes == 0 and plan.bops is None and plan.act_fit == 0.0
+        assert set(plan.trace[-1]) == {
+            "move", "layer", "fit", "size_bits", "alpha", "g", "h", "f", "score", "sparsity", "bits"
+        }  # fmt: skip
+
+
+def _gated():
+    """``a (4, 2) → b (2, 1)``, linear: ``a``'s column 0 feeds ``b[0]`` only."""
+    a = np.array([[0.1, 1.0], [0.1, 1.0], [0.1, 1.0], [0.1, 0.25]], np.float32)
+    params = {"a": {"kernel": jnp.asarray(a)}, "b": {"kernel": jnp.ones((2, 1), jnp.float32)}}
+
+    def loss(p, x, y):
+        return 0.5 * jnp.sum((x @ p["a"]["kernel"] @ p["b"]["kernel"] - y) ** 2)
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 4)).astype(np.float32)
+    y = rng.normal(size=(256, 1)).astype(np.float32)
+    return params, loss, [(x[i : i + 64], y[i : i + 64]) for i in range(0, 256, 64)]
+
+
+def test_reestimated_fisher_reranks_when_the_weights_move():
+    params, loss, data = _gated()
+    F = fit.fisher_diagonal(loss, params, data, tol=0.0)
+    sal = {p: np.asarray(F.diag[p]) * np.asarray(params[p]["kernel"]) ** 2 for p in params}
+    # at the float weights: a's column 0 ranks lowest, then a[3, 1], then b[0] (wide margins)
+    assert sal["a"][:, 0].max() < 0.6 * sal["a"][3, 1] and sal["a"][3, 1] < 0.75 * sal["b"][0, 0]
+    # 10 weights at 8 bits: level 1 prunes 4 (a's column 0), level 2 one more; 40 bits = level 2
+    kw = dict(target_bits=40, bit_schedule=(8,), pruned_fractions=(0.0, 0.4, 0.5))
+    fixed = fit.fit_search(params, F, **kw)
+    again = fit.fit_search(
+        params, F, reestimate_every=1, loss_fn=loss, batches=data, fisher_kwargs={"tol": 0.0}, **kw
+    )
+    for plan in (fixed, again):
+        assert [t["move"] for t in plan.trace[1:]] == ["prune", "prune"]
+        assert not plan.masks["a"][:, 0].any() and plan.size_bits == 40
+    # one Fisher at the float weights: the fixed ranking prunes a[3, 1] next
+    assert not fixed.masks["a"][3, 1] and fixed.masks["b"][0, 0] and fixed.fisher_passes == 0
+    # re-estimated at the node (a's column 0 is zero): b[0] now sees a zero input, its Fisher is
+    # exactly 0, so it goes first
+    node = {**params, "a": {"kernel": params["a"]["kernel"].at[:, 0].set(0.0)}}
+    assert float(fit.fisher_diagonal(loss, node, data).diag["b"][0, 0]) == 0.0
+    assert again.masks["a"][3, 1] and not again.masks["b"][0, 0]
+    assert again.fisher_passes == 1 and again.fisher_batches == 4
+    assert again.fisher_seconds > 0 and again.seconds >= again.fisher_seconds
+    assert [t["reestimated"] for t in again.trace] == [False, False, True]
+    # a callable gives fresh batches per pass; every=2 never fires within two expansions
+    calls = []
+    fresh = fit.fit_search(
+        params, F, reestimate_every=1, loss_fn=loss,
+        batches=lambda i: calls.append(i) or iter(data), **kw,
+    )  # fmt: skip
+    assert calls == [0] and all(np.array_equal(fresh.masks[p], again.masks[p]) for p in params)
+    late = fit.fit_search(params, F, reestimate_every=2, loss_fn=loss, batches=data, **kw)
+    assert late.fisher_passes == 0
+    assert [{k: v for k, v in t.items() if k != "reestimated"} for t in late.trace] == fixed.trace
+    assert all(np.array_equal(late.masks[p], fixed.masks[p]) for p in params)
+    with pytest.raises(ValueError, match="loss_fn"):
+        fit.fit_search(params, F, reestimate_every=1, batches=data, **kw)
+    with pytest.raises(ValueError, match="read again"):
+        fit.fit_search(params, F, reestimate_every=1, loss_fn=loss, batches=iter(data), **kw)
+    with pytest.raises(ValueError, match="reestimate_every"):
+        fit.fit_search(params, F, reestimate_every=0, loss_fn=loss, batches=data, **kw)
+
+
+def _act(trace1, trace2=1.0):
+    return fit.ActFisher(
+        {"fc1": trace1, "fc2": trace2}, {"fc1": 0.0, "fc2": 0.0}, {"fc1": 1.0, "fc2": 1.0},
+        ["fc0", "fc1", "fc2"], 1, 1, True, [0.0],
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("rule", ["astar", "ratio"])
+def test_activation_term_moves_the_choice(rule):
+    rng = np.random.default_rng(0)
+    k = jnp.asarray(rng.normal(size=(16, 16)), jnp.float32)
+    params = {"fc1": {"kernel": k}, "fc2": {"kernel": k}}
+    F = {"fc1": jnp.ones((16, 16)), "fc2": jnp.full((16, 16), 1.5)}  # fc1's weights are cheaper
+    kw = dict(target_bits=8 * 256 + 4 * 256, bit_schedule=(8, 4), pruned_fractions=(0.0,))
+    kw["rule"] = rule
+    plain = fit.fit_search(params, F, **kw)
+    assert plain.bits == {"fc1": 4, "fc2": 8}
+    # fc1's input is very sensitive: with its bits tied to the weights', fc2 goes to 4 bits
+    act = _act(1e5)
+    plan = fit.fit_search(params, F, act=act, **kw)
+    assert plan.bits == {"fc1": 8, "fc2": 4} and plan.act_bits == {"fc1": 8, "fc2": 4}
+    want = sum(fit.activation_fit(act, plan.act_bits).values())
+    assert plan.act_fit == pytest.approx(want, rel=1e-12)
+    assert plan.fit == pytest.approx(fit.fit_score(F, params, plan.specs) + want, rel=1e-4)
+    # fixed activation bits make the term a constant: the choice is the plain one again
+    fixed = fit.fit_search(params, F, act=act, act_bits=8, **kw)
+    assert fixed.bits == plain.bits and fixed.act_fit == pytest.approx(
+        sum(fit.activation_fit(act, {"fc1": 8, "fc2": 8}).values())
+    )
+    with pytest.raises(ValueError, match="act_bits"):
+        fit.fit_search(params, F, act=act, act_bits=1, **kw)
+    with pytest.raises(ValueError, match="act_bits names"):
+        fit.fit_search(params, F, act=act, act_bits={"fc9": 8}, **kw)
+
+
+def _bops(plan, pos, abits=None):
+    return sum(
+        pos[p] * int(plan.masks[p].sum()) * plan.bits[p] * (abits or plan.bits)[p]
+        for p in plan.masks
+    )
+
+
+@pytest.mark.parametrize("rule", ["astar", "ratio"])
+def test_bops_budget_is_respected_exactly(rule):
+    from obcjax.allocation import layer_bops
+
+    params, F = _search_setup(0)
+    pos = {"fc1": 3, "fc2": 5}
+    dense = sum(layer_bops(params[p]["kernel"].size, 32, 32, pos[p]) for p in pos)
+    fr = fit.prune_schedule(12, -1.5)
+    plan = fit.fit_search(
+        params, F, target_bops_ratio=0.01, positions=pos, rule=rule, pruned_fractions=fr
+    )
+    assert plan.dense_bops == dense and plan.target_bits is None
+    assert plan.bops == _bops(plan, pos) <= 0.01 * dense == plan.target_bops
+    assert plan.trace[-2]["bops"] > plan.target_bops  # the first node within the budget
+    assert [t["bops"] for t in plan.trace] == sorted((t["bops"] for t in plan.trace), reverse=True)
+    # fixed 8-bit activations (BOPs linear in the weight bits), with a size target too: both hold
+    both = fit.fit_search(
+        params, F, target_ratio=0.2, target_bops=plan.bops, positions=pos, act_bits=8,
+        rule=rule, pruned_fractions=fr,
+    )  # fmt: skip
+    assert both.dense_bops == dense // 4 and both.act_bits == {"fc1": 8, "fc2": 8}
+    assert both.bops == _bops(both, pos, both.act_bits) <= plan.bops
+    assert both.size_bits == _counted_size(params, both) <= 0.2 * both.dense_bits
+    assert not (
+        both.trace[-2]["bops"] <= plan.bops and both.trace[-2]["size_bits"] <= both.target_bits
+    )
+    with pytest.raises(ValueError, match="unreachable"):
+        fit.fit_search(params, F, target_bops=1, positions=pos)
+    with pytest.raises(ValueError, match="not both"):
+        fit.fit_search(params, F, target_bops=1e6, target_bops_ratio=0.1)
+    conv = {"c": {"kernel": jnp.ones((3, 3, 2, 4))}}
+    with pytest.raises(ValueError, match="positions.*'c'"):
+        fit.fit_search(conv, {"c": jnp.ones((3, 3, 2, 4))}, target_bops_ratio=0.1)
+
+
+def test_activation_fisher_positions_give_the_conv_macs():
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Conv(4, (3, 3), name="c1")(x))
+            x = nn.relu(nn.Conv(4, (3, 3), strides=2, name="c2")(x))
+            return nn.Dense(3, name="fc")(x.reshape(len(x), -1))
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 8, 8, 1)).astype(np.float32)
+    y = rng.integers(0, 3, 8).astype(np.int32)
+    net = Net()
+    v = net.init(jax.random.key(0), x[:1])
+    act = fit.activation_fisher(net, v, [(x, y)])
+    assert act.positions == {"c1": 64, "c2": 16, "fc": 1}
+    p = v["params"]
+    F = {k: jnp.ones_like(p[k]["kernel"]) for k in p}
+    plan = fit.fit_search(p, F, target_bops_ratio=0.05, act=act)
+    pos = act.positions
+    assert plan.bops == _bops(plan, pos) <= plan.target_bops
+    assert plan.dense_bops == 32 * 32 * sum(pos[k] * p[k]["kernel"].size for k in p)
