@@ -1,8 +1,10 @@
 """OPQ at small scale: uniform vs OPQ allocation, unified vs per-channel grids, the OPQ+OBS hybrid.
 
 For one zoo model and data set (LeNet-5 / digits or the 1-D CNN / MNIST-1D) and each compression
-rate (vs fp32 kernels, counted by :func:`obcjax.opq.count_stored` from the stored masks, bits and
-grids: kept weights × bits + 32 bits per stored grid; biases not counted) the script builds
+rate (the planner's count vs fp32 kernels, :func:`obcjax.opq.count_stored`'s ``plan_rate`` from the
+stored masks, bits and grids: kept weights × bits + 32 bits per stored grid; biases not counted;
+each row also records ``size_ratio``, the ratio of :mod:`obcjax.sizes`, masks, zero points and
+biases included) the script builds
 
 * ``uniform-<b>b``: the same sparsity and ``b`` bits in every layer (``--uniform-bits``; a
   bit-width that cannot reach the rate is recorded as unreachable), magnitude masks, one
@@ -220,8 +222,9 @@ def main(argv=None):
         "pretrained_source": info.get("source"),
         "steps": args.steps,
         "lr": args.lr,
-        "count": "kept x bits + 32 bits per stored grid (count_stored); biases and mask "
-        "indices not counted",
+        "count": "rate_counted: kept x bits + 32 bits per stored grid (count_stored plan_rate); "
+        "biases and mask indices not counted. size_ratio: obcjax.sizes (values + 1-bit mask + "
+        "float32 scale and uint8 zero per grid, every other leaf at 32 bits)",
         "fits": fits,
         "rates": {},
     }
@@ -292,7 +295,8 @@ def main(argv=None):
             exact = _exact_export(tinfo["shadow_params"], by_path, cbs)
             after = acc({**tuned, "params": exact})
             row[method] = {
-                "rate_counted": stored["rate"],
+                "rate_counted": stored["plan_rate"],
+                "size_ratio": stored["rate"],
                 "size_bits": stored["size_bits"],
                 "acc_before_ft": before,
                 "acc_after_ft": after,
@@ -305,7 +309,8 @@ def main(argv=None):
                 "ft_seconds": tinfo["seconds"],
             }
             print(
-                f"{rate:5.0f}x {method:12s} counted {stored['rate']:7.3f}x  before {before:.4f}  "
+                f"{rate:5.0f}x {method:12s} counted {stored['plan_rate']:7.3f}x "
+                f"(size {stored['rate']:.2f}x)  before {before:.4f}  "
                 f"after {after:.4f}  Σrel_out {row[method]['sum_rel_out_err']:.3f}  "
                 f"({row[method]['seconds']:.1f}s)",
                 flush=True,
