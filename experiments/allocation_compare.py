@@ -17,7 +17,9 @@ dense). Reported per (budget, method): test accuracy and test loss (after batch-
 re-estimation on the calibration set for models with batch norm), the calibration loss the
 scores and SPDY use (mean cross-entropy on the calibration set, batch norm on batch statistics as
 in OBC's search), the cost reached, and the wall time of the method's own work (the DP alone for
-the OBS-based methods; network scoring plus DP or search for the network-based ones).
+the OBS-based methods; network scoring plus DP or search for the network-based ones; on a re-run
+the database and the scores are read back, ``read_back`` in the JSON, and the times are then
+load times).
 
 EfficientNet-Lite0 is not run here: its database plus one network evaluation per (layer, level)
 on CPU takes hours (see experiments/efficientnet.py for its single-configuration timings).
@@ -170,6 +172,8 @@ def run_model(name: str, dataset: str, *, quick: bool, out: Path, seed: int, log
         "levels": [lv.name for lv in db.levels(db.paths[0])],
         "dense": {"accuracy": dense_acc, "test_loss": dense_test_loss, "calib_loss": dense_cal},
         "database_seconds": t_db, "network_scores_seconds": t_net, "spdy": spdy_kw,
+        # a re-run reads the database and its network scores back: its times are load times
+        "read_back": bool(db.loaded) and not db.computed,
         "rows": rows, "claim": _claim(rows), "seconds": time.perf_counter() - t0,
     }
 
