@@ -748,6 +748,8 @@ class Database:
             rel_damp=self.rel_damp,
             tables=self._tables or None,
             base_loss=self.base_loss,
+            computed=self.computed,
+            loaded=self.loaded,
         )
         kw.update(changes)
         return Database(records, **kw)
