@@ -659,8 +659,8 @@ def _compressed(params):
     import jax.numpy as jnp
 
     from obcjax import kernels as K
-    from obcjax.specs import Unstructured
     from obcjax.layout import kernel_to_matrices, matrices_to_kernel
+    from obcjax.specs import Unstructured
     from obcjax.transforms import Compressed, LayerSpec
 
     new = {k: dict(v) if isinstance(v, dict) else v for k, v in params.items()}
