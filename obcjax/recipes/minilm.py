@@ -598,6 +598,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--rel-damp", type=float, default=0.01)
     ap.add_argument("--ncalib", type=int, default=128, help="calibration sentences")
+    ap.add_argument(
+        "--calib-text",
+        choices=("in-domain", "mixed"),
+        default="in-domain",
+        help="calibration sentences from the corpus's calibration split (in-domain), or English "
+        "from several offline sources (obcjax.zoo.text.english_corpus), never a held-out one",
+    )
     ap.add_argument("--ntest", type=int, default=256, help="held-out evaluation sentences")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-len", type=int, default=128, help="tokens per sentence (cut beyond)")
@@ -715,6 +722,11 @@ def run(argv: Sequence[str] | None = None) -> int:
         calib, test = corpus_split(args.ncalib, args.ntest, args.seed)
     except ValueError as e:
         ap.error(str(e))
+    if args.calib_text == "mixed":
+        from obcjax.zoo import text
+
+        mixed = text.english_corpus(ncalib=args.ncalib, ntest=1, seed=args.seed, exclude=test)
+        calib = mixed["calib"]
     batches = calibration_batches(
         tokenizer,
         calib,
