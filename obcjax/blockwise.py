@@ -82,7 +82,10 @@ class BlockwiseResult(NamedTuple):
         and ``block_forwards`` (block forwards, calibration passes included).
       memory: ``peak_bytes`` (the largest device footprint seen at the checkpoints: the device
         allocator's ``bytes_in_use`` where it reports it, else the bytes of live JAX arrays on
-        the device), ``source`` (which of the two), ``device_peak_bytes_in_use`` (the
+        the device), ``start_bytes`` (the same measure when the call began: the model, the
+        batches and whatever else the process holds), ``added_peak_bytes`` (their difference:
+        what the job itself added at its peak), ``source`` (which of the two),
+        ``device_peak_bytes_in_use`` (the
         allocator's own peak since the process started, or None) and ``note``.
     """
 
@@ -159,12 +162,15 @@ def device_memory(device: jax.Device | None = None) -> dict[str, Any]:
 class _Meter:
     def __init__(self):
         self.peak = 0
+        self.base = None
         self.source = None
 
     def check(self) -> dict[str, Any]:
         m = device_memory()
         self.source = m["source"]
         now = m["bytes_in_use"] if m["source"] == "memory_stats" else m["live_array_bytes"]
+        if self.base is None:
+            self.base = int(now)
         self.peak = max(self.peak, int(now))
         return m
 
@@ -601,6 +607,7 @@ def compress_blockwise(
         sig = record["sig"]
         cache_x.append(host(arrays[sig.x]))
         cache_aux.append([host(a) for j, a in enumerate(arrays) if j != sig.x])
+    del arrays, checks, batch
     meter.check()
     dense_x = list(cache_x) if track_error else None
 
@@ -662,6 +669,7 @@ def compress_blockwise(
                 losses[full] = out.losses[r]
                 if out.layouts and r in out.layouts:
                     layouts[full] = out.layouts[r]
+            del stats, out
             meter.check()
         # the compressed block's outputs are the next block's inputs
         err_num = err_den = 0.0
@@ -673,7 +681,9 @@ def compress_blockwise(
                 err_num += float(jnp.sum(d * d))
                 err_den += float(jnp.sum(jnp.square(jnp.asarray(yd, jnp.float32))))
                 dense_x[i] = host(yd)
+                del yd, d
             cache_x[i] = host(y)
+            del y
         forwards["block_forwards"] += 1 + int(track_error)
         new_params = _set_sub(new_params, path, jax.tree.map(host, bparams) if offload else bparams)
         del bvars, dense_bvars, bparams
@@ -690,6 +700,8 @@ def compress_blockwise(
     end = device_memory()
     memory = {
         "peak_bytes": meter.peak,
+        "start_bytes": meter.base,
+        "added_peak_bytes": meter.peak - meter.base,
         "source": meter.source,
         "device_peak_bytes_in_use": end["peak_bytes_in_use"],
         "note": ("allocator bytes_in_use at the checkpoints (after the capture, each group's "

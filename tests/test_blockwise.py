@@ -173,7 +173,7 @@ def test_forward_passes_linear_in_depth():
 
 def test_offload_same_result_less_device_memory():
     model = L.llama(vocab=32, dim=16, depth=2, heads=2, hidden=32, seed=0)
-    tokens = _tokens(n=8, b=8, s=32)
+    tokens = _tokens(n=16, b=8, s=32)
     rules = [("lm_head", None), (".*", Int(4))]
     kw = dict(blocks=BLOCKS, solver="gptq", track_error=True)
     on = compress_blockwise(model, None, tokens, rules, offload=True, **kw)
@@ -183,11 +183,11 @@ def test_offload_same_result_less_device_memory():
         np.testing.assert_array_equal(a, b)
     assert [b["rel_error"] for b in on.blocks] == [b["rel_error"] for b in off.blocks]
     assert all(0 < b["rel_error"] < 1 for b in on.blocks)
-    # two activation caches (compressed + dense) of 8 batches stay on the host
-    cache = 2 * 8 * 8 * 32 * 16 * 4
+    # two activation caches (compressed + dense) of 16 batches stay on the host
+    cache = 2 * 16 * 8 * 32 * 16 * 4
     if on.memory["source"] == "live_arrays":
-        assert on.memory["peak_bytes"] < off.memory["peak_bytes"] - cache // 2, (on.memory,
-                                                                                   off.memory)
+        assert on.memory["added_peak_bytes"] < off.memory["added_peak_bytes"] - cache // 2, (
+            on.memory, off.memory)
     assert device_memory()["live_array_bytes"] > 0
 
 
