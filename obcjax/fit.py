@@ -518,6 +518,7 @@ def fit_search(
     *,
     target_bits: float | None = None,
     target_ratio: float | None = None,
+    ratio: float | str | None = None,
     bit_schedule: Sequence[int] = (8, 6, 4, 3, 2),
     pruned_fractions: Sequence[float] | None = None,
     quant: Int = _DEFAULT_GRID,
@@ -582,7 +583,10 @@ def fit_search(
       fisher: :func:`fisher_diagonal` of the same kernels (or ``{path: diagonal}``).
       target_bits: size target in bits (``summarize``'s ``total/value_bits``).
       target_ratio: size target as a fraction of the fp32 size of all params (``α*``); give at
-        most one of ``target_bits`` and ``target_ratio``.
+        most one of ``target_bits``, ``target_ratio`` and ``ratio``.
+      ratio: the same target as a compression ratio, ``8``, ``8.0`` or ``"8x"``
+        (:func:`obcjax.sizes.as_ratio`; ``ratio=8`` is ``target_ratio=1/8``), the form every
+        other size target of obcjax takes.
       bit_schedule: strictly decreasing bit-widths in 2..8.
       pruned_fractions: increasing global pruned fractions starting at 0; default
         :func:`prune_schedule` ``(40, -3)``.
@@ -633,6 +637,10 @@ def fit_search(
     """
     t_start = time.perf_counter()
     diag = _diag(fisher)
+    if ratio is not None:  # 8, 8.0 or "8x": the size target is dense / ratio
+        if target_bits is not None or target_ratio is not None:
+            raise ValueError("fit_search: give exactly one of target_bits, target_ratio or ratio")
+        target_ratio = 1.0 / as_ratio(ratio, "fit_search: ratio")
     if target_bits is not None and target_ratio is not None:
         raise ValueError("fit_search: give exactly one of target_bits or target_ratio, not both")
     if target_bops is not None and target_bops_ratio is not None:

@@ -92,3 +92,16 @@ def test_as_ratio_forms_and_errors():
                        (float("inf"), ">= 1"), ("0x", ">= 1")]:
         with pytest.raises(ValueError, match=match):
             sizes.as_ratio(bad, "rate")
+
+
+def test_fit_targets_take_a_ratio_the_same_way():
+    params, _ = _model(2)
+    fisher = {p: np.ones_like(k) for p, k in find_layers(params).items()}
+    a = fit.fit_search(params, fisher, ratio="10x", bit_schedule=(8, 4))
+    b = fit.fit_search(params, fisher, target_ratio=0.1, bit_schedule=(8, 4))
+    assert a.specs == b.specs and a.target_bits == b.target_bits
+    assert fit.fit_dp(params, fisher, ratio=10).target_bits == a.target_bits
+    with pytest.raises(ValueError, match="give 8"):
+        fit.fit_search(params, fisher, ratio=0.125)
+    with pytest.raises(ValueError, match="exactly one"):
+        fit.fit_search(params, fisher, ratio=8, target_ratio=0.125)
