@@ -9,6 +9,7 @@ The names here are the common path; everything else lives in the submodules, lis
 
 * one call: :func:`oneshot` (calibrate, compress one-pass or sequentially, repair batch norm);
 * the steps: :func:`calibrate`, :func:`compress`, :func:`prune_levels`;
+* models made of repeated blocks, one block at a time: :func:`compress_blockwise`;
 * the specs: :class:`Unstructured`, :class:`NM`, :class:`Block`, :class:`Int` and the solver
   records :class:`ExactOBS`, :class:`OBQ`, :class:`GPTQ`, :class:`SparseGPT`, :class:`Magnitude`
   (a layer's bundle of them, ``LayerSpec``, is :class:`obcjax.transforms.LayerSpec`);
@@ -54,6 +55,7 @@ _EXPORTS = {
     "prune_levels": "transforms",
     "oneshot": "workflow",
     "OneShotResult": "workflow",
+    "compress_blockwise": "blockwise",
     "save_params": "export",
     "load_params": "export",
 }
@@ -66,6 +68,7 @@ __all__ = [
     "calibrate",
     "compress",
     "prune_levels",
+    "compress_blockwise",
     # specs
     "Unstructured",
     "NM",
@@ -84,6 +87,7 @@ __all__ = [
     "activations",
     "admm",
     "allocation",
+    "blockwise",
     "calibration",
     "capture",
     "cli",
@@ -98,6 +102,7 @@ __all__ = [
     "quant",
     "recipes",
     "rules",
+    "sizes",
     "specs",
     "stats",
     "training",
@@ -114,6 +119,7 @@ if TYPE_CHECKING:
         activations,
         admm,
         allocation,
+        blockwise,
         calibration,
         capture,
         cli,
@@ -128,6 +134,7 @@ if TYPE_CHECKING:
         quant,
         recipes,
         rules,
+        sizes,
         specs,
         stats,
         training,

@@ -75,6 +75,7 @@ from obcjax import kernels as K
 from obcjax._checks import check_kernel, check_rel_damp
 from obcjax.fileio import CorruptedFileError, atomic_write
 from obcjax.layout import from_matrices, layout_for, set_path, to_matrices
+from obcjax.sizes import grids_for, layer_size
 from obcjax.specs import (
     NM,
     Block,
@@ -121,8 +122,6 @@ METRICS = ("size", "bops", "flops")
 SCORES = ("obs", "relative", "squared", "network")
 FORMAT_VERSION = 2  # 2: optional network scores (member 'net_loss', meta 'network') per layer
 _DENSE = LayerSpec()
-_SCALE_BITS = 32  # float32 scale per grid group (obcjax.export stores scales as float32)
-_ZERO_BITS = 8  # integer zero point stored as uint8 (obcjax.export)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,7 +231,10 @@ _LEVEL_RE = re.compile(r"^(?:(?P<prune>[^+]+)\+)?(?P<w>\d+)w(?P<a>\d+)a$")
 
 def parse_level(text: str, *, solver: str = "obc") -> WALevel:
     """A :class:`WALevel` from OBC's names: ``"8w8a"``, ``"4w4a"``, ``"2:4+8w8a"``, ``"6w6a"``,
-    ``"4w8a"``, ``"0.5+4w8a"`` (50% unstructured), ``"32w8a"`` (float weights).
+    ``"4w8a"``, ``"0.5+4w8a"`` (50% unstructured), ``"4block@50%+8w8a"`` or ``"blk4@50%+8w8a"``
+    (blocks of 4 columns pruned at 50%, then 8-bit weights: the reference's ``4block_8w8a``
+    levels), ``"32w8a"``
+    (float weights).
 
     Weights get the symmetric per-channel Lp-searched grid ``Int(bits)`` (OBC's), 32 meaning
     float weights; activations 4..8 bits, 32 meaning float.
@@ -243,13 +245,18 @@ def parse_level(text: str, *, solver: str = "obc") -> WALevel:
     if m is None:
         raise ValueError(
             f"parse_level: cannot read {text!r}; expected '<w>w<a>a' with an optional pruning "
-            "prefix, e.g. '8w8a', '4w4a', '2:4+8w8a', '0.5+4w8a'"
+            "prefix, e.g. '8w8a', '4w4a', '2:4+8w8a', '0.5+4w8a', '4block@50%+8w8a'"
         )
     prune = None
     if m["prune"] is not None:
         ptxt = m["prune"]
         try:
-            if ":" in ptxt:
+            blk = re.fullmatch(r"(?:(\d+)block|blk(\d+))@(.+)", ptxt)
+            if blk is not None:
+                frac = blk[3]
+                frac = float(frac.rstrip("%")) / (100 if "%" in frac else 1)
+                prune = Block(frac, int(blk[1] or blk[2]))
+            elif ":" in ptxt:
                 n, mm = ptxt.split(":")
                 prune = NM(int(n), int(mm))
             else:
@@ -378,21 +385,13 @@ def _fits(level: LayerSpec, cols: int) -> bool:
 
 
 def _overhead_bits(level: LayerSpec, rows: int, cols: int, kept: int) -> int:
-    """Index/mask and grid bits of one ``(rows, cols)`` matrix, as obcjax.export packs it."""
-    bits = 0
-    p, q = level.prune, level.quant
-    if isinstance(p, Unstructured):
-        bits += rows * cols
-    elif isinstance(p, NM):
-        bits += kept * max(1, (p.m - 1).bit_length())
-    elif isinstance(p, Block):
-        bits += rows * cols // p.size
-    if q is not None:
-        groups = {"channel": rows, "tensor": 1}.get(q.granularity)
-        if groups is None:
-            groups = rows * (cols // q.group_size)
-        bits += groups * (_SCALE_BITS + _ZERO_BITS)
-    return bits
+    """Index/mask and grid bits of one ``(rows, cols)`` matrix: :mod:`obcjax.sizes`' definition
+    (what obcjax.export packs), read for a kernel of shape ``(cols, rows)``."""
+    q = level.quant
+    shape = (cols, rows)
+    size = layer_size(shape, prune=level.prune, bits=None if q is None else q.bits, kept=kept,
+                      grids=grids_for(q, shape))
+    return size.indices + size.grids
 
 
 # ----------------------------------------------------------------------------------------------

@@ -125,8 +125,6 @@ class LayerSpec:
         object.__setattr__(self, "prune", as_prune(self.prune, what="LayerSpec.prune"))
         object.__setattr__(self, "quant", as_quant(self.quant, what="LayerSpec.quant"))
         as_solver(self.solver, what="LayerSpec.solver")
-        if isinstance(self.prune, Block) and self.quant is not None:
-            raise ValueError("LayerSpec: block pruning combined with quantization is not supported")
 
     @property
     def name(self) -> str:

@@ -24,7 +24,7 @@ from obcjax.allocation import (
     to_rules,
     uniform,
 )
-from obcjax.specs import NM, Int, Unstructured
+from obcjax.specs import NM, Block, Int, Unstructured
 from obcjax.stats import HessianState
 from obcjax.transforms import LayerSpec, compress, summarize
 
@@ -99,6 +99,29 @@ def test_database_matches_compress_and_kernels(mlp):
         assert new[p]["bias"] is params[p]["bias"]
     assert db.loss_of(choice) == pytest.approx(sum(out.losses.values()), rel=1e-5)
     assert params["dense_0"]["kernel"] is not new["dense_0"]["kernel"]  # input not mutated
+
+
+def test_block_plus_quant_levels():
+    """The reference's ``4block_8w8a`` levels: blocks of 4 columns pruned, then 8-bit OBQ."""
+    params, stats = _mlp(3)
+    levels = [None, Block(0.5, 4), parse_level("4block@50%+8w8a").weights]
+    db = build_database(params, stats, levels, progress=False)
+    choice = {p: (Block(0.5, 4), Int(8)) for p in PATHS}
+    out = compress(params, stats, to_rules(choice))
+    new = materialize(params, db, choice)
+    for p in PATHS:
+        l = db.losses()[p]
+        assert l[2] > l[1] > 0  # quantizing the survivors adds loss
+        W = np.asarray(out.params[p]["kernel"])
+        np.testing.assert_allclose(new[p]["kernel"], W, rtol=1e-6, atol=1e-6)
+        mask = np.asarray(out.mask(p))
+        blocks = mask.T.reshape(16, 4, 4)  # (rows, blocks, size) in matrix layout
+        assert np.all(blocks.all(-1) | ~blocks.any(-1))  # whole blocks kept or removed
+        assert blocks.all(-1).sum() == 16 * 4 // 2  # half the blocks of the layer are kept
+        assert np.all(W[~mask] == 0)
+        deq = np.asarray(out.qarray(p).dequantize())
+        np.testing.assert_array_equal(np.where(mask, deq, 0.0), W)  # survivors on the grid
+    assert db.loss_of(choice) == pytest.approx(sum(out.losses.values()), rel=1e-5)
 
 
 @pytest.mark.parametrize("li", range(len(LEVELS)))
@@ -411,6 +434,9 @@ def test_mixed_levels_names_and_parsing():
     assert (lv.prune, lv.quant, lv.abits, lv.wbits) == (NM(2, 4), Int(4), 8, 4)
     assert parse_level("32w8a").quant is None and parse_level("4w32a").abits is None
     assert parse_level("0.5+6w6a").prune == Unstructured(0.5)
+    blk = parse_level("4block@50%+8w8a")  # the reference's 4block_8w8a levels
+    assert (blk.prune, blk.quant, blk.abits) == (Block(0.5, 4), Int(8), 8)
+    assert parse_level(blk.name) == blk and blk.name == "blk4@50%+8w8a"
     assert WALevel(Int(4), 4) == parse_level("4w4a")  # a bare spec is read as a LayerSpec
     with pytest.raises(ValueError, match="4..8"):
         parse_level("4w3a")

@@ -812,8 +812,10 @@ def obq_prune_quantize(
     The pruned coordinates are eliminated first (target 0) so the quantizer sees the inverse
     Hessian restricted to each row's support; pruned weights stay exactly zero (0 is on every
     grid) and the survivors are quantized with OBS compensation. The grid is found on the pruned
-    weights. ``prune`` is a spec or a shorthand (``0.5``, ``"2:4"``), ``quant`` an
-    :class:`~obcjax.specs.Int` or a number of bits. Pure in ``W`` and ``H``.
+    weights. ``prune`` is a spec or a shorthand (``0.5``, ``"2:4"``, ``Block(0.5, 4)``: blocks
+    of consecutive columns removed together, then the survivors quantized, the reference's
+    ``4block_8w`` levels), ``quant`` an :class:`~obcjax.specs.Int` or a number of bits. Pure in
+    ``W`` and ``H``.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -825,17 +827,23 @@ def obq_prune_quantize(
     """
     prune = as_prune(prune, what="prune", layer=layer)
     quant = _require_quant(quant, "quant", layer)
-    if not isinstance(prune, Unstructured | NM):
-        raise TypeError(f"layer {layer!r}: prune must be Unstructured or NM, got {prune!r}")
+    if not isinstance(prune, Unstructured | NM | Block):
+        raise TypeError(
+            f"layer {layer!r}: prune must be Unstructured, NM or Block, got {prune!r}"
+        )
     cols = matrix_cols(W, layer)
     check_fits(prune, cols, layer)
     check_fits(quant, cols, layer)
     P, out = setup(W, H, rel_damp, layer, prepared)
     kw = dict(method=method, chunk_rows=chunk_rows, memory_bytes=memory_bytes, mesh=mesh)
-    if isinstance(prune, Unstructured):
+    if isinstance(prune, Unstructured | Block):
         # the host path allocates on the host (numpy) between the passes; the quantizer is staged
-        rp = _prune_body(P, [prune.sparsity], True, axis_name=None,
-                         traced=is_traced(P.W, P.H), **kw)
+        if isinstance(prune, Block):
+            rp = _block_body(P, [prune.sparsity], True, prune.size, chunk_rows=chunk_rows,
+                             memory_bytes=memory_bytes)
+        else:
+            rp = _prune_body(P, [prune.sparsity], True, axis_name=None,
+                             traced=is_traced(P.W, P.H), **kw)
         return run_staged(P, _joint_quant_body, out, rp, quant=quant,
                            outlier_rule=bool(outlier_rule), **kw)
     return run_staged(P, _joint_nm_body, out, prune=prune, quant=quant,
@@ -939,6 +947,14 @@ def exactobs_block(
     size = int(size)
     check_fits(Block(levels[0], size), matrix_cols(W, layer), layer)
     P, out = setup(W, H, rel_damp, layer, prepared)
+    res = _block_body(P, levels, single, size, chunk_rows=chunk_rows, memory_bytes=memory_bytes)
+    if is_traced(P.W, P.H):
+        return finish(res, P, out)
+    return run_staged(P, _given, out, res)
+
+
+def _block_body(P, levels, single, size: int, *, chunk_rows, memory_bytes) -> Result:
+    """Block ExactOBS on a prepared problem in solver units (host or traced allocation)."""
     rows, cols = P.W.shape
     nb = cols // size
     item = jnp.dtype(P.W.dtype).itemsize
@@ -947,10 +963,9 @@ def exactobs_block(
     perm = (border[:, :, None] * size + jnp.arange(size)).reshape(rows, cols)
     if is_traced(P.W, P.H):
         counts = allocate_counts_traced(blosses, levels, nb) * size
-        res = _levels_result(
+        return _levels_result(
             *_rebuild_traced(P.W, P.Hinv, perm, counts, chunk_rows, memory_bytes, None), single
         )
-        return finish(res, P, out)
     counts = allocate_counts(np.asarray(blosses), [_count(s, rows * nb) for s in levels])
     perm = np.asarray(perm)
     weights, row_loss = rebuild_levels(
@@ -962,5 +977,4 @@ def exactobs_block(
         msk = np.ones((rows, cols), bool)
         np.put_along_axis(msk, perm, ~(t[None, :] < (counts[l] * size)[:, None]), axis=1)
         masks.append(msk)
-    res = _levels_tail(weights, jnp.asarray(np.stack(masks)), row_loss, single)
-    return run_staged(P, _given, out, res)
+    return _levels_tail(weights, jnp.asarray(np.stack(masks)), row_loss, single)

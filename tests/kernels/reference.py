@@ -652,7 +652,7 @@ def obq_prune_quantize_ref(
     params=None,
     pruned=None,
 ) -> RefResult:
-    """ExactOBS pruning (``Unstructured`` or ``NM``), then OBQ of the survivors.
+    """ExactOBS pruning (``Unstructured``, ``NM`` or ``Block``), then OBQ of the survivors.
 
     The grid is found on the pruned weights; each row's OBQ first eliminates its pruned
     coordinates (increasing column order, target 0, zero loss), then runs the greedy OBQ on the
@@ -669,6 +669,8 @@ def obq_prune_quantize_ref(
         rp = RefResult(Wp, mask, None, None, None, rl.sum(), rl, None, None, math.inf)
     elif hasattr(prune, "m"):
         rp = exactobs_nm_ref(W, H, prune.n, prune.m, rel_damp)
+    elif hasattr(prune, "size"):
+        rp = exactobs_block_ref(W, H, prune.sparsity, prune.size, rel_damp)
     else:
         rp = exactobs_prune_ref(W, H, prune.sparsity, rel_damp)
     scale, zero = _params(rp.weights, quant, params)

@@ -30,6 +30,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from obcjax.kernels import (
+    exactobs_block,
     exactobs_nm,
     exactobs_prune,
     obq_prune_quantize,
@@ -189,7 +190,9 @@ def _check_joint(r, R, W, H, quant, pruned_only):
     assert float(r.loss) > float(pruned_only.loss) > 0
 
 
-@pytest.mark.parametrize("prune, seed", [(Unstructured(0.5), 2), (NM(2, 4), 1)])
+@pytest.mark.parametrize(
+    "prune, seed", [(Unstructured(0.5), 2), (NM(2, 4), 1), (Block(0.5, 4), 2)]
+)
 def test_prune_quantize_matches_reference(prune, seed):
     W, H = make_problem(ROWS, COLS, seed, dead=DEAD)
     r = obq_prune_quantize(W, H, prune, ASYM4, method="naive")
@@ -197,6 +200,10 @@ def test_prune_quantize_matches_reference(prune, seed):
     assert R.margin > 1e-5
     if isinstance(prune, NM):
         only = exactobs_nm(W, H, prune.n, prune.m, method="naive")
+    elif isinstance(prune, Block):
+        only = exactobs_block(W, H, prune)
+        blocks = np.asarray(r.mask).reshape(ROWS, COLS // 4, 4)
+        assert np.all(blocks.all(-1) | ~blocks.any(-1))  # whole blocks kept or removed
     else:
         only = exactobs_prune(W, H, prune.sparsity, method="naive")
     _check_joint(r, R, W, H, ASYM4, only)
@@ -305,8 +312,8 @@ def test_bad_specs_name_the_layer():
         obq_quantize(W, H, Int(bits=4, granularity="group", group_size=12), layer="enc/fc1")
     with pytest.raises(ValueError, match="order must be 'greedy' or 'natural'"):
         obq_quantize(W, H, ASYM4, order="act", layer="enc/fc1")
-    with pytest.raises(TypeError, match=r"'enc/fc1'.*prune must be Unstructured or NM"):
-        obq_prune_quantize(W, H, Block(0.5, 4), ASYM4, layer="enc/fc1")
+    with pytest.raises(TypeError, match=r"'enc/fc1'.*prune: expected a sparsity"):
+        obq_prune_quantize(W, H, Int(4), ASYM4, layer="enc/fc1")
     with pytest.raises(ValueError, match=r"'enc/fc1'.*quant: expected a number of bits.*'int4'"):
         obq_prune_quantize(W, H, NM(2, 4), "int4", layer="enc/fc1")
     with pytest.raises(ValueError, match=r"'enc/fc1'.*group size 12"):
