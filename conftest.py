@@ -43,10 +43,8 @@ pytest_collect_file = (
 # and run (reported as xfail / xpass), so the suite stays green meanwhile. Remove an entry once its
 # module's examples pass. ``run=False`` only where running has side effects or costs a minute.
 _BEING_FIXED = {
-    "obcjax/allocation.py": "examples use undefined names (params, db, model, activations)",
-    "obcjax/recipes/minilm.py": "run() prints a report and writes runs/minilm_w4 (a minute)",
 }
-_NOT_RUN = {"obcjax/recipes/minilm.py"}
+_NOT_RUN: set[str] = set()
 
 
 def pytest_collection_modifyitems(config, items):

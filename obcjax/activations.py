@@ -520,8 +520,8 @@ def activation_error_stats(
         >>> model, v = zoo.linen_model("lenet5"), zoo.init_variables("lenet5", (8, 8, 1))
         >>> batches = [x for x, _ in zoo.batches(zoo.digits()["calib"], 64)]
         >>> st = activation_error_stats(model, v, batches, (4,), rules=[("conv1", None), ".*"])
-        >>> st["conv2"][4].ee.shape                     # one 5x5x6 patch per output position
-        (1, 150, 150)
+        >>> st["conv2"][4].ee.shape                     # one 3x3x6 patch per output position
+        (1, 54, 54)
     """
     spec = as_act_spec(spec)
     bits = tuple(dict.fromkeys(bits))

@@ -38,18 +38,34 @@ layer on the calibration data (:func:`obcjax.activations.activation_error_stats`
 (:func:`obcjax.activations.activation_errors`; ``σ_i²``: the mean squared rounding error the
 a-bit grid adds to input channel ``i``; ``Ŵ`` the compressed kernel).
 
-    >>> errs = activations.activation_error_stats(model, v, batches, (4, 8), rules=keep + [".*"])
-    >>> db = build_database(params, stats, mixed_levels((8, 4)), rules=keep + [(".*", True)],
-    ...                     act_errors=errs, positions=positions)
-    >>> choice = solve(db, db.cost_of({p: "8w8a" for p in db.paths}, "bops") / 2, metric="bops")
-    >>> res = activations.compress_mixed(model, v, batches, db, choice)   # OBC's order
+For example (``model``, its variables ``v``, calibration ``batches``, ``keep`` rules)::
+
+    errs = activations.activation_error_stats(model, v, batches, (4, 8), rules=keep + [".*"])
+    db = build_database(params, stats, mixed_levels((8, 4)), rules=keep + [(".*", True)],
+                        act_errors=errs, positions=positions)
+    choice = solve(db, db.cost_of({p: "8w8a" for p in db.paths}, "bops") / 2, metric="bops")
+    res = activations.compress_mixed(model, v, batches, db, choice)   # OBC's order
 
 Example:
+    >>> import tempfile
+    >>> import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
+    >>> from obcjax.calibration import calibrate
+    >>> from obcjax.transforms import compress
     >>> from obcjax.specs import NM, Int, Unstructured
+    >>> class MLP(nn.Module):
+    ...     @nn.compact
+    ...     def __call__(self, x):
+    ...         x = nn.relu(nn.Dense(16, name="dense_0")(x))
+    ...         return nn.Dense(8, name="head")(nn.relu(nn.Dense(16, name="dense_1")(x)))
+    >>> model = MLP()
+    >>> x = np.random.default_rng(0).normal(size=(256, 16)).astype(np.float32)
+    >>> v = model.init(jax.random.key(0), x)
+    >>> params, stats = v["params"], calibrate(model, v, [x[:128], x[128:]])
     >>> levels = [None, *[Unstructured(s) for s in (0.5, 0.75, 0.9)], NM(2, 4), Int(4),
     ...           (Unstructured(0.5), Int(4))]
-    >>> db = build_database(params, stats, levels, path="db/")      # resumable
-    >>> choice = solve(db, db.dense_cost("size") / 8)                # 8x smaller
+    >>> db = build_database(params, stats, levels, path=tempfile.mkdtemp(),   # resumable
+    ...                     progress=False)
+    >>> choice = solve(db, db.dense_cost("size") / 4)                # 4x smaller
     >>> new_params = materialize(params, db, choice)
     >>> out = compress(params, stats, to_rules(choice))              # or recompute from rules
 """
@@ -473,7 +489,10 @@ class Database:
       layer at this level minus the dense model's (:func:`network_scores`).
 
     Example:
-        >>> db.levels("dense_1")[2], db.losses()["dense_1"][2], db.costs("size")["dense_1"][2]
+        >>> lv, loss = db.levels("dense_1")[2], db.losses()["dense_1"][2]
+        >>> cost = db.costs("size")["dense_1"]
+        >>> lv.name, bool(loss > 0), bool(cost[2] < cost[0])
+        ('75%', True, True)
     """
 
     def __init__(
@@ -532,8 +551,10 @@ class Database:
           metric: the metric of a single cost table.
 
         Example:
-            >>> db = Database.from_table({"a": {None: 0.0, Int(4): 1.0}},
-            ...                          {"a": {None: 32.0, Int(4): 4.0}})
+            >>> toy = Database.from_table({"a": {None: 0.0, Int(4): 1.0}},
+            ...                           {"a": {None: 32.0, Int(4): 4.0}})
+            >>> toy.paths
+            ('a',)
         """
         if cost and set(cost) <= set(METRICS) and not (set(cost) & set(loss)):
             tables_in = cost
@@ -665,7 +686,8 @@ class Database:
         """``{path: level}`` with each level as stored (names such as ``"4w4a"`` looked up).
 
         Example:
-            >>> db.resolve({p: "8w8a" for p in db.paths})     # W8A8 on every layer
+            >>> [lv.name for lv in db.resolve({p: Int(4) for p in db.paths}).values()]
+            ['w4', 'w4', 'w4']
         """
         return {p: self.records[p].levels[i] for p, i in self._indices(assignment).items()}
 
@@ -707,7 +729,9 @@ class Database:
         """The same database restricted to ``levels`` (each layer keeps those it has).
 
         Example:
-            >>> sparse_only = db.subset([None, *sparsity_levels()])
+            >>> sparse_only = db.subset([None, Unstructured(0.5), Unstructured(0.75)])
+            >>> len(sparse_only.levels("head"))
+            3
         """
         want = _levels_tuple(levels, "Database.subset")
         records, tables = [], {m: {} for m in self._tables}
@@ -842,13 +866,7 @@ def _layer_matrices(kernel, H, path: str):
     G, cols = H.shape[0], H.shape[-1]
     if kernel.ndim < 2:
         raise ValueError(f"layer {path!r}: kernel must be at least 2-D, got {tuple(kernel.shape)}")
-    try:
-        lay = layout_for(kernel.shape, cols, G, layer=path)
-    except ValueError:
-        raise ValueError(
-            f"layer {path!r}: kernel of shape {tuple(kernel.shape)} does not match its "
-            f"statistics ({G} group(s) of width {cols}); the statistics come from another model"
-        ) from None
+    lay = layout_for(kernel.shape, cols, G, layer=path)  # names the layer when they differ
     return to_matrices(kernel, lay), lay
 
 
@@ -1427,9 +1445,10 @@ def build_database(
       A :class:`Database`.
 
     Example:
-        >>> db = build_database(params, stats, [None, Unstructured(0.5), NM(2, 4), Int(4)],
-        ...                     rules=[("head", None), (".*", True)], path="/tmp/db")
-        >>> db.losses()["dense_0"]      # (4,) losses, the first (dense) is 0
+        >>> small = build_database(params, stats, [None, Unstructured(0.5), NM(2, 4), Int(4)],
+        ...                        rules=[("head", None), (".*", True)], progress=False)
+        >>> small.paths, small.losses()["dense_0"].shape, float(small.losses()["dense_0"][0])
+        (('dense_0', 'dense_1'), (4,), 0.0)
     """
     from obcjax.rules import match_rules
 
@@ -1812,9 +1831,11 @@ def network_scores(
       obcjax.fileio.CorruptedFileError: a damaged database file.
 
     Example:
+        >>> y_dense = model.apply(v, x)
         >>> def loss_fn(p):                      # the caller's calibration loss
-        ...     return jnp.mean(jnp.square(model.apply({"params": p}, x_calib) - y_calib))
-        >>> db = network_scores(build_database(params, stats, levels, path="db/"), params, loss_fn)
+        ...     return jnp.mean(jnp.square(model.apply({"params": p}, x) - y_dense))
+        >>> db = network_scores(db, params, loss_fn)
+        >>> budget = db.dense_cost("size") / 4
         >>> choice = solve(db, budget, score="network")
     """
     _check_database(database, "network_scores")
@@ -1977,7 +1998,8 @@ def spdy(
       A :class:`SPDYResult`.
 
     Example:
-        >>> res = spdy(db, db.dense_cost("size") / 8, params, loss_fn, score="network", seed=0)
+        >>> res = spdy(db, budget, params, loss_fn, score="network", seed=0, max_evals=8,
+        ...            progress=False)
         >>> res.loss <= res.dp_loss
         True
     """
@@ -2217,8 +2239,8 @@ def uniform(
     ``score`` says which loss (see :func:`solve`).
 
     Example:
-        >>> uniform(db, 0.25 * db.dense_cost("size"))["dense_0"].name
-        '75%'
+        >>> uniform(db, 0.25 * db.dense_cost("size"))["dense_0"].name   # the same level everywhere
+        'w4'
     """
     _check_database(database, "uniform")
     b = _check_budget(budget)

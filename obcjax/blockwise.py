@@ -57,7 +57,6 @@ from jax.sharding import PartitionSpec as P
 
 from obcjax.calibration import calibrate, shard_batch
 from obcjax.capture import BoundModel, CaptureError, LayerCall, layer_kinds
-from obcjax.layout import Layout
 from obcjax.rules import match_rules, normalize_rules
 from obcjax.transforms import Compressed, as_layer_spec, compress, find_layers, summarize
 

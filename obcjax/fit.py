@@ -201,6 +201,25 @@ def _split_batch(batch, i: int):
     return x, y
 
 
+def _padded_batch(batch, i: int, size: int | None, where: str):
+    """``(x, y, weights, examples, size)``: batch ``i`` padded to the first batch's ``size``
+    (padding rows repeat the first example with weight 0, so one compiled step serves all)."""
+    x, y = _split_batch(batch, i)
+    b = len(y)
+    size = b if size is None else size
+    if b > size:
+        raise ValueError(
+            f"{where}: batch {i} has {b} examples, more than the first batch ({size}); use "
+            "batches of equal size (a smaller last one is fine)"
+        )
+    w = np.zeros(size, np.float32)
+    w[:b] = 1.0
+    if b < size:
+        x = np.concatenate([x, np.repeat(x[:1], size - b, 0)])
+        y = np.concatenate([y, np.repeat(y[:1], size - b, 0)])
+    return x, y, w, b, size
+
+
 def _relative_change(cur, prev) -> float:
     """``||cur - prev|| / ||cur||`` of a running estimate (inf for the first batch), the early-stop
     signal of the Fisher estimates."""
@@ -264,20 +283,7 @@ def fisher_diagonal(
     total = {p: np.zeros(k.shape, np.float64) for p, k in kern.items()}
     prev, size, n, t, converged, changes = None, None, 0, 0, False, []
     for t, batch in enumerate(batches, start=1):
-        x, y = _split_batch(batch, t - 1)
-        b = len(y)
-        if size is None:
-            size = b
-        if b > size:
-            raise ValueError(
-                f"fisher_diagonal: batch {t - 1} has {b} examples, more than the first batch "
-                f"({size}); use batches of equal size (a smaller last one is fine)"
-            )
-        w = np.zeros(size, np.float32)
-        w[:b] = 1.0
-        if b < size:
-            x = np.concatenate([x, np.repeat(x[:1], size - b, 0)])
-            y = np.concatenate([y, np.repeat(y[:1], size - b, 0)])
+        x, y, w, b, size = _padded_batch(batch, t - 1, size, "fisher_diagonal")
         out = step(params, kern, jnp.asarray(x), jnp.asarray(y), jnp.asarray(w))
         for p in paths:
             total[p] += np.asarray(out[p], np.float64)
@@ -1521,18 +1527,7 @@ def activation_fisher(
     lo_sum, hi_sum = dict.fromkeys(paths, 0.0), dict.fromkeys(paths, 0.0)
     prev, size, n, t, converged, changes = None, None, 0, 0, False, []
     for t, batch in enumerate(itertools.chain([first], batches), start=1):
-        x, y = _split_batch(batch, t - 1)
-        b = len(y)
-        size = size or b
-        if b > size:
-            raise ValueError(
-                f"activation_fisher: batch {t - 1} has {b} examples, more than the first ({size})"
-            )
-        w = np.zeros(size, np.float32)
-        w[:b] = 1.0
-        if b < size:
-            x = np.concatenate([x, np.repeat(x[:1], size - b, 0)])
-            y = np.concatenate([y, np.repeat(y[:1], size - b, 0)])
+        x, y, w, b, size = _padded_batch(batch, t - 1, size, "activation_fisher")
         tr, rg = step(jnp.asarray(x), jnp.asarray(y), jnp.asarray(w))
         for p in paths:
             total[p] += float(tr[p])

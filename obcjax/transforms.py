@@ -49,13 +49,11 @@ import numpy as np
 from obcjax import kernels as K
 from obcjax._checks import check_kernel, check_rel_damp, check_rules, rule_spec, sparsity_list
 from obcjax.kernels.prepare import blas_one_thread
-from obcjax.layout import (  # noqa: F401 (kernel_to_matrices, matrices_to_kernel: re-exported)
+from obcjax.layout import (
     Layout,
     from_matrices,
     get_path,
-    kernel_to_matrices,
     layout_for,
-    matrices_to_kernel,
     set_path,
     to_matrices,
 )
@@ -319,9 +317,6 @@ def find_layers(params) -> dict[str, jax.Array]:
     return out
 
 
-_set_path = set_path  # the old name (now obcjax.layout.set_path), still imported elsewhere
-
-
 def _layer_problem(path, kernel, state, dead_inputs, where: str):
     """Hessians ``(G, cols, cols)``, float32 weight matrices ``(G, rows, cols)`` and the
     :class:`~obcjax.layout.Layout` of a layer (Dense, Conv, DenseGeneral; see
@@ -330,11 +325,8 @@ def _layer_problem(path, kernel, state, dead_inputs, where: str):
     G, cols = H.shape[0], H.shape[-1]
     try:
         layout = layout_for(kernel.shape, cols, G, layer=path)
-    except ValueError:
-        raise ValueError(
-            f"{where}layer {path!r}: kernel of shape {tuple(kernel.shape)} does not match its "
-            f"statistics ({G} group(s) of width {cols}); the statistics come from another model"
-        ) from None
+    except ValueError as e:
+        raise ValueError(f"{where}{e}") from None
     return H, to_matrices(kernel, layout).astype(jnp.float32), layout
 
 

@@ -26,7 +26,7 @@ from obcjax.allocation import (
 )
 from obcjax.specs import NM, Block, Int, Unstructured
 from obcjax.stats import HessianState
-from obcjax.transforms import LayerSpec, compress, summarize
+from obcjax.transforms import LayerSpec, compress
 
 LEVELS = [
     None,

@@ -446,7 +446,7 @@ DATABASE = [
     ("db-positions", lambda c: _build(c, positions={"fc1": 0}), ValueError,
      r"build_database: positions\['fc1'\] must be a positive int, got 0"),
     ("db-error", lambda c: _build(c, error="mse"), ValueError,
-     r"build_database: error must be 'obs' or 'relative', got 'mse'"),
+     r"build_database: error must be 'obs', 'relative' or 'squared' .*got 'mse'"),
     ("db-member-flipped", lambda c: _damaged_db(c), CorruptedFileError,
      r"layer 'fc1'.*fc1\.npz"),
     ("solve-database-None", lambda c: A.solve(None, 1e9), TypeError,
