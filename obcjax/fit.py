@@ -220,6 +220,15 @@ def _padded_batch(batch, i: int, size: int | None, where: str):
     return x, y, w, b, size
 
 
+def _converged(changes: list, cur, prev, t: int, min_batches: int, max_batches: int, tol: float):
+    """``(converged, stop)`` after batch ``t``: appends the relative change of the running mean
+    ``cur`` against ``prev`` to ``changes``; converged once it is below ``tol`` (from
+    ``min_batches`` on), stop then or at ``max_batches``."""
+    changes.append(_relative_change(cur, prev))
+    converged = t >= min_batches and changes[-1] < tol
+    return converged, converged or t >= max_batches
+
+
 def _relative_change(cur, prev) -> float:
     """``||cur - prev|| / ||cur||`` of a running estimate (inf for the first batch), the early-stop
     signal of the Fisher estimates."""
@@ -289,12 +298,9 @@ def fisher_diagonal(
             total[p] += np.asarray(out[p], np.float64)
         n += b
         cur = np.concatenate([total[p].ravel() for p in paths]) / n
-        changes.append(_relative_change(cur, prev))
+        converged, stop = _converged(changes, cur, prev, t, min_batches, max_batches, tol)
         prev = cur
-        if t >= min_batches and changes[-1] < tol:
-            converged = True
-            break
-        if t >= max_batches:
+        if stop:
             break
     if n == 0:
         raise ValueError("fisher_diagonal: batches is empty")
@@ -1535,12 +1541,9 @@ def activation_fisher(
             hi_sum[p] += float(rg[p][1])
         n += b
         cur = np.array([total[p] / n for p in paths])
-        changes.append(_relative_change(cur, prev))
+        converged, stop = _converged(changes, cur, prev, t, min_batches, max_batches, tol)
         prev = cur
-        if t >= min_batches and changes[-1] < tol:
-            converged = True
-            break
-        if t >= max_batches:
+        if stop:
             break
     return ActFisher(
         {p: total[p] / n for p in paths},

@@ -1,6 +1,5 @@
 """obcjax.calibration: statistics captured from unmodified Linen and NNX models."""
 
-import itertools
 
 import chex
 import jax
@@ -13,36 +12,9 @@ from flax import nnx
 from obcjax import calibration
 from obcjax.calibration import calibrate, finalize
 from obcjax.stats import hessian_finalize
+from tests.reference_stats import np_patches
 
 RNG = np.random.default_rng(0)
-
-
-def _np_patches(x, ks, strides, pads, dil, groups):
-    """Loop-by-loop float64 im2col, columns (kh, kw, cin_in_group) per group: the reference."""
-    x = np.asarray(x, np.float64)
-    xp = np.pad(x, [(0, 0), *pads, (0, 0)])
-    cg = x.shape[-1] // groups
-    eff = [(k - 1) * d + 1 for k, d in zip(ks, dil)]
-    outs = [(n - e) // s + 1 for n, e, s in zip(xp.shape[1:-1], eff, strides)]
-    rows = []
-    for n in range(x.shape[0]):
-        for o in itertools.product(*(range(m) for m in outs)):
-            rows.append(
-                np.stack(
-                    [
-                        np.concatenate(
-                            [
-                                xp[(n, *(oi * s + t * d for oi, s, t, d in zip(o, strides, tap, dil)))][
-                                    g * cg : (g + 1) * cg
-                                ]
-                                for tap in itertools.product(*(range(k) for k in ks))
-                            ]
-                        )
-                        for g in range(groups)
-                    ]
-                )
-            )
-    return np.stack(rows)  # (tokens, G, cols)
 
 
 def _same_pads(n, k, s, d):
@@ -118,7 +90,7 @@ def test_conv_hessian_matches_float64_numpy(case, flavour):
         pads = [(0, 0)] * len(xs)
     else:
         pads = list(padding)
-    rows = np.concatenate([_np_patches(b, ks, strides, pads, dil, G) for b in batches])
+    rows = np.concatenate([np_patches(b, ks, strides, pads, dil, G) for b in batches])
     assert int(stats["layer"].count) == rows.shape[0]
     _assert_rel(hessian_finalize(stats["layer"]), _ref_H(rows))
 
@@ -260,7 +232,7 @@ def test_twin_statistics_equal_explicit_forward():
     stats = calibrate(lin, variables, xs)
     hs = [nx.block(nnx.relu(nx.conv1(x))).reshape(x.shape[0], 16, 8) for x in xs]
     k = nx.seq.kernel[...]
-    rows = np.concatenate([_np_patches(h, (3,), (1,), [(4, 0)], (2,), 1) for h in hs])
+    rows = np.concatenate([np_patches(h, (3,), (1,), [(4, 0)], (2,), 1) for h in hs])
     _assert_rel(hessian_finalize(stats["seq"]), _ref_H(rows))
     X = np.maximum(rows[:, 0] @ np.asarray(k, np.float64).reshape(24, 6) + nx.seq.bias[...], 0)
     _assert_rel(hessian_finalize(stats["dense"])[0], 2 * X.T @ X / X.shape[0])

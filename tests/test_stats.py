@@ -1,6 +1,5 @@
 """obcjax.stats: Hessian accumulation against float64 NumPy, im2col against lax convolutions."""
 
-import itertools
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +15,7 @@ from obcjax.stats import (
     hessian_init,
     hessian_update,
 )
+from tests.reference_stats import np_patches
 
 RNG = np.random.default_rng(0)
 
@@ -165,34 +165,11 @@ def test_conv_patches_reproduce_the_convolution(xs, ks, cin, out, kw):
     _close(_as_conv(p, k, G), y.reshape(-1, out), rtol=1e-5)
 
 
-def _np_patches(x, ks, strides, pads, dil, groups):
-    """Loop-by-loop float64 im2col, (kh, kw, cin_in_group) per group: the reference."""
-    x = np.asarray(x, np.float64)
-    xp = np.pad(x, [(0, 0), *pads, (0, 0)])
-    cg = x.shape[-1] // groups
-    eff = [(k - 1) * d + 1 for k, d in zip(ks, dil)]
-    outs = [(n - e) // s + 1 for n, e, s in zip(xp.shape[1:-1], eff, strides)]
-    rows = []
-    for n in range(x.shape[0]):
-        for o in itertools.product(*(range(m) for m in outs)):
-            row = []
-            for g in range(groups):
-                taps = [
-                    xp[(n, *(oi * s + t * d for oi, s, t, d in zip(o, strides, tap, dil)))][
-                        g * cg : (g + 1) * cg
-                    ]
-                    for tap in itertools.product(*(range(k) for k in ks))
-                ]
-                row.append(np.concatenate(taps))
-            rows.append(np.stack(row))
-    return np.stack(rows)
-
-
 def test_conv_patches_equal_loop_reference_exactly():
     x = RNG.normal(size=(2, 7, 6, 4)).astype(np.float32)
     p = conv_patches(x, (3, 2, 2, 5), strides=(2, 1), padding=((1, 0), (2, 1)), dilation=(1, 2),
                      feature_group_count=2)
-    ref = _np_patches(x, (3, 2), (2, 1), [(1, 0), (2, 1)], (1, 2), 2)
+    ref = np_patches(x, (3, 2), (2, 1), [(1, 0), (2, 1)], (1, 2), 2)
     np.testing.assert_array_equal(np.asarray(p, np.float64), ref)
 
 

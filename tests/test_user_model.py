@@ -78,6 +78,32 @@ def test_finetune_nnx_state_with_frozen_masks_and_codebooks():
     assert model(jnp.ones((2, 6))).shape == (2, 3)
 
 
+def _both_loops(model, start, loss, tx, batches):
+    """The transform ``tx()`` inside ``nnx.Optimizer`` on ``model`` and, functionally, on the
+    plain dict of ``start``: ``(optimizer, final dict params, final functional state)``."""
+    opt = nnx.Optimizer(model, tx(), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, opt, x, y):
+        grads = nnx.grad(lambda m: _ce(m(x), y))(model)
+        opt.update(model, grads)
+
+    p = nnx.to_pure_dict(start)
+    f = tx()
+    st = f.init(p)
+
+    @jax.jit
+    def fstep(p, st, x, y):
+        g = jax.grad(lambda q: loss(q, (x, y)))(p)
+        u, st = f.update(g, st, p)
+        return optax.apply_updates(p, u), st
+
+    for x, y in batches:
+        step(model, opt, x, y)
+        p, st = fstep(p, st, x, y)
+    return opt, p, st
+
+
 def test_keep_mask_and_codebooks_inside_nnx_optimizer_match_a_dict_loop():
     model, graphdef, params, loss = _model_and_loss(1)
     masks = _fc1_mask(params, 0.6)
@@ -90,27 +116,7 @@ def test_keep_mask_and_codebooks_inside_nnx_optimizer_match_a_dict_loop():
             T.frozen_codebooks(cbs), optax.adamw(0.05, weight_decay=0.1), T.keep_mask(masks)
         )
 
-    opt = nnx.Optimizer(model, tx(), wrt=nnx.Param)
-
-    @nnx.jit
-    def step(model, opt, x, y):
-        grads = nnx.grad(lambda m: _ce(m(x), y))(model)
-        opt.update(model, grads)
-
-    # the same transform on plain dicts, functionally
-    p = nnx.to_pure_dict(start)
-    f = tx()
-    st = f.init(p)
-
-    @jax.jit
-    def fstep(p, st, x, y):
-        g = jax.grad(lambda q: loss(q, (x, y)))(p)
-        u, st = f.update(g, st, p)
-        return optax.apply_updates(p, u), st
-
-    for x, y in _data(seed=2) * 2:
-        step(model, opt, x, y)
-        p, st = fstep(p, st, x, y)
+    opt, p, st = _both_loops(model, start, loss, tx, _data(seed=2) * 2)
     k = np.asarray(model.fc1.kernel[...])
     keep = np.asarray(masks["fc1"]["kernel"])
     assert np.all(k[~keep] == 0.0)
@@ -127,26 +133,7 @@ def test_admm_inside_nnx_optimizer_matches_a_dict_loop():
             A.admm([("fc1", Unstructured(0.75))], rho=0.05, update_every=2), optax.adam(1e-2)
         )
 
-    opt = nnx.Optimizer(model, tx(), wrt=nnx.Param)
-
-    @nnx.jit
-    def step(model, opt, x, y):
-        grads = nnx.grad(lambda m: _ce(m(x), y))(model)
-        opt.update(model, grads)
-
-    p = nnx.to_pure_dict(params)
-    f = tx()
-    st = f.init(p)
-
-    @jax.jit
-    def fstep(p, st, x, y):
-        g = jax.grad(lambda q: loss(q, (x, y)))(p)
-        u, st = f.update(g, st, p)
-        return optax.apply_updates(p, u), st
-
-    for x, y in _data(seed=4) + _data(seed=5):
-        step(model, opt, x, y)
-        p, st = fstep(p, st, x, y)
+    opt, p, st = _both_loops(model, params, loss, tx, _data(seed=4) + _data(seed=5))
     adm = nnx.as_pure(opt.opt_state)[0]
     assert isinstance(adm, A.ADMMState) and int(adm.step) == 8
     z = np.asarray(adm.Z["fc1"])

@@ -40,56 +40,10 @@ _SUBMODULES = (
     "data", "text", "models", "train", "minilm", "efficientnet", "torch_legacy", "llama"
 )
 
-# public name -> submodule that defines it
-_EXPORTS = {
-    **dict.fromkeys(
-        (
-            "Split",
-            "DATASET_NAMES",
-            "digits",
-            "mnist1d",
-            "mnist1d_templates",
-            "text_corpus",
-            "load_dataset",
-            "batches",
-            "fingerprint",
-        ),
-        "data",
-    ),
-    **dict.fromkeys(
-        (
-            "MODEL_NAMES",
-            "linen_model",
-            "nnx_model",
-            "init_variables",
-            "nnx_from_variables",
-            "variables_from_nnx",
-            "apply",
-            "num_classes_of",
-            "count_params",
-        ),
-        "models",
-    ),
-    **dict.fromkeys(
-        (
-            "TrainConfig",
-            "DEFAULT_CONFIGS",
-            "ZooCacheWarning",
-            "pretrained",
-            "evaluate",
-            "evaluate_apply",
-            "make_train_step",
-            "make_optimizer",
-            "cross_entropy",
-            "shift_examples",
-            "cache_dir",
-            "cache_path",
-        ),
-        "train",
-    ),
-}
+# the submodules whose ``__all__`` the top-level names come from, searched in this order
+_FLAT = ("data", "models", "train")
 
-# Spelled out (not built from _EXPORTS) so that linters and IDEs can read it.
+# Spelled out (not built from the submodules) so that linters and IDEs can read it.
 __all__ = [
     "data",
     "text",
@@ -132,52 +86,19 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from obcjax.zoo import data, efficientnet, llama, minilm, models, torch_legacy, train
-    from obcjax.zoo.data import (
-        DATASET_NAMES,
-        Split,
-        batches,
-        digits,
-        fingerprint,
-        load_dataset,
-        mnist1d,
-        mnist1d_templates,
-        text_corpus,
-    )
-    from obcjax.zoo.models import (
-        MODEL_NAMES,
-        apply,
-        count_params,
-        init_variables,
-        linen_model,
-        nnx_from_variables,
-        nnx_model,
-        num_classes_of,
-        variables_from_nnx,
-    )
-    from obcjax.zoo.train import (
-        DEFAULT_CONFIGS,
-        TrainConfig,
-        ZooCacheWarning,
-        cache_dir,
-        cache_path,
-        cross_entropy,
-        evaluate,
-        evaluate_apply,
-        make_optimizer,
-        make_train_step,
-        pretrained,
-        shift_examples,
-    )
+    from obcjax.zoo import data, efficientnet, llama, minilm, models, text, torch_legacy, train
 
 
 def __getattr__(name: str) -> Any:
     if name in _SUBMODULES:
         return importlib.import_module(f"{__name__}.{name}")
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-        globals()[name] = value  # later lookups skip __getattr__
-        return value
+    if name in __all__:
+        for sub in _FLAT:
+            module = importlib.import_module(f"{__name__}.{sub}")
+            if name in module.__all__:
+                value = getattr(module, name)
+                globals()[name] = value  # later lookups skip __getattr__
+                return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
