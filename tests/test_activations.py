@@ -23,9 +23,9 @@ from obcjax.activations import (
 from obcjax.allocation import activation_rules, materialize, parse_level, solve
 from obcjax.calibration import calibrate
 from obcjax.kernels import obq_quantize, rtn_quantize
+from obcjax.layout import kernel_to_matrices, matrices_to_kernel
 from obcjax.pipeline import reestimate_batchnorm
 from obcjax.specs import Int
-from obcjax.transforms import kernel_to_matrices, matrices_to_kernel
 
 
 class Net(nn.Module):

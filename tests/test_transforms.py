@@ -174,7 +174,7 @@ def test_errors_name_the_layer(setup):
     # statistics from another model: widths do not match
     other = dict(stats)
     other["fc"] = stats["head"]
-    with pytest.raises(ValueError, match="layer 'fc'.*another model"):
+    with pytest.raises(ValueError, match="layer 'fc'.*another layer or model"):
         compress(v["params"], other, [("fc", Int(4)), (".*", None)])
     with pytest.raises(ValueError, match="'head'"):
         compress(v["params"], stats, [("head", NM(2, 3))])

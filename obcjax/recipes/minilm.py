@@ -22,7 +22,8 @@ rows of every ``Dense`` input before the statistics see them (an outer
 activations are unchanged). The Hessians are then exactly those of the real tokens, up to the
 overall scale, which relative damping ignores.
 
-Example (an illustration, not run by the tests: it takes a few minutes on a CPU):
+Example:
+    >>> # an illustration, not run by the tests (a few minutes on a CPU)
     >>> run(["--bits", "4", "--group", "128", "--solver", "gptq,magnitude", "--ncalib", "64",
     ...      "--ntest", "64", "--out", "runs/minilm_w4"])  # doctest: +SKIP
     0
@@ -434,8 +435,8 @@ def compress_minilm(
       A :class:`~obcjax.transforms.Compressed` with the new ``params`` (the whole model's params
       collection) and ``summary`` from :func:`obcjax.transforms.summarize`.
 
-    Example (an illustration: ``model``, ``variables`` and ``tokenizer`` come from
-    :func:`obcjax.zoo.minilm.load_minilm`):
+    Example:
+        >>> # an illustration: model, variables, tokenizer from obcjax.zoo.minilm.load_minilm()
         >>> batches = calibration_batches(tokenizer, text_corpus()["calib"][:64])  # doctest: +SKIP
         >>> out = compress_minilm(model, variables, level_spec(bits=4, group=128),
         ...                       batches=batches)  # doctest: +SKIP
