@@ -396,6 +396,23 @@ def calibrate_activations(
     return {path: _fit(s, g, path) for path, s in _layer_specs(g, rules, spec).items()}
 
 
+def _error_setup(model, variables, batches, bits, spec, rules, forward, apply_kwargs,
+                 layer_types, sample, what: str):
+    """Checked ``(spec, bits, gathered inputs, forward)`` shared by the two activation-error
+    statistics (``forward`` defaulted)."""
+    spec = as_act_spec(spec)
+    bits = tuple(dict.fromkeys(bits))
+    if not bits:
+        raise ValueError(f"{what}: bits is empty")
+    for b in bits:
+        dataclasses.replace(spec, bits=b)  # validates 4..8
+    normalize_rules(rules, what="layer input")
+    forward = forward or _default_forward(apply_kwargs)
+    g = _gather(model, variables, batches, layer_types=layer_types, forward=forward,
+                sample=sample, what=what)
+    return spec, bits, g, forward
+
+
 def activation_errors(
     model,
     variables,
@@ -436,23 +453,8 @@ def activation_errors(
         ([4, 8], (64,))
         >>> # then: build_database(params, stats, mixed_levels((8, 4)), act_errors=errs)
     """
-    spec = as_act_spec(spec)
-    bits = tuple(dict.fromkeys(bits))
-    if not bits:
-        raise ValueError("activation_errors: bits is empty")
-    for b in bits:
-        dataclasses.replace(spec, bits=b)  # validates 4..8
-    normalize_rules(rules, what="layer input")
-    forward = forward or _default_forward(apply_kwargs)
-    g = _gather(
-        model,
-        variables,
-        batches,
-        layer_types=layer_types,
-        forward=forward,
-        sample=sample,
-        what="activation_errors",
-    )
+    spec, bits, g, _ = _error_setup(model, variables, batches, bits, spec, rules, forward,
+                                    apply_kwargs, layer_types, sample, "activation_errors")
     out: dict[str, dict[int, np.ndarray]] = {}
     for path, s in _layer_specs(g, rules, spec).items():
         x = jnp.asarray(g.rows[path])
@@ -523,23 +525,9 @@ def activation_error_stats(
         >>> st["conv2"][4].ee.shape                     # one 3x3x6 patch per output position
         (1, 54, 54)
     """
-    spec = as_act_spec(spec)
-    bits = tuple(dict.fromkeys(bits))
-    if not bits:
-        raise ValueError("activation_error_stats: bits is empty")
-    for b in bits:
-        dataclasses.replace(spec, bits=b)  # validates 4..8
-    normalize_rules(rules, what="layer input")
-    forward = forward or _default_forward(apply_kwargs)
-    g = _gather(
-        model,
-        variables,
-        batches,
-        layer_types=layer_types,
-        forward=forward,
-        sample=sample,
-        what="activation_error_stats",
-    )
+    spec, bits, g, forward = _error_setup(model, variables, batches, bits, spec, rules, forward,
+                                          apply_kwargs, layer_types, sample,
+                                          "activation_error_stats")
     grids = {
         path: {int(b): _fit(dataclasses.replace(s, bits=b), g, path) for b in bits}
         for path, s in _layer_specs(g, rules, spec).items()
