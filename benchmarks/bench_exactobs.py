@@ -31,14 +31,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from obcjax.kernels import (
+    blocked_plan,
     elimination_order,
     exactobs_nm,
     exactobs_prune,
     obq_quantize,
+    phase_plan,
     prepare,
     rebuild_levels,
 )
-from obcjax.kernels._engine import blocked_plan, phase_plan
 from obcjax.kernels.exactobs import allocate_counts
 from obcjax.specs import Int
 

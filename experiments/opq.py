@@ -54,7 +54,7 @@ def _exact_export(shadow, masks, codebooks):
     off the grid point): the weights a deployment stores as codes + codebook."""
     import jax.numpy as jnp
 
-    from obcjax.layout import set_path as _set_path
+    from obcjax.layout import set_path
     from obcjax.quant import quantize
     from obcjax.transforms import find_layers
 
@@ -64,7 +64,7 @@ def _exact_export(shadow, masks, codebooks):
         w = quantize(layers[p], cb.scale, cb.zero, cb.bits)
         if p in masks:
             w = jnp.where(masks[p], w, 0.0)
-        out = _set_path(out, p, "kernel", w)
+        out = set_path(out, p, "kernel", w)
     return out
 
 
