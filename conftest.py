@@ -13,6 +13,13 @@ from doctest import ELLIPSIS, NORMALIZE_WHITESPACE
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("OBCJAX_CACHE", os.path.join(os.path.dirname(__file__), ".cache-test"))
+# One persistent XLA compilation cache for the whole run (JAX reads these at import, and the CLI,
+# notebook and experiment subprocesses inherit them): both workers and every subprocess compile
+# the same solver programs at the same shapes, and each is compiled once. It starts empty on a
+# fresh clone; entries are keyed by program, JAX version and device, so nothing stale is reused.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ["OBCJAX_CACHE"], "xla"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import jax  # noqa: E402
 from sybil import Sybil  # noqa: E402

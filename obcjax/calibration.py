@@ -68,10 +68,12 @@ def _jit_step(fn: Callable) -> Callable:
     return jax.jit(fn)
 
 
-# Compiled steps of calls that pass the same ``forward`` function over the same model structure
-# (an NNX graphdef, or an equal Linen module) for the same layers: a block-wise run calibrates
-# many identical blocks, each with its own parameters, and compiles each step once. Keyed like
-# ``jax.jit``'s own cache, by the identity of the function given; bounded.
+# Compiled steps (and abstract discovery passes) of calls that run the same forward -- the same
+# ``forward`` function, or the default one with equal keyword arguments -- over the same model
+# structure (an NNX graphdef, or an equal Linen module) for the same layers: a block-wise run
+# calibrates many identical blocks, each with its own parameters, and a sequential run calibrates
+# the same model once per layer; each compiles once. Keyed like ``jax.jit``'s own cache, by the
+# identity of the function given; bounded.
 _STEP_CACHE: dict[tuple, Callable] = {}
 _STEP_CACHE_SIZE = 64
 
@@ -363,16 +365,18 @@ def calibrate(
             if mesh is not None:
                 variables = jax.device_put(variables, NamedSharding(mesh, P()))
             # Discovery: an abstract forward pass lists the layers (in call order) and their widths.
-            sink = _Sink(None)
-            try:
-                shapes = jax.eval_shape(
-                    lambda v, b, _s=sink: (run(v, b, _s), _s.states)[1], variables, batch
-                )
-            except CaptureError:
-                raise
-            except (TypeError, ValueError, IndexError, KeyError, FlaxError) as e:
-                raise describe(i, batch, e) from e
-            order = list(sink.order)
+            # Cached, like the step below, for calls over the same structure, forward, layer
+            # types and argument shapes (a sequential run calibrates once per layer).
+            structure = front.graphdef if front.is_nnx else front.model
+            fkey = user_forward if user_forward is not None else _items(kwargs)
+            base = None if fkey is None else (structure, fkey, kinds)
+            shapes_in = (_abstract(variables), _abstract(batch))
+            found = _cached_step(
+                None if base is None or None in shapes_in else base + ("discover", *shapes_in),
+                lambda v=variables, b=batch, i=i: _discover(run, v, b, lambda e: describe(i, b, e)),
+            )
+            shapes, order = found
+            order = list(order)
             if not order:
                 raise ValueError(
                     f"calibrate: the model called no layer of types {list(kinds)}; nothing to "
@@ -396,11 +400,10 @@ def calibrate(
                 run(variables, batch, sink)
                 return {p: sink.states[p] for p in states}
 
-            key = None
-            if user_forward is not None:
-                structure = front.graphdef if front.is_nnx else front.model
-                key = (structure, user_forward, kinds, select, _jit_step)
-            update = _cached_step(key, lambda step=step: _jit_step(step))
+            update = _cached_step(
+                None if base is None else base + (select, _jit_step),
+                lambda step=step: _jit_step(step),
+            )
         if reshard:
             batch = _shard(batch, mesh, i)
         try:
@@ -421,6 +424,42 @@ def calibrate(
         raise ValueError("calibrate: batches is empty; give at least one calibration batch")
     _check(states, paths, finite_flags)
     return {p: states[p] for p in paths}
+
+
+def _items(kwargs: Mapping[str, Any]):
+    """A hashable stand-in for the default forward's keyword arguments (None if unhashable)."""
+    try:
+        items = tuple(sorted(kwargs.items()))
+        hash(items)
+    except TypeError:
+        return None
+    return ("call", items)
+
+
+def _abstract(tree):
+    """The tree structure and leaf shapes/dtypes of ``tree``: a hashable cache key (or None)."""
+    try:
+        leaves, treedef = jax.tree.flatten(tree)
+        key = (treedef, tuple((tuple(np.shape(x)), str(getattr(x, "dtype", type(x))))
+                              for x in leaves))
+        hash(key)
+    except (TypeError, ValueError):
+        return None
+    return key
+
+
+def _discover(run, variables, batch, describe):
+    """One abstract forward pass: the HessianState shapes of every layer and their call order."""
+    sink = _Sink(None)
+    try:
+        shapes = jax.eval_shape(
+            lambda v, b, _s=sink: (run(v, b, _s), _s.states)[1], variables, batch
+        )
+    except CaptureError:
+        raise
+    except (TypeError, ValueError, IndexError, KeyError, FlaxError) as e:
+        raise describe(e) from e
+    return shapes, tuple(sink.order)
 
 
 def _check(states, paths, finite_flags):

@@ -122,11 +122,14 @@ def compress_sequential(
         from tqdm.auto import tqdm
 
         it = tqdm(order, desc="sequential", unit="layer")
+    # Every pass captures all the layers to compress, not only the current one: one compiled
+    # calibration step serves every pass (a step per layer costs a compile per layer), and the
+    # extra statistics cost about what the layers' own matmuls do.
+    everything = [(re.escape(p), True) for p in order]
     for path in it:
-        rule = [(re.escape(path), True)]
-        stats = calibrate(model, _vars(model, variables, params), batches, rules=rule, **cal)
-        out = compress(params, stats, [(re.escape(path), specs[path])], rel_damp=rel_damp,
-                       method=method)
+        stats = calibrate(model, _vars(model, variables, params), batches, rules=everything, **cal)
+        out = compress(params, {path: stats[path]}, [(re.escape(path), specs[path])],
+                       rel_damp=rel_damp, method=method)
         params = out.params
         if out.mask(path) is not None:
             masks[path] = out.mask(path)
