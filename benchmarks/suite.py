@@ -23,6 +23,12 @@ Sections:
   calibration) and of all-MiniLM-L6-v2's 36 encoder Dense layers (64-128 calibration sentences),
   with 50 % ExactOBS and 4-bit GPTQ. first_s is the first call in a fresh process (calibration
   runs before it, untimed, and is reported as ``calibrate_s``); steady_s the next call(s).
+* ``block``: one Llama block (:mod:`obcjax.zoo.llama`, random weights) at a real width
+  (``--device``: dim 4096, SwiGLU hidden 11008, 32 heads, as Llama-7B) compressed by
+  :func:`obcjax.blockwise.compress_blockwise` with 4-bit GPTQ on its seven projections, on
+  random tokens: calibration, the solves in forward order (q/k/v and gate/up as shared-input
+  groups) and the block's forward, all in the timed call; ``err`` is the block output's relative
+  error against the dense block (``track_error``).
 
 Every row: ``section, op, shape, first_s, steady_s, err, compiles, peak_bytes, device, backend,
 jax`` and more: ``compiles`` counts XLA compilations during the first call (``jax_log_compiles``
@@ -125,6 +131,8 @@ PROFILES = {
             ("minilm", "gptq_4bit"),
             ("minilm", "exactobs_50"),
         ],
+        # (dim, hidden, heads, sequences, tokens per sequence): one Llama-7B-wide block
+        block=[(4096, 11008, 32, 16, 512)],
         ncalib=128,
         repeat_small=3,
         repeat_large=1,
@@ -140,6 +148,7 @@ PROFILES = {
         # MiniLM with ExactOBS takes tens of minutes on 2 shared cores: add it with
         # --compress lenet5:exactobs_50,lenet5:gptq_4bit,minilm:gptq_4bit,minilm:exactobs_50
         compress=[("lenet5", "exactobs_50"), ("lenet5", "gptq_4bit"), ("minilm", "gptq_4bit")],
+        block=[(512, 1376, 8, 8, 128)],
         ncalib=64,
         repeat_small=3,
         repeat_large=1,
@@ -155,16 +164,17 @@ QUICK = dict(
     fast_ops=("gptq_4bit",),
     batching=[(4, 32, 64, "2:4")],
     compress=[("lenet5", "gptq_4bit")],
+    block=[(64, 176, 4, 2, 32)],
     ncalib=32,
     repeat_small=1,
     repeat_large=1,
     repeat_fast=1,
     budget_s=240.0,
 )
-SECTIONS = ("exactobs", "fast", "batching", "compress")
+SECTIONS = ("exactobs", "fast", "batching", "compress", "block")
 # Share of the run's budget each section may use (unused time passes on to the next section), so
 # a slow section cannot starve the others of their rows.
-SHARES = {"exactobs": 0.45, "fast": 0.12, "batching": 0.18, "compress": 0.25}
+SHARES = {"exactobs": 0.42, "fast": 0.11, "batching": 0.16, "compress": 0.21, "block": 0.10}
 
 
 def _shape_str(shape) -> str:
@@ -214,6 +224,18 @@ def build_jobs(profile: dict, sections) -> list[dict]:
                     model=model,
                     recipe=recipe,
                     ncalib=profile["ncalib"],
+                    repeat=1,
+                )
+            )
+    if "block" in sections:
+        for dim, hidden, heads, nseq, seq in profile.get("block", []):
+            jobs.append(
+                dict(
+                    section="block",
+                    op="llama_block gptq_4bit",
+                    shape=[dim, hidden],
+                    heads=heads,
+                    tokens=[nseq, seq],
                     repeat=1,
                 )
             )
@@ -489,6 +511,50 @@ def _compress_job(job, log):
     }
 
 
+def _block_job(job, log):
+    import numpy as np
+
+    from obcjax.blockwise import compress_blockwise
+    from obcjax.specs import Int
+    from obcjax.transforms import LayerSpec
+    from obcjax.zoo import llama as L
+
+    dim, hidden = job["shape"]
+    nseq, seq = job["tokens"]
+    vocab = 256
+    model = L.llama(vocab=vocab, dim=dim, depth=1, heads=job["heads"], hidden=hidden, seed=0)
+    rng = np.random.default_rng(0)
+    per_batch = max(1, min(nseq, 4))
+    tokens = [rng.integers(0, vocab, size=(per_batch, seq)).astype(np.int32)
+              for _ in range(-(-nseq // per_batch))]
+    spec = LayerSpec(quant=Int(4, sym=False, search="minmax"), solver="gptq")
+    rules = [(r"layers_0/.*", spec), (".*", None)]
+    box = {}
+
+    def fn():
+        box["out"] = compress_blockwise(model, None, tokens, rules, blocks=r"layers_\d+",
+                                        track_error=True)
+        return box["out"].params
+
+    _, first, steady, counters = _timed(fn, job["repeat"], log)
+    out = box["out"]
+    (block,) = out.blocks
+    return {
+        "first_s": first,
+        "steady_s": steady,
+        "err": block["rel_error"],
+        "loss": out.summary.get("total/loss"),
+        "layers": len(out.specs),
+        "groups": block["groups"],
+        "tokens": nseq * seq,
+        "block_forwards": out.forwards.get("block_forwards"),
+        "job_peak_bytes": out.memory.get("peak_bytes"),
+        "job_added_peak_bytes": out.memory.get("added_peak_bytes"),
+        "memory_source": out.memory.get("source"),
+        **counters,
+    }
+
+
 _WORKER: dict = {}
 
 
@@ -546,6 +612,8 @@ def worker(job: dict, out_path: str, precision: str, cpu_devices: int) -> None:
         row = _batching_job(job, log)
     elif job["section"] == "compress":
         row = _compress_job(job, log)
+    elif job["section"] == "block":
+        row = _block_job(job, log)
     else:
         raise ValueError(job["section"])
     _write_row(row)

@@ -369,7 +369,7 @@ def calibrate(
             # types and argument shapes (a sequential run calibrates once per layer).
             structure = front.graphdef if front.is_nnx else front.model
             fkey = user_forward if user_forward is not None else _items(kwargs)
-            base = None if fkey is None else (structure, fkey, kinds)
+            base = None if fkey is None or _intercepted() else (structure, fkey, kinds)
             shapes_in = (_abstract(variables), _abstract(batch))
             found = _cached_step(
                 None if base is None or None in shapes_in else base + ("discover", *shapes_in),
@@ -424,6 +424,20 @@ def calibrate(
         raise ValueError("calibrate: batches is empty; give at least one calibration batch")
     _check(states, paths, finite_flags)
     return {p: states[p] for p in paths}
+
+
+def _intercepted() -> bool:
+    """Whether a Linen method interceptor is active around this call (``nn.intercept_methods``,
+    as :func:`obcjax.recipes.minilm.calibrate_minilm` uses): a step traced under one must not
+    be reused outside it, or the other way round, so such calls are not cached. Should Flax move
+    its interceptor stack, every call counts as intercepted (no caching, never a stale step)."""
+    import flax.linen.module as linen_module
+
+    stack = getattr(linen_module, "_global_interceptor_stack", None)
+    try:
+        return stack is None or bool(stack)
+    except TypeError:
+        return True
 
 
 def _items(kwargs: Mapping[str, Any]):

@@ -482,3 +482,29 @@ def test_finalize_all():
     assert list(H) == ORDER and H["block/dw"].shape == (8, 9, 9)
     for h in H.values():
         np.testing.assert_allclose(h, jnp.swapaxes(h, -1, -2), rtol=1e-6, atol=1e-6)
+
+
+def test_cached_step_not_reused_under_an_interceptor():
+    """A Linen interceptor around calibrate changes what the step computes: such a call traces
+    its own step (the cache is bypassed), and the statistics see the intercepted inputs."""
+    import flax.linen as nn
+
+    lin, variables, _ = _twins()
+    xs = _batches((3, 3))
+    plain = calibrate(lin, variables, xs)
+
+    def double_dense_inputs(next_fun, args, kwargs, context):
+        if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
+            args = (args[0] * 2.0, *args[1:])
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(double_dense_inputs):
+        doubled = calibrate(lin, variables, xs)
+    again = calibrate(lin, variables, xs)
+    # "dense" (the first Dense) sees its input doubled: x xT scales by 4. The convs before it
+    # are not intercepted.
+    np.testing.assert_allclose(doubled["dense"].sum, 4 * plain["dense"].sum, rtol=1e-5,
+                               atol=1e-6 * float(jnp.abs(plain["dense"].sum).max()))
+    np.testing.assert_array_equal(doubled["conv1"].sum, plain["conv1"].sum)
+    for p in plain:
+        np.testing.assert_array_equal(again[p].sum, plain[p].sum)
