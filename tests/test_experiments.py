@@ -80,10 +80,17 @@ def test_allocation_compare_quick(tmp_path):
     assert {row["metric"] for row in r["rows"]} == {"size", "bops"}
     for row in r["rows"]:
         m = row["methods"]
-        assert set(m) == {"uniform", "dp_obs", "dp_squared", "dp_network", "spdy"}
+        assert set(m) == {"uniform", "dp_obs", "dp_squared", "dp_network", "spdy", "fit",
+                          "fit_reest"}
         for res in m.values():
             assert "accuracy" in res, res
             assert res["cost"] <= row["budget"] * (1 + 1e-9)  # every method meets the budget
+        # FIT is measured with the database's cost function, which its own cost model matches;
+        # re-estimation runs one Fisher pass per expansion after the first
+        for method in ("fit", "fit_reest"):
+            assert m[method]["cost_model_diff"] == 0
+        assert m["fit"]["fisher_passes"] == 0
+        assert m["fit_reest"]["fisher_passes"] == m["fit_reest"]["steps"] - 1 >= 1
         # each DP is optimal for its own score, and SPDY never loses to its starting DP
         assert m["dp_obs"]["obs_loss"] <= m["uniform"]["obs_loss"] * (1 + 1e-9)
         assert m["spdy"]["calib_loss"] <= m["spdy"]["dp_start_calib_loss"]
