@@ -15,13 +15,17 @@ and the installed packages -- nothing is downloaded -- cut into prose-like sente
 * ``"readmes"`` -- the long descriptions (READMEs) in the installed distributions' metadata;
 * ``"email"`` -- the ``email`` package's architecture notes and the test suite's sample messages
   (when the ``test`` package is installed);
-* ``"datasets"`` -- scikit-learn's descriptions of its bundled data sets (when installed).
+* ``"datasets"`` -- scikit-learn's descriptions of its bundled data sets (when installed);
+* ``"news"``, ``"wikipedia"``, ``"reviews"`` (:data:`NATURAL`) -- natural English that ships as
+  test data inside the ``gensim`` package (when installed; it is never imported): the Lee corpus
+  of Australian news stories, 100-odd Wikipedia articles (MediaWiki markup stripped) and Pang &
+  Lee's movie-review sentences (de-tokenized).
 
 :func:`english_corpus` draws a calibration set from some sources and a held-out set from others,
 and refuses overlapping source lists, so a calibration can be judged on text of a kind it has
 never seen. The sources that read installed distributions (``"licenses"``, ``"readmes"``) depend
 on the environment; ``"idle"``, ``"zen"``, ``"reference"`` and ``"docstrings"`` depend only on
-the Python version.
+the Python version; the :data:`NATURAL` ones only on the gensim release.
 
 Example:
     >>> corpus = english_corpus(ncalib=64, ntest=32)
@@ -38,6 +42,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import functools
+import html
 import html.parser
 import importlib
 import importlib.metadata
@@ -56,6 +61,7 @@ __all__ = [
     "SOURCES",
     "IN_DOMAIN",
     "HELD_OUT",
+    "NATURAL",
     "split_sentences",
     "source_texts",
     "source_sentences",
@@ -72,11 +78,24 @@ SOURCES = {
     "readmes": "long descriptions (READMEs) in installed distributions' metadata",
     "email": "the email package's architecture notes and the test suite's sample messages",
     "datasets": "scikit-learn's descriptions of its bundled data sets",
+    "news": "the Lee corpus of Australian news stories (gensim's test data)",
+    "wikipedia": "about 100 English Wikipedia articles, markup stripped (gensim's test data)",
+    "reviews": "Pang & Lee's movie-review sentences, de-tokenized (gensim's test data)",
 }
 #: The sources of :func:`obcjax.zoo.data.text_corpus` (text about Python itself).
 IN_DOMAIN = ("zen", "reference", "docstrings")
 #: The default held-out source of :func:`english_corpus`.
 HELD_OUT = ("idle",)
+#: Natural English (news, encyclopedia, reviews) rather than text about software.
+NATURAL = ("news", "wikipedia", "reviews")
+# source -> (import name, distribution) of the package whose files it reads, for the error when
+# a caller names the source and the package is absent.
+_NEEDS = {
+    "news": ("gensim", "gensim"),
+    "wikipedia": ("gensim", "gensim"),
+    "reviews": ("gensim", "gensim"),
+    "datasets": ("sklearn", "scikit-learn"),
+}
 
 # Standard-library modules whose docstrings (module + public members) feed "docstrings", in a
 # fixed order. A module missing from a stripped-down Python is skipped.
@@ -277,6 +296,132 @@ def _datasets() -> list[str]:
     return [_read(p) for p in sorted(descr.glob("*.rst"))]
 
 
+def _gensim_data() -> pathlib.Path | None:
+    """gensim's bundled test-data folder, found without importing gensim (which pulls SciPy)."""
+    try:
+        spec = importlib.util.find_spec("gensim")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    data = pathlib.Path(next(iter(spec.submodule_search_locations))) / "test" / "test_data"
+    return data if data.is_dir() else None
+
+
+def _news() -> list[str]:
+    data = _gensim_data()
+    if data is None:
+        return []
+    # One story per line; each line is its own document (paragraph).
+    return [line for name in ("lee_background.cor", "lee.cor")
+            for line in _read(data / name).splitlines()]  # fmt: skip
+
+
+_WIKI_ELEMENTS = re.compile(
+    r"<(ref|math|gallery|code|pre|source|syntaxhighlight|timeline|score|chem|nowiki|poem|"
+    r"imagemap|references)\b[^>]*?(/>|>.*?</\1\s*>)",
+    re.DOTALL | re.IGNORECASE,
+)
+_WIKI_TEMPLATE = re.compile(r"\{\{[^{}]*\}\}")
+_WIKI_TABLE = re.compile(r"\{\|(?:(?!\{\|)[\s\S])*?\|\}")
+_WIKI_LINK = re.compile(r"\[\[([^\[\]]*)\]\]")
+_WIKI_NAMESPACE = re.compile(r"^\s*:?\s*(file|image|media|category|[a-z]{2,3}(-[a-z]+)?)\s*:", re.I)
+_WIKI_EXTERNAL = re.compile(r"\[(?:https?:|ftp:)?//[^\s\]]*\s*([^\]]*)\]")
+_URL = re.compile(r"(?:https?:|ftp:)?//\S+|www\.\S+")
+_ASCII_PUNCT = str.maketrans({"\u2013": "-", "\u2014": " - ", "\u2018": "'", "\u2019": "'",
+                              "\u201c": '"', "\u201d": '"', "\xa0": " "})  # fmt: skip
+
+
+def _wiki_link(match: re.Match) -> str:
+    inner = match.group(1)
+    if _WIKI_NAMESPACE.match(inner):
+        return ""  # files, categories and links to other languages' articles
+    return inner.rsplit("|", 1)[-1]
+
+
+def _repeat(pattern: re.Pattern, repl, text: str) -> str:
+    """Substitute until nothing matches (innermost first, for nested templates and links)."""
+    while True:
+        text, n = pattern.subn(repl, text)
+        if not n:
+            return text
+
+
+def _wiki_text(markup: str) -> str:
+    """The prose of a MediaWiki article: markup stripped, one paragraph per block.
+
+    Templates (nested), ``<ref>`` and other non-prose elements, tables, files, categories,
+    comments, HTML tags and URLs are dropped; ``[[target|label]]`` becomes ``label``,
+    ``[url label]`` becomes ``label``; bold and italic quotes go. Headings, list, table and
+    indented lines become paragraph breaks, so :func:`split_sentences` never joins them with
+    prose.
+    """
+    t = html.unescape(re.sub(r"<!--.*?-->", "", markup, flags=re.DOTALL))
+    t = _WIKI_ELEMENTS.sub("", t)
+    t = re.sub(r"<ref\b[^>]*/?>", "", t, flags=re.IGNORECASE)
+    t = _repeat(_WIKI_TEMPLATE, "", t)
+    t = _repeat(_WIKI_TABLE, "", t)
+    t = _repeat(_WIKI_LINK, _wiki_link, t)
+    t = _WIKI_EXTERNAL.sub(lambda m: m.group(1), t)
+    t = _URL.sub("", t)
+    t = re.sub(r"</?[a-zA-Z][^<>]*>", "", t)  # remaining tags (<sub>, <small>, <br />, ...)
+    t = re.sub(r"'{2,}", "", t).translate(_ASCII_PUNCT)
+    lines = []
+    for line in t.splitlines():
+        s = line.strip()
+        if not s or s[0] in "=*#:;|!{}[<" or line[0] in " \t" or s.startswith("----"):
+            lines.append("")  # headings, lists, tables, indented blocks: paragraph breaks
+            continue
+        s = re.sub(r"\(\s*[,;:]*\s*\)", "", s)  # parentheses emptied by removed templates
+        lines.append(re.sub(r"\s{2,}", " ", s))
+    # no space before punctuation, also where a removed element left a line break before it
+    return re.sub(r"\s+([,.;:!?])", r"\1", "\n".join(lines))
+
+
+def _wikipedia() -> list[str]:
+    import bz2
+    import xml.etree.ElementTree as ET
+
+    data = _gensim_data()
+    if data is None:
+        return []
+    path = data / "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+    texts = []
+    with contextlib.suppress(OSError, EOFError, ET.ParseError), bz2.open(path) as f:
+        for _, el in ET.iterparse(f):
+            if el.tag.rsplit("}", 1)[-1] != "page":
+                continue
+            ns, body = el.find("{*}ns"), el.find("{*}revision/{*}text")
+            markup = body.text if body is not None and body.text else ""
+            if (
+                ns is not None
+                and ns.text == "0"
+                and not markup.lstrip().upper().startswith("#REDIRECT")
+            ):
+                texts.append(_wiki_text(markup))
+            el.clear()
+    return texts
+
+
+def _detokenize(line: str) -> str:
+    """``"it's so laddish , only teenage boys could find it funny ."`` -> ``"It's so laddish, ..."``."""
+    s = re.sub(r"\s+([,.;:!?)%]|n't|'[a-z]{1,2}\b)", r"\1", line.strip())
+    s = re.sub(r"([($])\s+", r"\1", s)
+    s = re.sub(r'"\s*([^"]*?)\s*"', r'"\1"', s)  # " the other " -> "the other"
+    s = re.sub(r"\bi\b", "I", s)
+    # capitals at the start and after a sentence's end
+    return re.sub(r"(^|[.!?]\"?\s+)([a-z])", lambda m: m.group(1) + m.group(2).upper(), s)
+
+
+def _reviews() -> list[str]:
+    data = _gensim_data()
+    if data is None:
+        return []
+    lines = _read(data / "pang_lee_polarity.cor").splitlines()
+    # "__label__pos the film is ..." -> "The film is ..."; one sentence per paragraph.
+    return ["\n\n".join(_detokenize(re.sub(r"^__label__\w+\s*", "", ln)) for ln in lines)]
+
+
 _READERS = {
     "zen": _zen,
     "reference": _reference,
@@ -286,6 +431,9 @@ _READERS = {
     "readmes": _readmes,
     "email": _email,
     "datasets": _datasets,
+    "news": _news,
+    "wikipedia": _wikipedia,
+    "reviews": _reviews,
 }
 
 
@@ -293,6 +441,17 @@ def _check_source(name, where: str) -> str:
     if not isinstance(name, str) or name not in SOURCES:
         raise ValueError(f"{where}: unknown text source {name!r}; choose among {list(SOURCES)}")
     return name
+
+
+def _require_installed(names: Iterable[str]) -> None:
+    """Raise if a named source reads files of a package that is not installed."""
+    for name in names:
+        module, dist = _NEEDS.get(name, (None, None))
+        if module is not None and importlib.util.find_spec(module) is None:
+            raise ModuleNotFoundError(
+                f"english_corpus: text source {name!r} reads files that ship with {dist}, which "
+                f"is not installed: pip install obcjax[zoo] (or {dist})"
+            )
 
 
 def source_texts(name: str) -> list[str]:
@@ -321,9 +480,17 @@ def source_texts(name: str) -> list[str]:
         return []
 
 
+def _balanced(s: str) -> bool:
+    """Quotes and parentheses paired: no sentence cut inside a quotation or an aside."""
+    return s.count('"') % 2 == 0 and s.count("(") == s.count(")")
+
+
 @functools.cache
 def _unique_sentences(name: str) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(s for text in source_texts(name) for s in split_sentences(text)))
+    sents = (s for text in source_texts(name) for s in split_sentences(text))
+    if name in NATURAL:  # quotations are frequent in these; keep whole ones only
+        sents = (s for s in sents if _balanced(s))
+    return tuple(dict.fromkeys(sents))
 
 
 def source_sentences(name: str) -> list[str]:
@@ -398,7 +565,11 @@ def english_corpus(
       source lists say how many sentences each source gave, as ``"name:count"`` strings.
 
     Raises:
-      ValueError: an unknown source, a source in both lists, an empty list, or no sentences.
+      ValueError: an unknown source, a source in both lists, or an empty list.
+      ModuleNotFoundError: a source named in ``calib_sources`` or ``test_sources`` reads files of
+        a package that is not installed (gensim for :data:`NATURAL`, scikit-learn for
+        ``"datasets"``); with the default ``calib_sources`` such a source is left out.
+      RuntimeError: the sources hold no sentences in this installation.
       TypeError: a count that is not an int.
 
     Example:
@@ -412,9 +583,12 @@ def english_corpus(
     ):
         raise ValueError("english_corpus: give sources as a list of names, not one string")
     test_sources = [_check_source(s, "english_corpus: test_sources") for s in test_sources]
+    _require_installed(test_sources)
     if calib_sources is None:
         calib_sources = [s for s in SOURCES if s not in test_sources]
-    calib_sources = [_check_source(s, "english_corpus: calib_sources") for s in calib_sources]
+    else:
+        calib_sources = [_check_source(s, "english_corpus: calib_sources") for s in calib_sources]
+        _require_installed(calib_sources)
     both = sorted(set(calib_sources) & set(test_sources))
     if both:
         raise ValueError(

@@ -89,3 +89,93 @@ def test_english_corpus_refuses_bad_sources_and_counts():
         text.english_corpus(ntest=2.5)
     with pytest.raises(ValueError, match="unknown text source"):
         text.source_sentences("nope")
+
+
+# ------------------------------------------------------------------ natural English (gensim data)
+
+
+def _need_gensim():
+    import importlib.util
+
+    if importlib.util.find_spec("gensim") is None:
+        pytest.skip("the natural-English sources read gensim's test data: pip install gensim")
+
+
+def test_natural_sources_are_prose(no_network):
+    _need_gensim()
+    assert set(text.NATURAL) <= set(text.SOURCES)
+    counts = {name: len(text.source_sentences(name)) for name in text.NATURAL}
+    assert counts["news"] > 1000 and counts["wikipedia"] > 5000 and counts["reviews"] > 100, counts
+    for name in text.NATURAL:
+        for s in text.source_sentences(name):
+            assert s[0].isupper() and s[-1] in ".!?" and s.isascii(), (name, s)
+            assert not any(m in s for m in ("{{", "}}", "[[", "]]", "|", "<", ">", "''")), (name, s)
+            assert "http" not in s and "__label__" not in s and " ," not in s, (name, s)
+            assert len(s) >= 30 and len(s.split()) >= 6, (name, s)
+            assert s.count('"') % 2 == 0 and s.count("(") == s.count(")"), (name, s)
+    # the reviews are de-tokenized ("it 's funny ." -> "It's funny.") and capitalised
+    reviews = text.source_sentences("reviews")
+    assert (
+        "It's so laddish and juvenile, only teenage boys could possibly find it funny." in reviews
+    )
+
+
+def test_wikipedia_markup_is_stripped():
+    markup = (
+        "{{Infobox person|name=X|note={{nested|a}}}}\n"
+        "'''Ada Lovelace''' was an [[England|English]] [[mathematician]] and writer."
+        "<ref>{{cite book|title=T}}</ref> She is known for her work on the "
+        '[[Analytical Engine]]<ref name="a"/> of [http://example.org Charles Babbage].\n'
+        "[[File:Ada.jpg|thumb|A portrait of [[Ada Lovelace]]]]\n"
+        "== Early life ==\n"
+        '{| class="wikitable"\n| cell || another cell of the table here\n|}\n'
+        "* A list item that reads like a sentence of prose.\n"
+        "<!-- a hidden comment that reads like a sentence. -->\n"
+        "Her father was the poet Lord Byron ({{lang|en|x}}) and her mother was Anne.\n"
+        "[[Category:Mathematicians]]"
+    )
+    got = list(text.split_sentences(text._wiki_text(markup)))
+    assert got == [
+        "Ada Lovelace was an English mathematician and writer.",
+        "She is known for her work on the Analytical Engine of Charles Babbage.",
+        "Her father was the poet Lord Byron and her mother was Anne.",
+    ]
+
+
+@pytest.mark.parametrize("held_out", ["news", "wikipedia"])
+def test_natural_held_out_disjoint_and_deterministic(held_out):
+    _need_gensim()
+    calib = [s for s in text.NATURAL if s != held_out] + ["readmes"]
+    a = text.english_corpus(calib, [held_out], ncalib=120, ntest=60)
+    b = text.english_corpus(calib, [held_out], ncalib=120, ntest=60)
+    c = text.english_corpus(calib, [held_out], ncalib=120, ntest=60, seed=3)
+    assert a == b and a["calib"] != c["calib"] and a["test"] != c["test"]
+    assert len(a["calib"]) == 120 and len(a["test"]) == 60
+    assert not set(a["calib"]) & set(a["test"])
+    assert set(a["test"]) <= set(text.source_sentences(held_out))
+    assert not set(a["calib"]) & set(text.source_sentences(held_out))
+    assert [s.split(":")[0] for s in a["calib_sources"]] == calib
+
+
+def test_missing_gensim_only_fails_when_asked_for(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "gensim" else find_spec(name, *a),
+    )
+    text._unique_sentences.cache_clear()
+    try:
+        assert text.source_texts("news") == [] and text.source_sentences("wikipedia") == []
+        # the default calibration sources leave the absent ones out
+        c = text.english_corpus(ncalib=20, ntest=5)
+        assert {s.split(":")[0] for s in c["calib_sources"]} >= set(text.NATURAL)
+        assert all(s.endswith(":0") for s in c["calib_sources"] if s.split(":")[0] in text.NATURAL)
+        with pytest.raises(ModuleNotFoundError, match="'news' reads files that ship with gensim"):
+            text.english_corpus(["readmes"], ["news"])
+        with pytest.raises(ModuleNotFoundError, match="'reviews'.*pip install"):
+            text.english_corpus(["reviews", "readmes"], ["idle"])
+    finally:
+        text._unique_sentences.cache_clear()
