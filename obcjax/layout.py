@@ -231,6 +231,20 @@ def _parts(path: str) -> list[str]:
     return [p for p in path.split("/") if p] if path else []
 
 
+def _child_key(node, part: str):
+    """The key of ``node`` that the path part ``part`` names: the string itself, or the integer
+    it spells where the container has integer keys (an ``nnx.List``'s pure dict, a tuple)."""
+    if isinstance(node, Mapping):
+        if part in node:
+            return part
+        if part.lstrip("-").isdigit() and int(part) in node:
+            return int(part)
+        return part
+    if isinstance(node, list | tuple) and part.lstrip("-").isdigit():
+        return int(part)
+    return part
+
+
 def get_path(tree: Mapping, path: str, key: str | None = None) -> Any:
     """``tree[p0][p1]...[key]`` for ``path = "p0/p1/..."``.
 
@@ -247,7 +261,7 @@ def get_path(tree: Mapping, path: str, key: str | None = None) -> Any:
         if not isinstance(node, Mapping) and not hasattr(node, "__getitem__"):
             raise KeyError(f"{'/'.join(parts[:i]) or '<root>'!r} is a leaf, not a module")
         try:
-            node = node[p]
+            node = node[_child_key(node, p)]
         except (KeyError, TypeError, IndexError):
             raise KeyError(
                 f"no {p!r} under {'/'.join(parts[:i]) or '<root>'!r} (looking for "
@@ -270,7 +284,8 @@ def set_path(tree: Mapping, path: str, key: str, value) -> dict:
         if i == len(parts):
             node[key] = value
         else:
-            node[parts[i]] = rec(node[parts[i]], i + 1)
+            k = _child_key(node, parts[i])
+            node[k] = rec(node[k], i + 1)
         return node
 
     return rec(tree, 0)

@@ -106,3 +106,39 @@ def test_paths_are_functional():
     assert get_path(new, "a/b", "kernel") == 2 and new["c"] is tree["c"]
     with pytest.raises(KeyError, match="no 'x' under 'a'"):
         get_path(tree, "a/x", "kernel")
+
+
+def test_nnx_list_integer_keys_compress_end_to_end():
+    """An ``nnx.List`` of layers: its pure dict has integer keys, paths spell them as digits."""
+    from flax import nnx
+
+    from obcjax.calibration import calibrate
+    from obcjax.layout import get_path, set_path
+    from obcjax.specs import Unstructured
+    from obcjax.transforms import compress
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.layers = nnx.List([nnx.Linear(8, 8, rngs=rngs) for _ in range(3)])
+            self.head = nnx.Linear(8, 2, rngs=rngs)
+
+        def __call__(self, x):
+            for layer in self.layers:
+                x = nnx.relu(layer(x))
+            return self.head(x)
+
+    model = Net(nnx.Rngs(0))
+    x = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    assert 1 in params["layers"]  # integer keys
+    np.testing.assert_array_equal(get_path(params, "layers/1", "kernel"),
+                                  params["layers"][1]["kernel"])
+    assert list(set_path(params, "layers/1", "kernel", 0)["layers"]) == [0, 1, 2]
+    stats = calibrate(model, None, [x])
+    assert list(stats) == ["layers/0", "layers/1", "layers/2", "head"]
+    out = compress(params, stats, [("head", None), (".*", Unstructured(0.5))])
+    assert jax.tree.structure(out.params) == jax.tree.structure(params)
+    assert float(np.mean(np.asarray(out.params["layers"][1]["kernel"]) == 0)) == 0.5
+    assert out.mask("layers/1") is not None and out.mask("head") is None
+    nnx.update(model, out.params)
+    assert model(x).shape == (64, 2)
