@@ -2,21 +2,28 @@
 
 all-MiniLM-L6-v2 (the zoo's pretrained weights) is compressed with GPTQ 4-bit (asymmetric,
 groups of 128), 2:4 SparseGPT and 50 % SparseGPT on every encoder Dense layer (36 matrices), from
-two calibration sets:
+one of several calibration sets (:data:`CALIBS`; all but ``in-domain`` are drawn by
+:func:`obcjax.zoo.text.english_corpus`, sentences dealt round-robin from their sources, never any
+held-out sentence below):
 
 * ``in-domain``: the corpus of :func:`obcjax.zoo.data.text_corpus` (the language reference and
-  standard-library docstrings: text about Python), the driver's default;
-* ``mixed``: :func:`obcjax.zoo.text.english_corpus`, sentences dealt round-robin from several
-  sources (package READMEs, licences, the email package's notes and messages, scikit-learn's
-  data-set descriptions, the language reference, docstrings, the Zen), never any of the
-  held-out sentences below;
+  standard-library docstrings: text about Python);
+* ``mixed``: the technical sources (package READMEs, licences, the email package's notes and
+  messages, scikit-learn's data-set descriptions, the language reference, docstrings, the Zen);
+* ``english``: the natural English of :data:`obcjax.zoo.text.NATURAL` (news, Wikipedia, movie
+  reviews), the default of ``obcjax compress --model minilm``; ``all``: both;
+* ``english-no-news`` / ``english-no-wiki`` and ``all-no-news`` / ``all-no-wiki``: the same
+  without the news / Wikipedia source, so that source is a held-out natural-English domain;
 
-and evaluated on two held-out sets:
+and evaluated on four held-out sets (:data:`TESTS`):
 
 * ``in-domain``: the held-out split of ``text_corpus`` (same sources as the in-domain
   calibration, other sentences);
 * ``idle``: IDLE's user documentation (``idlelib``'s help page, README, history, news), a source
-  that neither calibration set draws from: the cross-domain figure.
+  that no calibration set draws from;
+* ``news``: the Lee corpus of Australian news stories; ``wikipedia``: Wikipedia articles. A
+  figure is cross-domain where the calibration set does not draw from the held-out set's source
+  (the table marks the others with ``*``: same source, other sentences).
 
 Fidelity is the mean cosine of the sentence embeddings to the dense model's (and the worst
 sentence's, and top-1 retrieval agreement). Variants: one-pass (every layer from the dense
@@ -26,7 +33,8 @@ pruning are the calibration-free baselines. Rows go to ``<out>/minilm_text.json`
 and a rerun with the same setup skips them (``--fresh`` starts over)::
 
     python experiments/minilm_text.py --out runs/minilm_text [--quick] [--ncalib 1024]
-        [--levels w4g128,nm24,s50] [--calib in-domain,mixed] [--variants one-pass,act-order,...]
+        [--levels w4g128,nm24,s50] [--calib in-domain,english-no-news,...]
+        [--variants one-pass,act-order,...]
 """
 
 from __future__ import annotations
@@ -38,7 +46,26 @@ import time
 from pathlib import Path
 
 LEVELS = {"w4g128": (None, 4), "nm24": ("2:4", None), "s50": ("0.5", None)}
-CALIBS = ("in-domain", "mixed")
+_TECHNICAL = ("zen", "reference", "docstrings", "licenses", "readmes", "email", "datasets")
+#: calibration set -> its text sources (None: the in-domain corpus's calibration split)
+CALIBS = {
+    "in-domain": None,
+    "mixed": _TECHNICAL,
+    "english": ("news", "wikipedia", "reviews"),
+    "all": (*_TECHNICAL, "news", "wikipedia", "reviews"),
+    "english-no-news": ("wikipedia", "reviews"),
+    "english-no-wiki": ("news", "reviews"),
+    "all-no-news": (*_TECHNICAL, "wikipedia", "reviews"),
+    "all-no-wiki": (*_TECHNICAL, "news", "reviews"),
+}
+DEFAULT_CALIBS = (
+    "in-domain",
+    "mixed",
+    "english-no-news",
+    "english-no-wiki",
+    "all-no-news",
+    "all-no-wiki",
+)
 # variant -> (mode, act_order); act-order applies to quantization only
 VARIANTS = {
     "one-pass": ("one-pass", False),
@@ -46,7 +73,7 @@ VARIANTS = {
     "act-order": ("one-pass", True),
     "sequential+act-order": ("sequential", True),
 }
-TESTS = ("in-domain", "idle")
+TESTS = ("in-domain", "idle", "news", "wikipedia")
 
 
 def _log(msg: str) -> None:
@@ -64,7 +91,11 @@ def main(argv=None) -> int:
     ap.add_argument("--ncalib", type=int, default=None, help="calibration sentences (1024)")
     ap.add_argument("--ntest", type=int, default=None, help="held-out sentences per set (256)")
     ap.add_argument("--levels", default=None, help=f"comma list among {','.join(LEVELS)}")
-    ap.add_argument("--calib", default=None, help=f"comma list among {','.join(CALIBS)}")
+    ap.add_argument(
+        "--calib",
+        default=None,
+        help=f"comma list among {','.join(CALIBS)} (default {','.join(DEFAULT_CALIBS)})",
+    )
     ap.add_argument("--variants", default=None, help=f"comma list among {','.join(VARIANTS)}")
     ap.add_argument("--no-baselines", action="store_true", help="skip RTN / magnitude rows")
     ap.add_argument("--rel-damp", type=float, default=0.01)
@@ -72,7 +103,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     levels = (args.levels or ("w4g128" if args.quick else ",".join(LEVELS))).split(",")
-    calibs = (args.calib or ",".join(CALIBS)).split(",")
+    calibs = (args.calib or ",".join(DEFAULT_CALIBS)).split(",")
     variants = (args.variants or ("one-pass" if args.quick else ",".join(VARIANTS))).split(",")
     for name, got, allowed in (
         ("--levels", levels, LEVELS),
@@ -99,7 +130,13 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "minilm_text.json"
-    setup = {"ncalib": ncal, "ntest": ntest, "seed": 0, "rel_damp": args.rel_damp}
+    setup = {
+        "ncalib": ncal,
+        "ntest": ntest,
+        "seed": 0,
+        "rel_damp": args.rel_damp,
+        "tests": list(TESTS),
+    }
     result = {"setup": setup, "rows": []}
     if json_path.exists() and not args.fresh:
         old = json.loads(json_path.read_text())
@@ -113,12 +150,19 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     model, variables, tokenizer = minilm.load_minilm()
-    in_calib, in_test = mc.corpus_split(ncal, ntest)
-    mixed = text.english_corpus(
-        calib_sources=None, test_sources=text.HELD_OUT, ncalib=ncal, ntest=ntest, exclude=in_test
-    )
-    calib_sets = {"in-domain": in_calib, "mixed": mixed["calib"]}
-    test_sets = {"in-domain": in_test, "idle": mixed["test"]}
+    # (the in-domain corpus holds ~1100 calibration sentences: only cut them when asked for)
+    in_calib, in_test = mc.corpus_split(ncal if "in-domain" in calibs else 1, ntest)
+    # A held-out set depends only on its source and the seed (english_corpus draws it first).
+    test_sets = {"in-domain": in_test}
+    for t in TESTS[1:]:
+        test_sets[t] = text.english_corpus(["zen"], [t], ncalib=1, ntest=ntest)["test"]
+    held = {s for sents in test_sets.values() for s in sents}
+    calib_sets, corpora = ({"in-domain": in_calib} if "in-domain" in calibs else {}), {}
+    for c in calibs:
+        if CALIBS[c] is not None:
+            got = text.english_corpus(CALIBS[c], text.HELD_OUT, ncalib=ncal, ntest=1, exclude=held)
+            calib_sets[c] = got["calib"]
+            corpora[c] = {"calib_sources": got["calib_sources"], "calib": len(got["calib"])}
     overlap = {
         (c, t): len(set(calib_sets[c]) & set(test_sets[t])) for c in calib_sets for t in test_sets
     }
@@ -126,12 +170,15 @@ def main(argv=None) -> int:
     result["corpora"] = {
         "in-domain": {
             "sources": list(text.IN_DOMAIN),
-            "calib": len(in_calib),
+            "calib": len(calib_sets.get("in-domain", [])),
             "test": len(in_test),
         },
-        "mixed": {"calib_sources": mixed["calib_sources"], "calib": len(mixed["calib"])},
-        "idle": {"test_sources": mixed["test_sources"], "test": len(mixed["test"])},
-        "examples": {k: v[:3] for k, v in {**calib_sets, "idle-test": mixed["test"]}.items()},
+        **corpora,
+        "tests": {t: len(s) for t, s in test_sets.items()},
+        "examples": {
+            **{f"calib:{k}": v[:3] for k, v in calib_sets.items()},
+            **{f"test:{k}": v[:3] for k, v in test_sets.items()},
+        },
     }
     refs = {
         t: np.asarray(minilm.encode(model, variables, tokenizer, s)) for t, s in test_sets.items()
@@ -158,8 +205,9 @@ def main(argv=None) -> int:
 
     def log_row(row):
         cos = "  ".join(f"{t} {row['eval'][t]['cosine']:.4f}" for t in TESTS)
+        cos += "  retrieval " + " ".join(f"{row['eval'][t]['retrieval']:.3f}" for t in TESTS)
         _log(
-            f"{row['calib']:9s} {row['method']:10s} {row['level']:8s} {row['variant']:21s} "
+            f"{row['calib']:15s} {row['method']:10s} {row['level']:8s} {row['variant']:21s} "
             f"{cos}  ({row['seconds']:.0f}s)"
         )
 
@@ -230,14 +278,22 @@ def main(argv=None) -> int:
                 save()
                 log_row(row)
 
+    def cell(r, t):
+        # '*': the calibration set draws from the held-out set's source (other sentences)
+        srcs = set(CALIBS.get(r["calib"]) or text.IN_DOMAIN) if r["calib"] != "none" else set()
+        same = bool(srcs & set(text.IN_DOMAIN if t == "in-domain" else (t,)))
+        ev = r["eval"][t]
+        return f"{ev['cosine']:.4f}/{ev['retrieval']:.3f}{'*' if same else ' '}"
+
     _log(
-        f"\n{'calib':9s}  {'method':10s}  {'level':8s}  {'variant':21s}  "
-        + "  ".join(f"{t:>10s}" for t in TESTS)
+        f"\n{'calib':15s}  {'method':10s}  {'level':8s}  {'variant':21s}  "
+        + "  ".join(f"{t:>13s}" for t in TESTS)
+        + "   (mean cosine/top-1 retrieval; *: same source as calibration)"
     )
     for r in result["rows"]:
         _log(
-            f"{r['calib']:9s}  {r['method']:10s}  {r['level']:8s}  {r['variant']:21s}  "
-            + "  ".join(f"{r['eval'][t]['cosine']:10.4f}" for t in TESTS)
+            f"{r['calib']:15s}  {r['method']:10s}  {r['level']:8s}  {r['variant']:21s}  "
+            + "  ".join(f"{cell(r, t):>13s}" for t in TESTS)
         )
     _log(f"wrote {json_path} ({time.perf_counter() - t0:.0f}s)")
     return 0

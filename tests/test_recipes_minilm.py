@@ -28,7 +28,7 @@ import safetensors.numpy  # noqa: E402
 from obcjax.layout import get_path  # noqa: E402
 from obcjax.recipes import minilm as mc  # noqa: E402
 from obcjax.specs import NM, Int, Unstructured  # noqa: E402
-from obcjax.zoo import minilm  # noqa: E402
+from obcjax.zoo import minilm, text  # noqa: E402
 from tests.zoo.test_minilm import TINY, tiny_state_dict, write_tiny_tokenizer  # noqa: E402
 
 # Token counts 8, 5, 8 (with [CLS] and [SEP]): one (4, 16) batch with a filler row.
@@ -110,7 +110,8 @@ def test_sequential_mode_uses_the_compressed_prefix(tiny):
             dense["encoder.layer.1.intermediate.dense.weight"].T,
         )
     np.testing.assert_array_equal(
-        get_path(variables["params"], last, "kernel"), dense["encoder.layer.1.output.dense.weight"].T
+        get_path(variables["params"], last, "kernel"),
+        dense["encoder.layer.1.output.dense.weight"].T,
     )
 
 
@@ -131,8 +132,9 @@ def test_act_order_static_groups_reach_the_kernel(tiny):
     got = np.asarray(get_path(out.params, path, "kernel")).T
     np.testing.assert_allclose(got, want, atol=1e-6)
     assert not np.allclose(got, natural, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(out.qarray(path).as_matrix().dequantize()), got,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(out.qarray(path).as_matrix().dequantize()), got, atol=1e-6
+    )
 
 
 # ------------------------------------------------------------------------------- levels
@@ -202,6 +204,57 @@ def test_check_level_accepts_the_issue_levels():
     mc.check_level(mc.level_spec(bits=4, group=128), act_order=True, static_groups=True)
 
 
+def test_gptq_options_default_to_act_order_where_it_applies():
+    w4, rtn = mc.level_spec(bits=4, group=128), mc.level_spec(bits=4, group=128, solver="magnitude")
+    per_row, sparse = mc.level_spec(bits=4), mc.level_spec(NM(2, 4), bits=4, group=128)
+    assert mc.gptq_options(w4) == (True, True)
+    assert mc.gptq_options(per_row) == (True, False)  # no groups: nothing to fix
+    assert mc.gptq_options(rtn) == mc.gptq_options(sparse) == (False, False)
+    assert mc.gptq_options(w4, static_groups=False) == (
+        False,
+        False,
+    )  # dynamic groups: no act-order
+    assert mc.gptq_options(w4, act_order=False) == (False, False)
+    assert mc.gptq_options(w4, act_order=True, static_groups=False) == (
+        True,
+        False,
+    )  # refused later
+    # the command line's defaults: natural-English calibration, act-order with static groups
+    args = mc.build_parser().parse_args([])
+    assert (args.calib_text, args.ncalib, args.act_order, args.static_groups) == (
+        "english",
+        mc.DEFAULT_NCALIB,
+        None,
+        None,
+    )
+    args = mc.build_parser().parse_args(["--no-act-order"])
+    assert mc.gptq_options(w4, args.act_order, args.static_groups) == (False, False)
+
+
+def test_text_split_holds_out_a_source():
+    pytest.importorskip("gensim", reason="the natural-English sources read gensim's test data")
+    news = mc.text_split("english", "news", ncalib=200, ntest=50)
+    again = mc.text_split("english", "news", ncalib=200, ntest=50)
+    other = mc.text_split("in-domain", "news", ncalib=40, ntest=50)
+    assert news == again and news["test"] == other["test"]  # the held-out set is fixed
+    assert len(news["calib"]) == 200 and len(news["test"]) == 50
+    assert not set(news["calib"]) & set(text.source_sentences("news"))
+    assert set(news["test"]) <= set(text.source_sentences("news"))
+    assert [s.split(":")[0] for s in news["calib_sources"]] == ["wikipedia", "reviews"]
+    both = mc.text_split("all", "wikipedia", ncalib=100, ntest=20)
+    names = [s.split(":")[0] for s in both["calib_sources"]]
+    assert "wikipedia" not in names and {"news", "reviews", "readmes"} <= set(names)
+    assert not set(other["calib"]) & set(other["test"])
+    # the in-domain held-out split: the same sentences as corpus_split, none in calibration
+    ind = mc.text_split("english", "in-domain", ncalib=100, ntest=30)
+    assert ind["test"] == mc.corpus_split(100, 30)[1] and not set(ind["calib"]) & set(ind["test"])
+    assert "news" in [s.split(":")[0] for s in ind["calib_sources"]]
+    with pytest.raises(ValueError, match="--test-text"):
+        mc.text_split("english", "poems", ncalib=4, ntest=4)
+    with pytest.raises(ValueError, match="lower --ncalib"):
+        mc.text_split("english", "reviews", ncalib=4, ntest=100000)
+
+
 # ------------------------------------------------------------------------ run: bad input
 
 
@@ -209,7 +262,8 @@ def test_check_level_accepts_the_issue_levels():
     "argv, message",
     [
         (["--group", "100"], r"group size 100 does not divide the input width 384"),
-        (["--act-order"], "needs --static-groups"),
+        (["--act-order", "--no-static-groups"], "needs --static-groups"),
+        (["--act-order", "--solver", "gptq,magnitude"], "GPTQ quantization only"),
         (["--bits", "none", "--prune", "none"], "nothing to compress"),
         (["--layers", "layer_9/.*"], "matches no encoder Dense layer"),
         (["--solver", "gptq,admm"], "--solver"),
@@ -264,17 +318,22 @@ def test_run_refuses_bad_model_files(case, tmp_path, capsys):
 
 
 def test_run_end_to_end_on_real_minilm(tmp_path, capsys):
+    import importlib.util
+
     out = tmp_path / "out"
+    # the default calibration text (natural English) reads gensim's bundled test data
+    calib_text = "english" if importlib.util.find_spec("gensim") else "mixed"
     rc = mc.run(
         ["--prune", "2:4", "--bits", "4", "--group", "128", "--solver", "gptq,magnitude",
          "--layers", "layer_0/attention/(query|key)", "--ncalib", "8", "--ntest", "12",
-         "--out", str(out)]
+         "--calib-text", calib_text, "--out", str(out)]
     )  # fmt: skip
     assert rc == 0
     text = capsys.readouterr().out
     assert "SparseGPT+quant" in text and "magnitude+RTN" in text and "2:4+w4ag128" in text
     result = json.loads((out / "minilm_compress.json").read_text())
     assert result["ncalib"] == 8 and result["ntest"] == 12
+    assert (result["calib_text"], result["test_text"]) == (calib_text, "in-domain")
     assert result["compressed_layers"] == ["layer_0/attention/query", "layer_0/attention/key"]
     gptq, mag = result["rows"]
     assert (gptq["method"], mag["method"]) == ("SparseGPT+quant", "magnitude+RTN")
@@ -291,3 +350,4 @@ def test_run_end_to_end_on_real_minilm(tmp_path, capsys):
     assert gptq["cosine"] > 0.99 and mag["cosine"] > 0.99, (gptq, mag)
     for row in (gptq, mag):
         assert 0 <= row["retrieval"] <= 1 and row["min_cosine"] <= row["cosine"]
+        assert row["act_order"] is False  # act-order is GPTQ quantization's only, not pruning's

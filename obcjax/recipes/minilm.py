@@ -1,8 +1,9 @@
 """Compress the real pretrained all-MiniLM-L6-v2 with GPTQ / SparseGPT, ExactOBS / OBQ or baselines.
 
 The recipe behind ``obcjax compress --model minilm``: load the sentence encoder offline
-(:mod:`obcjax.zoo.minilm`), calibrate on sentences of the offline text corpus
-(:func:`obcjax.zoo.data.text_corpus`, whose calibration and test splits are disjoint), compress
+(:mod:`obcjax.zoo.minilm`), calibrate on offline English sentences (by default natural English:
+news, Wikipedia and movie reviews from :mod:`obcjax.zoo.text`; or technical English, or the Python
+corpus of :func:`obcjax.zoo.data.text_corpus`; see :func:`text_split`), compress
 every encoder ``Dense`` layer (6 layers x query/key/value/attention-output/FFN-intermediate/
 FFN-output = 36 matrices, 10.6 M of the model's 22.7 M weights) and measure, on held-out sentences,
 the mean cosine similarity of the sentence embeddings to the dense model's and nearest-neighbour
@@ -57,8 +58,12 @@ __all__ = [
     "level_spec",
     "method_label",
     "check_level",
+    "gptq_options",
     "CORPUS_SPLIT",
     "corpus_split",
+    "CALIB_TEXTS",
+    "TEST_TEXTS",
+    "text_split",
     "calibration_batches",
     "calibrate_minilm",
     "compress_minilm",
@@ -75,6 +80,21 @@ ENCODER_DENSE = r"layer_\d+/(attention/(query|key|value|output)|ffn/(intermediat
 SOLVERS = SOLVER_NAMES
 #: Sentences per split of the offline corpus (the held-out set must not move with --ncalib).
 CORPUS_SPLIT = 1024
+#: Calibration sentences of ``obcjax compress --model minilm`` (``--ncalib``).
+DEFAULT_NCALIB = 1024
+_TECHNICAL = ("zen", "reference", "docstrings", "licenses", "readmes", "email", "datasets")
+#: ``--calib-text`` choices: the :mod:`obcjax.zoo.text` sources each one draws from (None: the
+#: calibration split of the in-domain corpus, :func:`corpus_split`). A held-out source
+#: (``--test-text``) is always left out of the calibration sources.
+CALIB_TEXTS = {
+    "english": ("news", "wikipedia", "reviews"),
+    "all": ("news", "wikipedia", "reviews", *_TECHNICAL),
+    "mixed": _TECHNICAL,
+    "in-domain": None,
+}
+#: ``--test-text`` choices: the in-domain corpus's held-out split, or one :mod:`obcjax.zoo.text`
+#: source (IDLE's documentation, news stories, Wikipedia articles, movie reviews).
+TEST_TEXTS = ("in-domain", "idle", "news", "wikipedia", "reviews")
 _ATTENTION = ("query", "key", "value", "output")
 
 
@@ -269,6 +289,34 @@ def check_level(
             "a dynamic group would collect columns from different original groups; add "
             "--static-groups (or drop --act-order)"
         )
+
+
+def gptq_options(spec, act_order: bool | None = None, static_groups: bool | None = None):
+    """GPTQ's ``(act_order, static_groups)`` for ``spec``, with None meaning "where it applies".
+
+    An explicit True or False is returned as given (:func:`check_level` refuses what cannot run).
+    ``act_order=None`` turns act-order on for GPTQ quantization (solver ``"gptq"``, no pruning)
+    unless ``static_groups`` is False with group-wise grids (act-order then needs static groups);
+    ``static_groups=None`` follows act-order on group-wise grids.
+
+    Example:
+        >>> gptq_options(level_spec(bits=4, group=128))
+        (True, True)
+        >>> gptq_options(level_spec(bits=4, group=128, solver="magnitude"))
+        (False, False)
+        >>> gptq_options(level_spec(NM(2, 4)), act_order=None)
+        (False, False)
+        >>> gptq_options(level_spec(bits=4, group=128), act_order=False)
+        (False, False)
+    """
+    q = spec.quant
+    grouped = q is not None and q.granularity == "group"
+    applies = solver_family(spec.solver) == "gptq" and spec.prune is None and q is not None
+    if act_order is None:
+        act_order = applies and not (grouped and static_groups is False)
+    if static_groups is None:
+        static_groups = bool(act_order and grouped)
+    return bool(act_order), bool(static_groups)
 
 
 # --------------------------------------------------------------------------------------------
@@ -585,13 +633,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--act-order",
-        action="store_true",
-        help="GPTQ: quantize columns by descending Hessian diagonal",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="GPTQ: quantize columns by descending Hessian diagonal (default: on for GPTQ "
+        "quantization, with static groups on group-wise grids; off for the other methods)",
     )
     ap.add_argument(
         "--static-groups",
-        action="store_true",
-        help="GPTQ: fix group grids before the sweep (required with --act-order)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="GPTQ: fix group grids before the sweep (required with --act-order and --group; "
+        "default: with act-order)",
     )
     ap.add_argument(
         "--layers",
@@ -600,13 +652,22 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. 'layer_[0-2]/.*' (default: all 36)",
     )
     ap.add_argument("--rel-damp", type=float, default=0.01)
-    ap.add_argument("--ncalib", type=int, default=128, help="calibration sentences")
+    ap.add_argument("--ncalib", type=int, default=DEFAULT_NCALIB, help="calibration sentences")
     ap.add_argument(
         "--calib-text",
-        choices=("in-domain", "mixed"),
+        choices=tuple(CALIB_TEXTS),
+        default="english",
+        help="calibration sentences: english (natural English: news, Wikipedia, movie reviews), "
+        "mixed (technical English: READMEs, licences, the email package, data-set descriptions, "
+        "the Python corpus), all (both, dealt round-robin) or in-domain (the Python corpus's "
+        "calibration split); never a held-out sentence or source",
+    )
+    ap.add_argument(
+        "--test-text",
+        choices=TEST_TEXTS,
         default="in-domain",
-        help="calibration sentences from the corpus's calibration split (in-domain), or English "
-        "from several offline sources (obcjax.zoo.text.english_corpus), never a held-out one",
+        help="held-out evaluation sentences: the Python corpus's held-out split (in-domain) or "
+        "one source of obcjax.zoo.text, which the calibration then leaves out",
     )
     ap.add_argument("--ntest", type=int, default=256, help="held-out evaluation sentences")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -649,6 +710,69 @@ def corpus_split(ncalib: int, ntest: int, seed: int = 0) -> tuple[list[str], lis
             f"{len(corpus['test'])} test sentences; lower --ncalib/--ntest"
         )
     return calib, test
+
+
+def text_split(
+    calib_text: str = "english",
+    test_text: str = "in-domain",
+    *,
+    ncalib: int,
+    ntest: int,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Calibration and held-out sentences for ``--calib-text`` and ``--test-text``.
+
+    The held-out set depends only on ``test_text`` and ``seed`` (the in-domain corpus's held-out
+    split, or ``ntest`` sentences of one :mod:`obcjax.zoo.text` source), so results with other
+    calibration texts or sizes stay comparable. The calibration sentences come from the sources
+    of :data:`CALIB_TEXTS` without the held-out source, dealt round-robin
+    (:func:`obcjax.zoo.text.english_corpus`), and never include a held-out sentence.
+
+    Args:
+      calib_text: a key of :data:`CALIB_TEXTS`.
+      test_text: one of :data:`TEST_TEXTS`.
+      ncalib, ntest: sentence counts.
+      seed: the shuffle seed.
+
+    Returns:
+      ``{"calib": [...], "test": [...], "calib_sources": [...]}``; ``calib_sources`` names each
+      source with the number of its sentences taken (``"name:count"``).
+
+    Raises:
+      ValueError: an unknown choice, or fewer sentences than asked for.
+      ModuleNotFoundError: a held-out source whose package (gensim) is not installed.
+    """
+    from obcjax.zoo import text
+
+    if calib_text not in CALIB_TEXTS:
+        raise ValueError(f"--calib-text: {calib_text!r} not among {list(CALIB_TEXTS)}")
+    if test_text not in TEST_TEXTS:
+        raise ValueError(f"--test-text: {test_text!r} not among {list(TEST_TEXTS)}")
+    sources = CALIB_TEXTS[calib_text]
+    in_calib, in_test = corpus_split(
+        ncalib if sources is None else 1, ntest if test_text == "in-domain" else 3, seed
+    )
+    if test_text == "in-domain":
+        test = in_test
+    else:
+        test = text.english_corpus(text.IN_DOMAIN, [test_text], ncalib=1, ntest=ntest, seed=seed)[
+            "test"
+        ]
+    if sources is None:
+        held = set(test)
+        calib = [s for s in in_calib if s not in held]
+        used = [f"{name}:in-domain corpus" for name in text.IN_DOMAIN]
+    else:
+        sources = [s for s in sources if s != test_text]
+        dummy = [s for s in text.HELD_OUT if s not in sources] or [test_text]
+        got = text.english_corpus(sources, dummy, ncalib=ncalib, ntest=1, seed=seed, exclude=test)
+        calib, used = got["calib"], got["calib_sources"]
+    if len(calib) < ncalib or len(test) < ntest:
+        raise ValueError(
+            f"--calib-text {calib_text} / --test-text {test_text}: only {len(calib)} calibration "
+            f"and {len(test)} held-out sentences in this installation; lower --ncalib/--ntest"
+        )
+    return {"calib": calib, "test": test, "calib_sources": used}
 
 
 def run(argv: Sequence[str] | None = None) -> int:
@@ -698,14 +822,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         else:
             config = minilm.load_config(Path(args.model_dir) / "config.json")
         layers = select_layers(args.layers, config.num_layers)
-        for spec in specs:
-            check_level(
-                spec,
-                config,
-                layers=layers,
-                act_order=args.act_order,
-                static_groups=args.static_groups,
-            )
+        options = [gptq_options(spec, args.act_order, args.static_groups) for spec in specs]
+        for spec, (act, static) in zip(specs, options):
+            check_level(spec, config, layers=layers, act_order=act, static_groups=static)
     except ValueError as e:
         ap.error(str(e))
     except (ModuleNotFoundError, FileNotFoundError) as e:
@@ -722,14 +841,15 @@ def run(argv: Sequence[str] | None = None) -> int:
         print(f"error: cannot load MiniLM: {e}", file=sys.stderr)
         return 1
     try:
-        calib, test = corpus_split(args.ncalib, args.ntest, args.seed)
+        split = text_split(
+            args.calib_text, args.test_text, ncalib=args.ncalib, ntest=args.ntest, seed=args.seed
+        )
     except ValueError as e:
         ap.error(str(e))
-    if args.calib_text == "mixed":
-        from obcjax.zoo import text
-
-        mixed = text.english_corpus(ncalib=args.ncalib, ntest=1, seed=args.seed, exclude=test)
-        calib = mixed["calib"]
+    except ModuleNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    calib, test = split["calib"], split["test"]
     batches = calibration_batches(
         tokenizer,
         calib,
@@ -743,7 +863,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         f"all-MiniLM-L6-v2 loaded in {time.perf_counter() - t0:.1f}s; compressing "
         f"{len(layers)} of its {len(encoder_layers(config.num_layers))} encoder Dense layers "
         "(embeddings and LayerNorms stay dense); "
-        f"{len(calib)} calibration sentences ({real_tokens} tokens), {len(test)} held-out",
+        f"{len(calib)} calibration sentences ({args.calib_text}: {real_tokens} tokens), "
+        f"{len(test)} held-out ({args.test_text})",
         flush=True,
     )
     stats, cal_s = None, 0.0
@@ -755,7 +876,7 @@ def run(argv: Sequence[str] | None = None) -> int:
 
     rows, table = [], []
     dense_bits = None
-    for spec in specs:
+    for spec, (act_order, static_groups) in zip(specs, options):
         t, c = time.perf_counter(), time.process_time()
         out = compress_minilm(
             model,
@@ -764,15 +885,16 @@ def run(argv: Sequence[str] | None = None) -> int:
             stats=stats,
             batches=batches,
             mode=args.mode,
-            act_order=args.act_order,
-            static_groups=args.static_groups,
+            act_order=act_order,
+            static_groups=static_groups,
             rel_damp=args.rel_damp,
             layers=layers,
         )
         jax.block_until_ready(out.params)
         secs, cpu = time.perf_counter() - t, time.process_time() - c
-        ev = compare_embeddings(model, {**variables, "params": out.params}, tokenizer, test,
-                                reference)
+        ev = compare_embeddings(
+            model, {**variables, "params": out.params}, tokenizer, test, reference
+        )
         all_layers = encoder_layers(config.num_layers)
         dense_bits, comp_bits = dense_size_bits(out.summary, all_layers)
         row = {
@@ -780,8 +902,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             "solver": solver_family(spec.solver),
             "level": spec.name,
             "mode": args.mode,
-            "act_order": args.act_order,
-            "static_groups": args.static_groups,
+            "act_order": act_order,
+            "static_groups": static_groups,
             **dataclasses.asdict(ev),
             "seconds": secs,
             "cpu_seconds": cpu,
@@ -805,7 +927,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         )
     dense_row = ["dense", "fp32", "1.0000", "1.000", "-", "-", f"{dense_bits / 8e6:.2f}", "1.0x"]
     print(
-        f"\n{args.mode}, {len(test)} held-out sentences; size = encoder Dense weights, kept "
+        f"\n{args.mode}, {len(test)} held-out sentences ({args.test_text}); size = encoder Dense weights, kept "
         "weights x bits (scales and masks not counted)"
     )
     print(
@@ -820,6 +942,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         "dense_kept": ["embeddings/*", "*/layer_norm", "all biases"],
         "ncalib": len(calib),
         "ntest": len(test),
+        "calib_text": args.calib_text,
+        "calib_sources": split["calib_sources"],
+        "test_text": args.test_text,
         "calib_tokens": real_tokens,
         "calibration_seconds": cal_s,
         "dense_size_mb": dense_bits / 8e6,
