@@ -35,6 +35,28 @@ and a rerun with the same setup skips them (``--fresh`` starts over)::
     python experiments/minilm_text.py --out runs/minilm_text [--quick] [--ncalib 1024]
         [--levels w4g128,nm24,s50] [--calib in-domain,english-no-news,...]
         [--variants one-pass,act-order,...]
+
+Measured (1024 calibration sentences, 256 held-out per set, mean cosine; ``--calib
+in-domain,mixed,english-no-news,english-no-wiki,all-no-news,all-no-wiki --levels
+w4g128,nm24,s50 --variants one-pass,act-order``), on the natural source each set leaves out:
+
+==================  =========  ==============  =========  ===========  =============
+calibration         held out   GPTQ w4g128     + act-ord  2:4 SparseGPT 50% SparseGPT
+==================  =========  ==============  =========  ===========  =============
+english-no-news     news       0.9840          0.9877     0.8643       0.9213
+english-no-wiki     wikipedia  0.9837          0.9873     0.8594       0.9197
+all-no-news         news       0.9826          0.9860     0.8478       0.9105
+all-no-wiki         wikipedia  0.9836          0.9868     0.8529       0.9165
+mixed               news       0.9779          0.9815     0.8126       0.8875
+in-domain           news       0.9736          0.9765     0.7856       0.8649
+in-domain           wikipedia  0.9761          0.9798     0.8059       0.8874
+(RTN / magnitude)   news       0.9543                     0.5965       0.7123
+==================  =========  ==============  =========  ===========  =============
+
+Natural-English calibration costs fidelity on technical text (the Python corpus's held-out
+split: 0.9830 for english-no-news with act-order, 0.9900 for all-no-news, 0.9914 for
+in-domain). With act-order, news held out, English calibration: 128 sentences 0.9843, 256
+0.9861, 512 0.9872, 1024 0.9877; sequential mode at 256 sentences 0.9860 (no gain, 5x the time).
 """
 
 from __future__ import annotations
@@ -86,7 +108,8 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--quick",
         action="store_true",
-        help="small: 64 calibration / 64 held-out sentences, GPTQ 4-bit g128 one-pass only",
+        help="small: 64 calibration / 64 held-out sentences, GPTQ 4-bit g128 one-pass only, "
+        "calibrated on in-domain and english-no-news",
     )
     ap.add_argument("--ncalib", type=int, default=None, help="calibration sentences (1024)")
     ap.add_argument("--ntest", type=int, default=None, help="held-out sentences per set (256)")
@@ -96,15 +119,22 @@ def main(argv=None) -> int:
         default=None,
         help=f"comma list among {','.join(CALIBS)} (default {','.join(DEFAULT_CALIBS)})",
     )
-    ap.add_argument("--variants", default=None, help=f"comma list among {','.join(VARIANTS)}")
+    ap.add_argument(
+        "--variants",
+        default=None,
+        help=f"comma list among {','.join(VARIANTS)} (default one-pass,act-order: the sequential "
+        "ones recalibrate 24 times)",
+    )
     ap.add_argument("--no-baselines", action="store_true", help="skip RTN / magnitude rows")
     ap.add_argument("--rel-damp", type=float, default=0.01)
     ap.add_argument("--fresh", action="store_true", help="discard rows of an earlier run")
     args = ap.parse_args(argv)
 
     levels = (args.levels or ("w4g128" if args.quick else ",".join(LEVELS))).split(",")
-    calibs = (args.calib or ",".join(DEFAULT_CALIBS)).split(",")
-    variants = (args.variants or ("one-pass" if args.quick else ",".join(VARIANTS))).split(",")
+    calibs = (
+        args.calib or ("in-domain,english-no-news" if args.quick else ",".join(DEFAULT_CALIBS))
+    ).split(",")
+    variants = (args.variants or ("one-pass" if args.quick else "one-pass,act-order")).split(",")
     for name, got, allowed in (
         ("--levels", levels, LEVELS),
         ("--calib", calibs, CALIBS),
