@@ -146,6 +146,11 @@ def minilm(args) -> dict:
 
     agree = float(np.mean(np.concatenate([codes(bw.compressed, p) == codes(sq, p)
                                           for p in sq.specs])))
+    # GPTQ feeds each column's rounding error into the columns after it, so one code moved by
+    # float32 round-off (a value at a rounding tie) moves later codes of its row: agreement is
+    # reported per layer (forward order) and the layer losses side by side.
+    by_layer = {p: float(np.mean(codes(bw.compressed, p) == codes(sq, p))) for p in sq.specs}
+    loss_ratio = {p: float(bw.losses[p]) / max(float(sq.losses[p]), 1e-30) for p in sq.specs}
     # Fidelity on held-out sentences: both modes, and the MiniLM recipe's own sequential mode
     # (GPTQ-style layer groups, statistics over the real tokens only: padding rows zeroed).
     test = D.text_corpus(seed=0, per_split=max(args.minilm_sentences, 128))["test"][:128]
@@ -162,6 +167,8 @@ def minilm(args) -> dict:
            "recipe_sequential_s": recipe_s,
            "blockwise_forwards": bw.forwards, "sequential_forwards": len(sq.specs) + 1,
            "max_abs_param_diff": diff, "codes_equal_fraction": agree,
+           "codes_equal_by_layer": by_layer, "layer_loss_ratio_blockwise_over_sequential":
+           loss_ratio,
            "held_out_cosine": cosine, "held_out_sentences": len(test),
            "groups": bw.blocks[0]["groups"]}
     print(json.dumps(row), flush=True)
