@@ -182,7 +182,7 @@ def efficientnet_task(*, out: Path, ncal: int, ntest: int, log) -> Task:
 
     from obcjax.calibration import calibrate
     from obcjax.specs import Int, Unstructured
-    from obcjax.stats import HessianState
+    from obcjax.stats import load_stats, save_stats
     from obcjax.transforms import LayerSpec
     from obcjax.zoo import efficientnet as E
 
@@ -220,22 +220,13 @@ def efficientnet_task(*, out: Path, ncal: int, ntest: int, log) -> Task:
     captured = r"stem/conv|classifier|head/conv|blocks_\d+/(expand|project)/conv"
     recipe = {"photos": list(E.split_photos("calibration")), "ncalib": ncal,
               "size": E.IMAGE_SIZE, "seed": 0, "layers": captured}  # fmt: skip
-    cache, meta = out / f"stats_{name}_{ncal}.npz", out / f"stats_{name}_{ncal}.json"
-    stats = None
-    if cache.exists() and meta.exists():
-        info = json.loads(meta.read_text())
-        if isinstance(info, dict) and info.get("recipe") == recipe:
-            with np.load(cache) as z:
-                stats = {k: HessianState(z[f"{k}/sum"], z[f"{k}/count"]) for k in info["order"]}
+    cache = out / f"calib_stats_{name}_{ncal}.npz"
+    stats = load_stats(cache, recipe=recipe)  # verified; None if absent or made another way
     if stats is None:
         t = time.perf_counter()
         stats = calibrate(model, variables, [calib[i : i + bsz] for i in range(0, ncal, bsz)],
                           rules=[captured], apply_kwargs={"train": False}, progress=False)
-        arrays = {}
-        for k, st in stats.items():
-            arrays[f"{k}/sum"], arrays[f"{k}/count"] = np.asarray(st.sum), np.asarray(st.count)
-        np.savez(cache, **arrays)
-        meta.write_text(json.dumps({"recipe": recipe, "order": list(stats)}))
+        save_stats(cache, stats, recipe=recipe)
         log(f"  calibrated on {ncal} crops in {time.perf_counter() - t:.1f}s")
     bs = variables.get("batch_stats", {})
 

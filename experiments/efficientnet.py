@@ -17,8 +17,9 @@ Compression (weights only; first conv and classifier kept dense, as usual): 8-bi
 unstructured and 50% + 8-bit, each with the chosen per-layer solvers, evaluated as is and after
 batch-norm re-estimation on the calibration crops (off by default in the library: on these few
 crops it hurts). Writes ``<out>/efficientnet.json`` and ``<out>/efficientnet.png``; the
-calibration statistics are cached in ``<out>/stats_<ncalib>.npz`` (with the data recipe they
-came from, checked on reuse).
+calibration statistics are cached in ``<out>/calib_stats_<ncalib>.npz``
+(:func:`obcjax.stats.save_stats`: with the data recipe they came from and a checksum, both
+checked on reuse).
 
 Inputs that never fire on the calibration crops (``diag(H) == 0``: 1918 of them on 128 crops,
 mostly in the late depthwise convs) are kept and rounded like the others
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
     from obcjax.calibration import calibrate
     from obcjax.pipeline import reestimate_batchnorm
     from obcjax.specs import Int, Unstructured
-    from obcjax.stats import HessianState
+    from obcjax.stats import load_stats, save_stats
     from obcjax.transforms import LayerSpec, compress
     from obcjax.zoo import efficientnet as E
 
@@ -195,25 +196,16 @@ def main(argv=None) -> int:
         "min_scale": 0.25,
         "layers": layers or ".*",
     }
-    cache, meta = out / f"stats_{ncal}.npz", out / f"stats_{ncal}.json"
+    cache = out / f"calib_stats_{ncal}.npz"
     t = time.perf_counter()
-    stats = None
-    if cache.exists() and meta.exists():
-        info = json.loads(meta.read_text())
-        if isinstance(info, dict) and info.get("recipe") == recipe:
-            with np.load(cache) as z:
-                stats = {k: HessianState(z[f"{k}/sum"], z[f"{k}/count"]) for k in info["order"]}
+    stats = load_stats(cache, recipe=recipe)  # verified; None if absent or made another way
     if stats is None:
         # only the layers that are compressed (and the stem and classifier, kept dense)
         captured = ".*" if layers is None else f"stem/conv|classifier|{layers}"
         stats = calibrate(
             model, variables, cal_batches, rules=[captured], apply_kwargs={"train": False}
         )
-        arrays = {}
-        for k, st in stats.items():
-            arrays[f"{k}/sum"], arrays[f"{k}/count"] = np.asarray(st.sum), np.asarray(st.count)
-        np.savez(cache, **arrays)
-        meta.write_text(json.dumps({"recipe": recipe, "order": list(stats)}))
+        save_stats(cache, stats, recipe=recipe)
     t_cal = time.perf_counter() - t
     # batch-norm re-estimation runs in train mode without dropout / stochastic depth
     bn_model = model.clone(dropout_rate=0.0, drop_connect_rate=0.0)

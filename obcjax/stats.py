@@ -49,6 +49,8 @@ __all__ = [
     "conv_patches",
     "check_state",
     "check_stats",
+    "save_stats",
+    "load_stats",
 ]
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -469,3 +471,126 @@ def conv_patches(
     tokens = n * math.prod(out)
     p = p.reshape(tokens, ntaps, G, cg).transpose(0, 2, 1, 3)
     return p.reshape(tokens, G, ntaps * cg)
+
+
+# ----------------------------------------------------------------------------- on disk
+
+_STATS_FORMAT = "obcjax-stats-v1"
+
+
+def _stats_digest(arrays: Mapping[str, np.ndarray]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def save_stats(path, stats: Mapping[str, HessianState], *, recipe=None) -> None:
+    """Write calibration statistics to one ``.npz`` file, atomically, with a checksum.
+
+    A long job calibrates once and reads the statistics back on a rerun (:func:`load_stats`).
+
+    Args:
+      path: the file to write (its folder must exist).
+      stats: ``{path: HessianState}`` as :func:`obcjax.calibration.calibrate` returns it; the
+        order is kept.
+      recipe: anything JSON can hold that says how the statistics were made (data, sizes,
+        layers); :func:`load_stats` returns None when asked for another recipe.
+
+    Raises:
+      ValueError: ``stats`` is not a dict of HessianState, or ``recipe`` is not JSON data.
+      OSError: the file cannot be written (named in the message).
+
+    Example:
+        >>> import tempfile, os
+        >>> st = {"fc": hessian_update(hessian_init(3), np.eye(3, dtype=np.float32))}
+        >>> f = os.path.join(tempfile.mkdtemp(), "stats.npz")
+        >>> save_stats(f, st, recipe={"ncalib": 3})
+        >>> back = load_stats(f, recipe={"ncalib": 3})
+        >>> list(back), int(back["fc"].count)
+        (['fc'], 3)
+        >>> load_stats(f, recipe={"ncalib": 4}) is None      # made another way: recompute
+        True
+    """
+    import io
+    import json
+
+    from obcjax.fileio import atomic_write
+
+    if not isinstance(stats, Mapping) or not stats:
+        raise ValueError(f"save_stats: stats must be a non-empty dict of HessianState, got "
+                         f"{type(stats).__name__}")
+    order = list(stats)
+    arrays = {}
+    for i, layer in enumerate(order):
+        st = stats[layer]
+        if not isinstance(st, HessianState):
+            raise ValueError(f"save_stats: stats[{layer!r}] is a {type(st).__name__}, expected "
+                             "a HessianState")
+        arrays[f"{i}/sum"] = np.asarray(jax.device_get(st.sum))
+        arrays[f"{i}/count"] = np.asarray(jax.device_get(st.count))
+    try:
+        meta = json.dumps({"format": _STATS_FORMAT, "order": order, "recipe": recipe,
+                           "sha256": _stats_digest(arrays)}, sort_keys=True)
+    except TypeError as e:
+        raise ValueError(f"save_stats: recipe must be JSON data (dicts, lists, strings, "
+                         f"numbers): {e}") from None
+    buf = io.BytesIO()
+    np.savez(buf, __meta__=np.frombuffer(meta.encode(), np.uint8), **arrays)
+    atomic_write(path, buf.getvalue(), what="statistics file")
+
+
+def load_stats(path, *, recipe=None) -> dict[str, HessianState] | None:
+    """Read statistics written by :func:`save_stats`, verified against their checksum.
+
+    Args:
+      path: the file.
+      recipe: the recipe the caller needs; statistics saved with another one are not returned.
+
+    Returns:
+      ``{path: HessianState}`` (NumPy arrays, in the saved order), or None when the file does not
+      exist or was saved with another ``recipe``.
+
+    Raises:
+      obcjax.fileio.CorruptedFileError: the file exists but is not a statistics file of this
+        format, or its contents do not match the checksum (a truncated or altered file): never
+        other statistics.
+    """
+    import json
+    import os
+    import zipfile
+
+    from obcjax.fileio import CorruptedFileError
+
+    if not os.path.exists(path):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "__meta__" not in z.files:
+                raise ValueError("no __meta__ entry")
+            meta = json.loads(bytes(z["__meta__"]).decode())
+            if not isinstance(meta, dict) or meta.get("format") != _STATS_FORMAT:
+                raise ValueError(f"format {meta.get('format') if isinstance(meta, dict) else meta!r}")
+            arrays = {k: z[k] for k in z.files if k != "__meta__"}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as e:
+        raise CorruptedFileError(
+            f"load_stats: {os.fspath(path)!r} is not a readable obcjax statistics file "
+            f"({type(e).__name__}: {e}); delete it to recalibrate"
+        ) from None
+    if _stats_digest(arrays) != meta.get("sha256"):
+        raise CorruptedFileError(
+            f"load_stats: {os.fspath(path)!r} does not match its checksum (truncated or altered); "
+            "delete it to recalibrate"
+        )
+    if meta.get("recipe") != json.loads(json.dumps(recipe)):
+        return None
+    order = meta.get("order") or []
+    try:
+        return {layer: HessianState(arrays[f"{i}/sum"], arrays[f"{i}/count"])
+                for i, layer in enumerate(order)}
+    except KeyError as e:
+        raise CorruptedFileError(f"load_stats: {os.fspath(path)!r} lacks the entry {e}") from None

