@@ -353,6 +353,9 @@ def calibrate(
 
     states = update = order = None
     variables = front.variables
+    # ``run`` (kept by a cached step after this call) always passes the variables: the bound
+    # model must not keep this call's arrays alive for as long as the step stays cached.
+    front.variables = None
     finite_flags: list[dict[str, jax.Array]] = []
     n = 0
     reshard = mesh is not None
@@ -371,11 +374,10 @@ def calibrate(
             fkey = user_forward if user_forward is not None else _items(kwargs)
             base = None if fkey is None or _intercepted() else (structure, fkey, kinds)
             shapes_in = (_abstract(variables), _abstract(batch))
-            found = _cached_step(
+            shapes, order = _cached_step(
                 None if base is None or None in shapes_in else base + ("discover", *shapes_in),
                 lambda v=variables, b=batch, i=i: _discover(run, v, b, lambda e: describe(i, b, e)),
             )
-            shapes, order = found
             order = list(order)
             if not order:
                 raise ValueError(

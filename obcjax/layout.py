@@ -234,15 +234,11 @@ def _parts(path: str) -> list[str]:
 def _child_key(node, part: str):
     """The key of ``node`` that the path part ``part`` names: the string itself, or the integer
     it spells where the container has integer keys (an ``nnx.List``'s pure dict, a tuple)."""
-    if isinstance(node, Mapping):
-        if part in node:
-            return part
-        if part.lstrip("-").isdigit() and int(part) in node:
-            return int(part)
+    if not part.isdigit() or (isinstance(node, Mapping) and part in node):
         return part
-    if isinstance(node, list | tuple) and part.lstrip("-").isdigit():
-        return int(part)
-    return part
+    if isinstance(node, Mapping):
+        return int(part) if int(part) in node else part
+    return int(part) if isinstance(node, list | tuple) else part
 
 
 def get_path(tree: Mapping, path: str, key: str | None = None) -> Any:

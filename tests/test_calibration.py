@@ -508,3 +508,17 @@ def test_cached_step_not_reused_under_an_interceptor():
     np.testing.assert_array_equal(doubled["conv1"].sum, plain["conv1"].sum)
     for p in plain:
         np.testing.assert_array_equal(again[p].sum, plain[p].sum)
+
+
+def test_cached_step_does_not_keep_the_variables_alive():
+    """The compiled step stays cached after calibrate returns; the arrays of the call must not."""
+    import gc
+    import weakref
+
+    lin, variables, _ = _twins()
+    params = jax.tree.map(lambda a: np.array(a, copy=True), variables["params"])
+    ref = weakref.ref(params["dense"]["kernel"])
+    calibrate(lin, {"params": params}, _batches((3,)))
+    del params
+    gc.collect()
+    assert ref() is None
