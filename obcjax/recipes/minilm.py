@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from obcjax.specs import GPTQ, NM, SOLVER_NAMES, Int, Unstructured, check_fits, solver_family
+from obcjax.zoo.text import HELD_OUT, NATURAL, SOURCES
 
 __all__ = [
     "ENCODER_DENSE",
@@ -82,13 +83,14 @@ SOLVERS = SOLVER_NAMES
 CORPUS_SPLIT = 1024
 #: Calibration sentences of ``obcjax compress --model minilm`` (``--ncalib``).
 DEFAULT_NCALIB = 1024
-_TECHNICAL = ("zen", "reference", "docstrings", "licenses", "readmes", "email", "datasets")
+# technical English: every source but the natural ones and IDLE's docs (a held-out source)
+_TECHNICAL = tuple(s for s in SOURCES if s not in NATURAL and s not in HELD_OUT)
 #: ``--calib-text`` choices: the :mod:`obcjax.zoo.text` sources each one draws from (None: the
 #: calibration split of the in-domain corpus, :func:`corpus_split`). A held-out source
 #: (``--test-text``) is always left out of the calibration sources.
 CALIB_TEXTS = {
-    "english": ("news", "wikipedia", "reviews"),
-    "all": ("news", "wikipedia", "reviews", *_TECHNICAL),
+    "english": NATURAL,
+    "all": (*NATURAL, *_TECHNICAL),
     "mixed": _TECHNICAL,
     "in-domain": None,
 }
