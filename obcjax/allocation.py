@@ -249,8 +249,7 @@ def parse_level(text: str, *, solver: str = "obc") -> WALevel:
     """A :class:`WALevel` from OBC's names: ``"8w8a"``, ``"4w4a"``, ``"2:4+8w8a"``, ``"6w6a"``,
     ``"4w8a"``, ``"0.5+4w8a"`` (50% unstructured), ``"4block@50%+8w8a"`` or ``"blk4@50%+8w8a"``
     (blocks of 4 columns pruned at 50%, then 8-bit weights: the reference's ``4block_8w8a``
-    levels), ``"32w8a"``
-    (float weights).
+    levels), ``"32w8a"`` (float weights).
 
     Weights get the symmetric per-channel Lp-searched grid ``Int(bits)`` (OBC's), 32 meaning
     float weights; activations 4..8 bits, 32 meaning float.

@@ -505,7 +505,9 @@ def test_cached_step_not_reused_under_an_interceptor():
     # are not intercepted.
     np.testing.assert_allclose(doubled["dense"].sum, 4 * plain["dense"].sum, rtol=1e-5,
                                atol=1e-6 * float(jnp.abs(plain["dense"].sum).max()))
-    np.testing.assert_array_equal(doubled["conv1"].sum, plain["conv1"].sum)
+    # (another compiled program: equal up to float32 summation order)
+    np.testing.assert_allclose(doubled["conv1"].sum, plain["conv1"].sum, rtol=1e-5,
+                               atol=1e-6 * float(jnp.abs(plain["conv1"].sum).max()))
     for p in plain:
         np.testing.assert_array_equal(again[p].sum, plain[p].sum)
 
